@@ -1,0 +1,1 @@
+"""Shard format, writer, reader, label store, protocols and loaders."""

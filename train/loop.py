@@ -1,0 +1,342 @@
+"""The training loop: one readable function, Accelerate for everything distributed.
+
+Per epoch: train on the 80 % cut of the official train split with the protocol's observed labels
+(plus LL-Cp corrections), validate on the held-out 20 % (clean labels by default), keep the best
+weights, stop early when validation mAP falls ``early_stop_drop`` points below the best; then test once
+with the best weights. LL-Cp corrections found in epoch t are merged into a new label generation at the
+end of epoch t and used from epoch t+1 (the paper's semantics).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from eval import metrics
+from shards import protocols
+from shards.labelstore import LabelStore
+from shards.reader import open_dataset
+from train import checkpoint as ckpt
+from train.config import Config, to_dict, to_yaml
+from train.losses import LossConfig, compute_loss
+from train.model import build_model, param_groups
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _log(accelerator, msg: str) -> None:
+    if accelerator.is_main_process:
+        print(msg, flush=True)
+
+
+def make_accelerator(cfg: Config):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    use_cpu = cfg.cpu or not torch.cuda.is_available()
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if not use_cpu and torch.cuda.is_bf16_supported() else "no"
+    # LinearInit runs the frozen backbone without gradient: DDP must tolerate parameters without grads
+    kwargs = [DistributedDataParallelKwargs(find_unused_parameters=cfg.linear_init_epochs > 0)]
+    return Accelerator(cpu=use_cpu, mixed_precision=mp, kwargs_handlers=kwargs)
+
+
+def split_train_val(num_samples: int, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+    """Cole et al.'s 80/20 cut of the official train split, then the optional training subset."""
+    train_ids, val_ids = protocols.train_val_split(num_samples, cfg.val_frac, cfg.split_seed)
+    if cfg.train_fraction < 1.0:
+        # nested subsets: the first fraction of one fixed permutation, so 10 % is inside 20 % ...
+        perm = np.random.RandomState(cfg.split_seed + 1).permutation(len(train_ids))
+        n = max(1, int(round(cfg.train_fraction * len(train_ids))))
+        train_ids = np.sort(train_ids[perm[:n]])
+    return train_ids, val_ids
+
+
+def build_loader(cfg: Config, accelerator, split: str, sample_ids: np.ndarray | None, train: bool):
+    from shards.loader import ShardLoader
+
+    kind = cfg.loader
+    if kind in ("auto", "dali"):
+        from shards import dali as dali_loader
+
+        if kind == "dali" or dali_loader.available(accelerator.device):
+            return dali_loader.DaliLoader(
+                cfg.data, split, sample_ids=sample_ids,
+                batch_size=cfg.batch_size if train else cfg.eval_batch_size,
+                image_size=cfg.image_size, train=train, rank=accelerator.process_index,
+                world_size=accelerator.num_processes, seed=cfg.seed, device=accelerator.device,
+            )
+    return ShardLoader(
+        cfg.data, split, sample_ids=sample_ids,
+        batch_size=cfg.batch_size if train else cfg.eval_batch_size,
+        image_size=cfg.image_size, train=train, rank=accelerator.process_index,
+        world_size=accelerator.num_processes, num_workers=cfg.num_workers, seed=cfg.seed,
+    )
+
+
+def labels_as_int8(target: torch.Tensor, unknown: torch.Tensor) -> np.ndarray:
+    """(AN target, unknown mask) -> +1 / -1 / 0 for evaluation."""
+    lab = np.where(target.numpy() > 0.5, 1, -1).astype(np.int8)
+    lab[unknown.numpy()] = 0
+    return lab
+
+
+@torch.no_grad()
+def predict(model, loader, accelerator, expected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of every sample in ``expected`` exactly once: gathered from all ranks with sample ids."""
+    model.eval()
+    all_ids, all_scores = [], []
+    for images, ids in loader:
+        images = images.to(accelerator.device, non_blocking=True)
+        with accelerator.autocast():
+            logits = model(images)
+        scores = torch.sigmoid(logits.float())
+        ids = ids.to(accelerator.device)
+        # ranks may hold batches that differ by one sample: pad, gather, drop the padding (id -1)
+        ids = accelerator.pad_across_processes(ids, dim=0, pad_index=-1)
+        scores = accelerator.pad_across_processes(scores, dim=0, pad_index=0)
+        ids, scores = accelerator.gather((ids, scores))
+        keep = ids >= 0
+        all_ids.append(ids[keep].cpu())
+        all_scores.append(scores[keep].cpu())
+    ids = torch.cat(all_ids).numpy() if all_ids else np.zeros(0, dtype=np.int64)
+    scores = torch.cat(all_scores).numpy() if all_scores else np.zeros((0, 0), dtype=np.float32)
+    order = np.argsort(ids, kind="stable")
+    ids, scores = ids[order], scores[order]
+    uniq, first = np.unique(ids, return_index=True)
+    if len(uniq) != len(ids):
+        raise RuntimeError(f"evaluation saw {len(ids) - len(uniq)} samples twice across ranks/workers")
+    if not np.array_equal(uniq, np.sort(expected)):
+        missing = np.setdiff1d(expected, uniq)
+        raise RuntimeError(f"evaluation scored {len(uniq)} samples, expected {len(expected)} (missing e.g. {missing[:5]})")
+    return uniq, scores[first]
+
+
+def evaluate(model, loader, store: LabelStore, accelerator, expected: np.ndarray, convention: str):
+    ids, scores = predict(model, loader, accelerator, expected)
+    target, unknown = store.targets(ids)
+    labels = labels_as_int8(target, unknown)
+    return metrics.mean_average_precision(scores, labels, convention=convention), ids, scores
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    accelerator = make_accelerator(cfg)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    ds = open_dataset(cfg.data)
+    K = ds.num_classes
+    dataset_name = cfg.dataset or ds.manifest.dataset
+    run_dir = Path(cfg.resume) if cfg.resume else Path(cfg.out) / (cfg.run_name or f"{dataset_name}-{cfg.method}-s{cfg.seed}")
+
+    resume_state: dict[str, Any] | None = None
+    latest = ckpt.latest_checkpoint(run_dir) if cfg.resume else None
+    if cfg.resume and latest is not None:
+        resume_state = ckpt.read_state(latest)
+    elif not cfg.resume and (run_dir / "config.yaml").exists():
+        raise FileExistsError(
+            f"{run_dir} already holds a run; pass resume={run_dir} to continue it, or another run_name/out"
+        )
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+    accelerator.wait_for_everyone()
+
+    # ---- labels: protocol on the whole official train file, then the 80/20 cut (Cole et al.) ----
+    n_train_split = ds.num_samples(cfg.train_split)
+    train_ids, val_ids = split_train_val(n_train_split, cfg)
+    train_labels = ds.labels_path(cfg.train_split)
+    train_store = LabelStore(
+        train_labels, K, cfg.protocol, seed=cfg.split_seed, subset_ids=train_ids,
+        corrections_dir=run_dir / "labels", rank=accelerator.process_index,
+    )
+    val_protocol = "full" if cfg.val_labels == "clean" and ds.manifest.splits[cfg.train_split].unlisted == "negative" else (
+        "given" if cfg.val_labels == "clean" else cfg.protocol
+    )
+    val_store = LabelStore(train_labels, K, val_protocol, seed=cfg.split_seed, subset_ids=val_ids)
+    test_unlisted = ds.manifest.splits[cfg.test_split].unlisted
+    test_store = LabelStore(ds.labels_path(cfg.test_split), K, "full" if test_unlisted == "negative" else "given")
+    test_ids = np.arange(ds.num_samples(cfg.test_split))
+
+    # ---- model: same seed on every rank before building it, then per rank ----
+    seed_everything(cfg.seed)
+    model = build_model(cfg.arch, K, cfg.weights)
+    groups = param_groups(model, cfg.lr, cfg.head_lr_mult, cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    else:
+        optimizer = torch.optim.Adam(groups, lr=cfg.lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    seed_everything(cfg.seed * 1000 + accelerator.process_index)
+
+    loss_cfg = LossConfig(
+        method=cfg.method, delta_rel=cfg.delta_rel, r0=cfg.r0, delta_abs=cfg.delta_abs,
+        ls_coef=cfg.ls_coef, epr_num_pos=cfg.epr_num_pos, global_topk=cfg.global_topk,
+    )
+    gather_fn = accelerator.gather if (cfg.global_topk and accelerator.num_processes > 1) else None
+
+    train_loader = build_loader(cfg, accelerator, cfg.train_split, train_ids, train=True)
+    val_loader = build_loader(cfg, accelerator, cfg.train_split, val_ids, train=False)
+    test_loader = build_loader(cfg, accelerator, cfg.test_split, None, train=False)
+    _log(accelerator, f"[largeloss] {dataset_name}: {K} classes, train {len(train_ids)} / val {len(val_ids)} / "
+         f"test {len(test_ids)}; method {cfg.method} (delta_rel {cfg.delta_rel}); {accelerator.num_processes} "
+         f"process(es) on {accelerator.device}; loader {type(train_loader).__name__}; run dir {run_dir}")
+
+    start_epoch, best_map, best_epoch = 1, -math.inf, 0
+    if resume_state is not None:
+        accelerator.load_state(str(latest))
+        start_epoch = resume_state["epoch"] + 1
+        best_map, best_epoch = resume_state["best_val_map"], resume_state["best_epoch"]
+        train_store.use_generation(resume_state["label_generation"])
+        train_store.discard_logs_after(resume_state["epoch"])
+        if accelerator.is_main_process:
+            ckpt.truncate_metrics(run_dir, resume_state["epoch"])
+        _log(accelerator, f"[largeloss] resumed {run_dir} after epoch {resume_state['epoch']}")
+    elif cfg.resume:
+        _log(accelerator, f"[largeloss] {run_dir} has no checkpoint yet: starting from epoch 1")
+        train_store.discard_logs_after(0)
+    accelerator.wait_for_everyone()
+
+    tb = _tensorboard(run_dir) if accelerator.is_main_process else None
+    stopped_early = False
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        frozen = epoch <= cfg.linear_init_epochs
+        model.train()
+        train_loader.set_epoch(epoch)
+        n_steps = len(train_loader) if cfg.max_steps_per_epoch <= 0 else min(len(train_loader), cfg.max_steps_per_epoch)
+        bar = _progress(cfg, accelerator, n_steps, epoch)
+        t0, seen, loss_sum, n_modified, n_loss_terms = time.time(), 0, 0.0, 0, 0
+        for step, (images, ids) in enumerate(train_loader):
+            if step >= n_steps:
+                break
+            images = images.to(accelerator.device, non_blocking=True)
+            target, unknown = train_store.targets(ids.numpy())
+            target, unknown = target.to(accelerator.device), unknown.to(accelerator.device)
+            with accelerator.autocast():
+                logits = model(images, frozen_backbone=frozen)
+            out = compute_loss(logits.float(), target, unknown, epoch, loss_cfg, gather_fn=gather_fn)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(out.loss)
+            optimizer.step()
+            if cfg.method == "ll_cp" and out.num_modified > 0:
+                rows, cols = torch.nonzero(out.modified, as_tuple=True)
+                train_store.append_corrections(epoch, ids.numpy()[rows.cpu().numpy()], cols.cpu().numpy())
+            seen += len(ids)
+            loss_sum += float(out.loss.detach())
+            n_modified += out.num_modified
+            n_loss_terms += 1
+            if bar is not None:
+                bar.update(1)
+                if step % 5 == 0:
+                    bar.set_postfix(loss=f"{loss_sum / n_loss_terms:.4f}", img_s=f"{seen * accelerator.num_processes / max(time.time() - t0, 1e-9):.1f}")
+        if bar is not None:
+            bar.close()
+        train_time = time.time() - t0
+
+        # ---- LL-Cp: every rank's log of this epoch becomes the next label generation ----
+        if cfg.method == "ll_cp":
+            train_store.flush_corrections()
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                train_store.merge_corrections(epoch, accelerator.num_processes)
+            accelerator.wait_for_everyone()
+            train_store.use_generation(epoch)
+
+        val_res, _, _ = evaluate(model, val_loader, val_store, accelerator, val_ids, cfg.map_convention)
+        val_map = 100.0 * val_res.map
+        totals = accelerator.gather(torch.tensor([loss_sum, n_loss_terms, n_modified, seen], dtype=torch.float64, device=accelerator.device)).view(-1, 4).sum(0)
+        record = {
+            "epoch": epoch,
+            "train_loss": float(totals[0] / max(totals[1], 1)),
+            "val_map": val_map,
+            "modified": int(totals[2]),
+            "images": int(totals[3]),
+            "time_s": round(train_time, 2),
+            "images_per_s": round(float(totals[3]) / max(train_time, 1e-9), 2),
+            "label_generation": train_store.generation,
+            "frozen_backbone": frozen,
+        }
+        improved = val_map > best_map
+        if improved:
+            best_map, best_epoch = val_map, epoch
+            ckpt.save_best(accelerator, model, run_dir, {"epoch": epoch, "val_map": val_map})
+        state = {
+            "epoch": epoch, "best_val_map": best_map, "best_epoch": best_epoch,
+            "label_generation": train_store.generation, "config": to_dict(cfg),
+        }
+        ckpt.save_checkpoint(accelerator, run_dir, epoch, state)
+        if accelerator.is_main_process:
+            if cfg.method == "ll_cp":
+                train_store.remove_generations(keep={train_store.generation})
+            with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            if tb is not None:
+                for k in ("train_loss", "val_map", "modified", "images_per_s"):
+                    tb.add_scalar(k, record[k], epoch)
+        _log(accelerator, f"[largeloss] epoch {epoch}: loss {record['train_loss']:.4f}  val mAP {val_map:.2f}"
+             f"{'  (best)' if improved else ''}  modified {record['modified']}  {record['images_per_s']:.1f} img/s")
+        if val_map < best_map - cfg.early_stop_drop:
+            _log(accelerator, f"[largeloss] early stop: val mAP {val_map:.2f} is more than {cfg.early_stop_drop} below the best {best_map:.2f}")
+            stopped_early = True
+            break
+
+    # ---- test once with the best weights ----
+    accelerator.wait_for_everyone()
+    accelerator.unwrap_model(model).load_state_dict(ckpt.load_best_weights(run_dir))
+    test_res, _, _ = evaluate(model, test_loader, test_store, accelerator, test_ids, cfg.map_convention)
+    result = {
+        "dataset": dataset_name,
+        "method": cfg.method,
+        "seed": cfg.seed,
+        "protocol": cfg.protocol,
+        "best_epoch": best_epoch,
+        "best_val_map": best_map,
+        "test_map": 100.0 * test_res.map,
+        "test_per_class_ap": [None if not np.isfinite(a) else float(a) for a in test_res.per_class_ap],
+        "map_convention": cfg.map_convention,
+        "excluded_classes": [int(c) for c in test_res.excluded],
+        "stopped_early": stopped_early,
+        "world_size": accelerator.num_processes,
+    }
+    known = ds.manifest.splits[cfg.train_split].known_per_class
+    if dataset_name.startswith("openimages") and known:
+        groups = metrics.class_groups(np.asarray(known), 5)
+        result["groups"] = {k: 100.0 * v for k, v in metrics.group_map(test_res.per_class_ap, groups).items()}
+    if accelerator.is_main_process:
+        from shards.format import write_json_atomic
+
+        write_json_atomic(run_dir / "result.json", json.dumps(result, indent=1))
+        if tb is not None:
+            tb.close()
+    _log(accelerator, f"[largeloss] test mAP {result['test_map']:.2f} with the weights of epoch {best_epoch} -> {run_dir / 'result.json'}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+def _progress(cfg: Config, accelerator, total: int, epoch: int):
+    if not (cfg.progress and accelerator.is_main_process):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"epoch {epoch}", unit="batch", dynamic_ncols=True, leave=False)
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional; metrics.jsonl always has everything
+        return None
+    return SummaryWriter(str(run_dir / "tb"))
