@@ -50,10 +50,10 @@ class Config:
     method: str = "an"
     delta_rel: float | None = None  # percent per epoch; None: taken from delta_rel_table[method]
     delta_rel_table: dict = field(default_factory=dict)  # per-dataset defaults {ll_r: .., ll_ct: .., ll_cp: ..}
-    r0: float = 2.0  # absolute variants: threshold R(t) = r0 - t * delta_abs
-    delta_abs: float = 0.1
+    r0: float | None = None  # absolute variants (ll_r_abs, ll_ct_abs): threshold R(t) = r0 - t * delta_abs
+    delta_abs: float | None = None
     ls_coef: float = 0.1  # LSAN label smoothing
-    epr_num_pos: float = 2.9  # EPR: expected number of positives per image
+    epr_num_pos: float | None = None  # EPR: expected number of positives per image (set per dataset)
     global_topk: bool = False  # LL top-k over the batch gathered from all ranks instead of per rank
     # ---- evaluation ----
     map_convention: str = "exclude"  # exclude | cole
@@ -220,7 +220,21 @@ def resolve(cfg: Config) -> Config:
             raise ConfigError(f"config: {k} must be positive, got {getattr(cfg, k)}")
     if not math.isfinite(cfg.lr) or cfg.lr <= 0:
         raise ConfigError(f"config: lr must be positive, got {cfg.lr}")
+    try:
+        loss_config(cfg)
+    except ValueError as e:
+        raise ConfigError(f"config: {e}") from None
     return cfg
+
+
+def loss_config(cfg: Config):
+    """The loss's own typed config (train/losses.py), built from the flat run config."""
+    from train.losses import LossConfig
+
+    return LossConfig(
+        method=cfg.method, delta_rel=cfg.delta_rel, r0=cfg.r0, delta_abs=cfg.delta_abs, ls_coef=cfg.ls_coef,
+        expected_num_pos=cfg.epr_num_pos, global_topk=cfg.global_topk,
+    )
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

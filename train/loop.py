@@ -24,8 +24,8 @@ from shards import protocols
 from shards.labelstore import LabelStore
 from shards.reader import open_dataset
 from train import checkpoint as ckpt
-from train.config import Config, to_dict, to_yaml
-from train.losses import LossConfig, compute_loss
+from train.config import Config, loss_config, to_dict, to_yaml
+from train.losses import compute_loss
 from train.model import build_model, param_groups
 
 
@@ -181,10 +181,7 @@ def run(cfg: Config) -> dict[str, Any]:
     model, optimizer = accelerator.prepare(model, optimizer)
     seed_everything(cfg.seed * 1000 + accelerator.process_index)
 
-    loss_cfg = LossConfig(
-        method=cfg.method, delta_rel=cfg.delta_rel, r0=cfg.r0, delta_abs=cfg.delta_abs,
-        ls_coef=cfg.ls_coef, epr_num_pos=cfg.epr_num_pos, global_topk=cfg.global_topk,
-    )
+    loss_cfg = loss_config(cfg)
     gather_fn = accelerator.gather if (cfg.global_topk and accelerator.num_processes > 1) else None
 
     train_loader = build_loader(cfg, accelerator, cfg.train_split, train_ids, train=True)
@@ -255,7 +252,7 @@ def run(cfg: Config) -> dict[str, Any]:
             train_store.use_generation(epoch)
 
         val_res, _, _ = evaluate(model, val_loader, val_store, accelerator, val_ids, cfg.map_convention)
-        val_map = 100.0 * val_res.map
+        val_map = float(val_res.map)  # a fraction in [0, 1] everywhere on disk; printed as percent
         totals = accelerator.gather(torch.tensor([loss_sum, n_loss_terms, n_modified, seen], dtype=torch.float64, device=accelerator.device)).view(-1, 4).sum(0)
         record = {
             "epoch": epoch,
@@ -268,7 +265,7 @@ def run(cfg: Config) -> dict[str, Any]:
             "label_generation": train_store.generation,
             "frozen_backbone": frozen,
         }
-        improved = val_map > best_map
+        improved = best_epoch == 0 or val_map > best_map  # the first epoch is best even when its mAP is NaN
         if improved:
             best_map, best_epoch = val_map, epoch
             ckpt.save_best(accelerator, model, run_dir, {"epoch": epoch, "val_map": val_map})
@@ -285,10 +282,10 @@ def run(cfg: Config) -> dict[str, Any]:
             if tb is not None:
                 for k in ("train_loss", "val_map", "modified", "images_per_s"):
                     tb.add_scalar(k, record[k], epoch)
-        _log(accelerator, f"[largeloss] epoch {epoch}: loss {record['train_loss']:.4f}  val mAP {val_map:.2f}"
+        _log(accelerator, f"[largeloss] epoch {epoch}: loss {record['train_loss']:.4f}  val mAP {100 * val_map:.2f}"
              f"{'  (best)' if improved else ''}  modified {record['modified']}  {record['images_per_s']:.1f} img/s")
-        if val_map < best_map - cfg.early_stop_drop:
-            _log(accelerator, f"[largeloss] early stop: val mAP {val_map:.2f} is more than {cfg.early_stop_drop} below the best {best_map:.2f}")
+        if 100 * val_map < 100 * best_map - cfg.early_stop_drop:
+            _log(accelerator, f"[largeloss] early stop: val mAP {100 * val_map:.2f} is more than {cfg.early_stop_drop} points below the best {100 * best_map:.2f}")
             stopped_early = True
             break
 
@@ -303,7 +300,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "protocol": cfg.protocol,
         "best_epoch": best_epoch,
         "best_val_map": best_map,
-        "test_map": 100.0 * test_res.map,
+        "test_map": float(test_res.map),
         "test_per_class_ap": [None if not np.isfinite(a) else float(a) for a in test_res.per_class_ap],
         "map_convention": cfg.map_convention,
         "excluded_classes": [int(c) for c in test_res.excluded],
@@ -313,14 +310,14 @@ def run(cfg: Config) -> dict[str, Any]:
     known = ds.manifest.splits[cfg.train_split].known_per_class
     if dataset_name.startswith("openimages") and known:
         groups = metrics.class_groups(np.asarray(known), 5)
-        result["groups"] = {k: 100.0 * v for k, v in metrics.group_map(test_res.per_class_ap, groups).items()}
+        result["groups"] = {k: float(v) for k, v in metrics.group_map(test_res.per_class_ap, groups).items()}
     if accelerator.is_main_process:
         from shards.format import write_json_atomic
 
         write_json_atomic(run_dir / "result.json", json.dumps(result, indent=1))
         if tb is not None:
             tb.close()
-    _log(accelerator, f"[largeloss] test mAP {result['test_map']:.2f} with the weights of epoch {best_epoch} -> {run_dir / 'result.json'}")
+    _log(accelerator, f"[largeloss] test mAP {100 * result['test_map']:.2f} with the weights of epoch {best_epoch} -> {run_dir / 'result.json'}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result

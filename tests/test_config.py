@@ -1,0 +1,76 @@
+"""Config: YAML files < key=value overrides; typos, duplicates and bad values fail naming the key and place."""
+import pytest
+
+from train.config import ConfigError, build_config, from_dict, to_dict
+from train.main import main as train_main
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_files_then_overrides(tmp_path):
+    a = write(tmp_path / "a.yaml", "data: d\nlr: 1.0e-3\nmethod: an\ndelta_rel_table: {ll_r: 0.4, ll_cp: 0.1}\n")
+    b = write(tmp_path / "b.yaml", "method: ll_cp\n")
+    cfg = build_config([a, b], ["lr=0.5", "epochs=3", "global_topk=true"])
+    assert (cfg.data, cfg.method, cfg.lr, cfg.epochs, cfg.global_topk) == ("d", "ll_cp", 0.5, 3, True)
+    # delta_rel not given: taken from the dataset's table for the method
+    assert cfg.delta_rel == 0.1
+    # the absolute variant shares LL-R's entry; its threshold parameters have no default (the paper gives none)
+    assert build_config([a], ["method=ll_r_abs", "r0=2", "delta_abs=0.1"]).delta_rel == 0.4
+    with pytest.raises(ConfigError, match="r0 is required"):
+        build_config([a], ["method=ll_r_abs"])
+    assert build_config([a], ["method=ll_cp", "delta_rel=0.3"]).delta_rel == 0.3
+
+
+def test_typo_names_key_and_suggestion(tmp_path, capsys):
+    a = write(tmp_path / "a.yaml", "data: d\n")
+    with pytest.raises(ConfigError, match=r"command line: unknown config key 'metod' \(did you mean 'method'\?\)"):
+        build_config([a], ["metod=ll_ct"])
+    # through the entry point: exit code 2 and the message on stderr
+    assert train_main(["--config", str(a), "metod=ll_ct"]) == 2
+    assert "unknown config key 'metod'" in capsys.readouterr().err
+
+
+def test_unknown_key_in_file_names_file_and_line(tmp_path):
+    a = write(tmp_path / "a.yaml", "data: d\n\nbatchsize: 8\n")
+    with pytest.raises(ConfigError, match=r"a\.yaml:3: unknown config key 'batchsize'"):
+        build_config([a])
+
+
+def test_duplicate_keys(tmp_path):
+    a = write(tmp_path / "a.yaml", "data: d\nlr: 1\nlr: 2\n")
+    with pytest.raises(ConfigError, match=r"a\.yaml:3: key 'lr' given twice \(first on line 2\)"):
+        build_config([a])
+    b = write(tmp_path / "b.yaml", "data: d\n")
+    with pytest.raises(ConfigError, match="key 'lr' given twice"):
+        build_config([b], ["lr=1", "lr=2"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("epochs=ten", "epochs must be an integer"),
+        ("lr=fast", "lr must be a number"),
+        ("deterministic=maybe", "deterministic must be true/false"),
+        ("val_labels=dirty", "val_labels must be clean|observed"),
+        ("train_fraction=0", r"train_fraction must be in \(0, 1\]"),
+        ("noequals", "is not key=value"),
+    ],
+)
+def test_bad_values(tmp_path, override, message):
+    a = write(tmp_path / "a.yaml", "data: d\n")
+    with pytest.raises(ConfigError, match=message):
+        build_config([a], [override])
+
+
+def test_missing_data_is_an_error():
+    with pytest.raises(ConfigError, match="`data`"):
+        build_config([], [])
+
+
+def test_round_trip_through_dict(tmp_path):
+    cfg = build_config([], ["data=x", "method=ll_ct", "delta_rel_table={ll_ct: 0.25}"])
+    assert cfg.delta_rel == 0.25
+    assert from_dict(to_dict(cfg)) == cfg

@@ -1,0 +1,495 @@
+"""Losses for weakly supervised multi-label training: the large-loss schemes and their baselines.
+
+Implements "Large Loss Matters in Weakly Supervised Multi-Label Classification" (Kim et al., CVPR 2022,
+section 3.3) and the baselines it compares against (Cole et al., CVPR 2021). Every function here is pure:
+it never mutates its inputs or the config, and the epoch schedule is a function of the epoch number.
+
+Conventions (ARCHITECTURE.md section 5)
+---------------------------------------
+- ``logits``  float ``[B, K]``: raw scores, before the sigmoid.
+- ``target``  float ``[B, K]``: the assume-negative (AN) target, 1.0 for observed positives (including
+  LL-Cp corrections already applied by the LabelStore) and 0.0 for everything else. For method ``full`` it
+  is the complete truth.
+- ``unknown`` bool ``[B, K]``: True where the label is unobserved. Only these entries may be modified by the
+  large-loss schemes; their AN target must be 0. Observed positives and observed negatives are clean and are
+  never modified.
+- ``epoch`` is 1-based, as in the paper ("the first epoch, t = 1").
+- Per-entry losses are BCE on logits (``binary_cross_entropy_with_logits``, numerically stable). Half and
+  bfloat16 logits are up-cast to float32 first, so the loss values and their ranking do not depend on the
+  autocast dtype of the model.
+- Unless stated otherwise a loss is the mean over all B*K entries (the paper's Eq. 2/3: 1/|D'| * 1/K * sum),
+  so a rejected (zeroed) entry still counts in the denominator.
+
+Methods
+-------
+``full``      BCE against complete labels (the upper bound; ``unknown`` must be all False).
+``an``        Naive AN: mean BCE against the AN target over all B*K entries.
+``iu``        Ignore unobserved: mean BCE over the observed entries only.
+``wan``       Weighted AN (Cole et al.): unknown entries (the assumed negatives) are weighted ``wan_weight``
+              (default 1/(K-1)), observed entries 1. Normalised like Cole et al.: the weighted sum divided by
+              B*K (not by the sum of the weights). Cole et al. weight every negative; in their single-positive
+              setting every negative is an assumed one, so this is the same loss there, and with partial
+              labels the clean observed negatives keep full weight.
+``lsan``      Label smoothing on the AN targets (Cole et al.'s form): target 1 -> 1 - ls_coef, 0 -> ls_coef,
+              on every entry; mean over B*K.
+``epr``       Expected positive regularisation (Cole et al.):
+              ``sum_{observed} BCE / (B*K) + (mean_b sum_c sigmoid(x_bc) - expected_num_pos)**2 / K**2``.
+              Cole et al. sum over the observed positives (in their single-positive setting there is nothing
+              else observed); here the observed negatives of a partial-label protocol are included too, since
+              they are clean labels. Cole et al. compute -log(p + 1e-5); here BCE on logits (no epsilon).
+``ll_r``      LL-R: from epoch 2 the k unknown entries with the largest loss get loss 0 (still counted in the
+              mean); ``k = ceil(B*K*rate)``, ``rate = (t-1)*delta_rel/100``, capped at the number of unknowns.
+``ll_ct``     LL-Ct: as LL-R, but the selected entries get BCE against target 1 instead (paper Eq. 5/6).
+``ll_cp``     LL-Cp: as LL-Ct with a constant ``rate = delta_rel/100``; the returned ``modified`` mask is meant
+              for the LabelStore as permanent corrections (effective from the next epoch). In the current step
+              the selected entries already use target 1, as in LL-Ct.
+``ll_r_abs``  Absolute variants (paper, "Absolute variant"): the unknown entries with loss strictly greater
+``ll_ct_abs`` than ``R(t) = r0 - t*delta_abs`` are rejected / temporarily corrected. ``t`` is the same 1-based
+              epoch as everywhere else. The paper defines the variant "the same as Equation 4 except for
+              R(t)", and the epoch-1 exemption belongs to the method's description, so epoch 1 is exempt by
+              default (``abs_skip_first_epoch``); set it False to apply R(1) = r0 - delta_abs in epoch 1.
+
+ROLE (Cole et al.) is not implemented here: it needs a learned per-image label estimate, i.e. state outside a
+pure loss of (logits, target, unknown, epoch, config).
+
+Tie rule for the top-k (exact, identical on CPU and GPU)
+--------------------------------------------------------
+Unknown entries are ranked by (loss descending, flat index ``b*K + c`` ascending) and the first k are taken:
+among entries whose loss equals the k-th largest value, those with the lower flat index win. Under the
+global top-k option the flat index is that of the batch concatenated over ranks in rank order,
+``rank*B*K + b*K + c``. Lower index first is an arbitrary but reproducible choice; it uses only exact
+comparisons and an integer prefix sum, so it does not depend on the order in which ``torch.topk`` returns
+equal values, nor on the device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Callable
+
+import torch
+import torch.distributed
+import torch.nn.functional as F
+
+__all__ = [
+    "METHODS",
+    "LossConfig",
+    "LossOutput",
+    "GatherFn",
+    "compute_loss",
+    "modification_rate",
+    "num_to_modify",
+    "abs_threshold",
+    "select_topk",
+    "select_global_topk",
+]
+
+METHODS: tuple[str, ...] = (
+    "full", "an", "iu", "wan", "lsan", "epr",
+    "ll_r", "ll_ct", "ll_cp", "ll_r_abs", "ll_ct_abs",
+)
+_TOPK_METHODS = frozenset({"ll_r", "ll_ct", "ll_cp"})
+_ABS_METHODS = frozenset({"ll_r_abs", "ll_ct_abs"})
+_REJECT_METHODS = frozenset({"ll_r", "ll_r_abs"})
+
+#: Concatenates a 1-D tensor from every rank along dim 0, in rank order, identical on all ranks
+#: (e.g. ``accelerator.gather``). Every rank must pass a tensor of the same length.
+GatherFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _exact(value: float) -> Fraction:
+    """The decimal the user wrote, as an exact fraction: 0.2 -> 1/5, not the binary double 0.2000000000000000111.
+
+    ``repr`` of a float is the shortest decimal that round-trips, which is what a config file contains.
+    """
+    return Fraction(repr(float(value)))
+
+
+def _check_real(name: str, value: object, *, minimum: float | None = None, maximum: float | None = None,
+                allow_none: bool = False) -> None:
+    if value is None:
+        if allow_none:
+            return
+        raise ValueError(f"LossConfig.{name} is required for this method, got None")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"LossConfig.{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"LossConfig.{name} must be finite, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"LossConfig.{name} must be >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"LossConfig.{name} must be <= {maximum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Typed loss configuration. Frozen: the loss never changes its config (schedules are functions of t)."""
+
+    #: one of METHODS
+    method: str = "an"
+    #: LL-R / LL-Ct / LL-Cp rate step in PERCENT, as in the paper: 0.2 means 0.2 % of the B*K entries
+    delta_rel: float = 0.2
+    #: absolute variants: initial threshold R0 of R(t) = r0 - t * delta_abs (required for *_abs)
+    r0: float | None = None
+    #: absolute variants: decrease of the threshold per epoch (required for *_abs)
+    delta_abs: float | None = None
+    #: absolute variants: no modification in epoch 1 (the paper's warm-up rule); see the module docstring
+    abs_skip_first_epoch: bool = True
+    #: LSAN label-smoothing coefficient (Cole et al. use 0.1)
+    ls_coef: float = 0.1
+    #: WAN weight of the unknown (assumed-negative) entries; None means 1/(K-1), as in Cole et al.
+    wan_weight: float | None = None
+    #: EPR expected number of positives per image (Cole et al.: VOC 1.5, COCO 2.9, NUS 1.9, CUB 31.4)
+    expected_num_pos: float | None = None
+    #: LL-R/Ct/Cp: take the top-k over the batch gathered from all ranks instead of per rank
+    global_topk: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown loss method {self.method!r}; valid methods: {', '.join(METHODS)}")
+        _check_real("delta_rel", self.delta_rel, minimum=0.0, maximum=100.0)
+        _check_real("ls_coef", self.ls_coef, minimum=0.0, maximum=0.5)
+        _check_real("wan_weight", self.wan_weight, minimum=0.0, allow_none=True)
+        if not isinstance(self.abs_skip_first_epoch, bool):
+            raise TypeError(f"LossConfig.abs_skip_first_epoch must be a bool, got {self.abs_skip_first_epoch!r}")
+        if not isinstance(self.global_topk, bool):
+            raise TypeError(f"LossConfig.global_topk must be a bool, got {self.global_topk!r}")
+        if self.method in _ABS_METHODS:
+            _check_real("r0", self.r0)
+            _check_real("delta_abs", self.delta_abs, minimum=0.0)
+        else:
+            _check_real("r0", self.r0, allow_none=True)
+            _check_real("delta_abs", self.delta_abs, allow_none=True)
+        if self.method == "epr":
+            _check_real("expected_num_pos", self.expected_num_pos, minimum=0.0)
+        else:
+            _check_real("expected_num_pos", self.expected_num_pos, minimum=0.0, allow_none=True)
+        if self.global_topk and self.method not in _TOPK_METHODS:
+            raise ValueError(
+                f"LossConfig.global_topk applies to {', '.join(sorted(_TOPK_METHODS))} only, "
+                f"not to method {self.method!r}; set global_topk=false")
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    #: scalar loss (differentiable)
+    loss: torch.Tensor
+    #: bool [B, K]: entries whose loss was rejected or corrected in this step (this rank's entries)
+    modified: torch.Tensor
+    #: number of True entries in ``modified``
+    num_modified: int
+    #: entries modified over the whole selection: the capped k of the top-k (global k under global_topk),
+    #: the number above the threshold for the absolute variants, 0 for the other methods
+    k: int
+
+
+# ---------------------------------------------------------------------------------------------------------
+# schedules (functions of the 1-based epoch)
+
+
+def _check_epoch(epoch: object) -> int:
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
+        raise ValueError(f"epoch must be an int >= 1 (1-based, as in the paper), got {epoch!r}")
+    return epoch
+
+
+def modification_rate(epoch: int, cfg: LossConfig) -> Fraction:
+    """Exact fraction of the B*K entries that LL-R/Ct/Cp modify in ``epoch`` (1-based); 0 in epoch 1."""
+    epoch = _check_epoch(epoch)
+    if cfg.method not in _TOPK_METHODS:
+        raise ValueError(f"modification_rate is defined for {sorted(_TOPK_METHODS)}, not {cfg.method!r}")
+    if epoch == 1:
+        return Fraction(0)
+    steps = 1 if cfg.method == "ll_cp" else epoch - 1
+    return steps * _exact(cfg.delta_rel) / 100
+
+
+def num_to_modify(num_entries: int, epoch: int, cfg: LossConfig) -> int:
+    """``ceil(num_entries * rate)`` in exact rational arithmetic, before the cap at the number of unknowns.
+
+    Floating point would over-count: with delta_rel = 0.2 at epoch 4 and B*K = 1000 the float product is
+    6.000000000000001 and its ceil 7; the exact value is 6.
+    """
+    if isinstance(num_entries, bool) or not isinstance(num_entries, int) or num_entries < 0:
+        raise ValueError(f"num_entries must be an int >= 0, got {num_entries!r}")
+    return math.ceil(num_entries * modification_rate(epoch, cfg))
+
+
+def abs_threshold(epoch: int, cfg: LossConfig) -> float:
+    """``R(t) = r0 - t * delta_abs`` for the absolute variants, t the 1-based epoch (exact decimal arithmetic)."""
+    epoch = _check_epoch(epoch)
+    if cfg.method not in _ABS_METHODS:
+        raise ValueError(f"abs_threshold is defined for {sorted(_ABS_METHODS)}, not {cfg.method!r}")
+    assert cfg.r0 is not None and cfg.delta_abs is not None  # guaranteed by LossConfig.__post_init__
+    return float(_exact(cfg.r0) - epoch * _exact(cfg.delta_abs))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# exact top-k selection
+
+
+def _topk_positional(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the k largest entries of 1-D ``values``; ties at the boundary go to lower positions.
+
+    ``k`` must not exceed the number of entries that can win (callers mask the ineligible ones with -inf
+    and cap k at the eligible count). Cost: one ``torch.topk`` for the k-th largest value (no full sort),
+    then elementwise comparisons and one integer prefix sum to resolve the boundary ties exactly.
+    """
+    selected = torch.zeros_like(values, dtype=torch.bool)
+    if k == 0:
+        return selected
+    assert 0 < k <= values.numel(), (k, values.numel())
+    # The k-th largest value is unique whatever order topk uses among equal values.
+    kth = torch.topk(values, k, sorted=False).values.amin()
+    above = values > kth
+    at = values == kth
+    # Entries equal to the k-th value are admitted by position: the first (k - #above) of them.
+    need = k - above.sum()
+    prefix_dtype = torch.int32 if values.numel() < 2**31 else torch.int64
+    order_among_ties = torch.cumsum(at.to(prefix_dtype), dim=0)
+    return above | (at & (order_among_ties <= need))
+
+
+def _masked_flat(losses: torch.Tensor, unknown: torch.Tensor) -> torch.Tensor:
+    return torch.where(unknown, losses, torch.full_like(losses, -math.inf)).reshape(-1)
+
+
+def select_topk(losses: torch.Tensor, unknown: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool ``[B, K]`` mask of the ``min(k, #unknown)`` unknown entries with the largest loss.
+
+    Ties: lower flat index ``b*K + c`` first (see the module docstring). ``losses`` is read without gradient.
+    """
+    _check_pair(losses, unknown, "losses")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"k must be an int >= 0, got {k!r}")
+    k = min(k, int(unknown.sum()))
+    with torch.no_grad():
+        return _topk_positional(_masked_flat(losses.detach(), unknown), k).view(unknown.shape)
+
+
+def select_global_topk(losses: torch.Tensor, unknown: torch.Tensor, k: int, gather_fn: GatherFn,
+                       rank: int) -> torch.Tensor:
+    """This rank's share of the top-k over the batch concatenated from all ranks.
+
+    ``losses``/``unknown`` are this rank's ``[B, K]``; ``k`` is the global count (capped here at the global
+    number of unknown entries); ``gather_fn`` concatenates a 1-D tensor over ranks in rank order (e.g.
+    ``accelerator.gather``); every rank must call this collectively with the same B, K and k.
+    Returns the bool ``[B, K]`` mask of the winners this rank owns. The result equals ``select_topk`` on
+    the concatenated batch, tie rule included (global flat index ``rank*B*K + b*K + c``).
+    """
+    return _global_topk(losses, unknown, k, gather_fn, rank)[0]
+
+
+def _global_topk(losses: torch.Tensor, unknown: torch.Tensor, k: int, gather_fn: GatherFn,
+                 rank: int, world_size: int | None = None) -> tuple[torch.Tensor, int]:
+    """``select_global_topk`` plus the global number of winners, ``min(k, global #unknown)``.
+
+    Each rank contributes only its local top-k candidates: under one total order a global winner is always
+    among its own rank's top-k, so the gather moves 2k + 3 numbers per rank instead of B*K.
+    """
+    _check_pair(losses, unknown, "losses")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"k must be an int >= 0, got {k!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise ValueError(f"rank must be an int >= 0, got {rank!r}")
+    batch, classes = unknown.shape
+    n = batch * classes
+    width = min(k, n)  # candidates per rank: the same on every rank (same B, K, k)
+    with torch.no_grad():
+        flat = _masked_flat(losses.detach(), unknown)
+        local = _topk_positional(flat, min(width, int(unknown.sum())))
+        index = local.nonzero().squeeze(1)  # ascending flat index
+        cand_val = torch.full((width,), -math.inf, dtype=torch.float64, device=flat.device)
+        cand_idx = torch.full((width,), -1.0, dtype=torch.float64, device=flat.device)  # -1: padding
+        cand_val[: index.numel()] = flat[index].to(torch.float64)
+        cand_idx[: index.numel()] = (index + rank * n).to(torch.float64)
+        # One packed float64 row per rank: float32 losses and indices below 2**53 are exact in float64.
+        header = torch.tensor([batch, classes, rank], dtype=torch.float64, device=flat.device)
+        rows = gather_fn(torch.cat([header, cand_val, cand_idx]))
+        row_len = 3 + 2 * width
+        if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.numel() % row_len != 0:
+            raise RuntimeError(f"select_global_topk: gather_fn returned {tuple(getattr(rows, 'shape', ()))}; "
+                               f"expected a 1-D concatenation of rows of length {row_len}, one per rank")
+        rows = rows.view(-1, row_len)
+        world = rows.shape[0]
+        if world_size is not None and world != world_size:
+            raise RuntimeError(f"select_global_topk: gather_fn returned {world} rows but world_size is "
+                               f"{world_size}; k was computed for {world_size} ranks")
+        all_val = rows[:, 3:3 + width].reshape(-1)
+        all_idx = rows[:, 3 + width:].reshape(-1)
+        valid = all_idx >= 0
+        # One host sync for the consistency check and the number of valid candidates.
+        check = torch.cat([rows[:, :3].reshape(-1), valid.sum().reshape(1).to(torch.float64)]).tolist()
+        headers = [check[3 * r:3 * r + 3] for r in range(world)]
+        if headers != [[float(batch), float(classes), float(r)] for r in range(world)]:
+            raise RuntimeError(
+                "select_global_topk: ranks disagree or gather_fn does not concatenate in rank order: "
+                f"per-rank (B, K, rank) = {headers}; every rank needs the same batch shape "
+                "(e.g. Accelerate's even_batches=True) and the concatenation must follow rank order")
+        # Capping at the number of valid candidates is capping at the global number of unknowns: a rank
+        # with fewer unknowns than `width` contributes all of them.
+        k_eff = min(k, int(check[-1]))
+        # Valid candidates are laid out in ascending global index (rank order, then ascending local index),
+        # so "lower position first" in _topk_positional is "lower global flat index first".
+        winners = _topk_positional(all_val, k_eff)
+        won = all_idx[winners].to(torch.int64) - rank * n
+        mine = won[(won >= 0) & (won < n)]
+        mask = torch.zeros(n, dtype=torch.bool, device=flat.device)
+        mask[mine] = True
+    return mask.view(batch, classes), k_eff
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the loss
+
+
+def _check_pair(values: torch.Tensor, unknown: torch.Tensor, name: str) -> None:
+    if not isinstance(values, torch.Tensor) or values.dim() != 2 or not values.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor of shape [B, K], got "
+                         f"{getattr(values, 'dtype', type(values).__name__)} {tuple(getattr(values, 'shape', ()))}")
+    if not isinstance(unknown, torch.Tensor) or unknown.dtype != torch.bool or unknown.shape != values.shape:
+        raise ValueError(f"unknown must be a bool tensor of shape {tuple(values.shape)}, got "
+                         f"{getattr(unknown, 'dtype', type(unknown).__name__)} {tuple(getattr(unknown, 'shape', ()))}")
+    if unknown.device != values.device:
+        raise ValueError(f"unknown is on {unknown.device} but {name} on {values.device}")
+
+
+def _check_inputs(logits: torch.Tensor, target: torch.Tensor, unknown: torch.Tensor) -> None:
+    _check_pair(logits, unknown, "logits")
+    if not isinstance(target, torch.Tensor) or target.shape != logits.shape or not target.is_floating_point():
+        raise ValueError(
+            f"target must be a float tensor of shape {tuple(logits.shape)} (AN target: 1.0 for observed "
+            f"positives, 0.0 otherwise; from the int8 +1/-1/0 encoding use (labels == 1).float()), got "
+            f"{getattr(target, 'dtype', type(target).__name__)} {tuple(getattr(target, 'shape', ()))}")
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but logits on {logits.device}")
+    if logits.numel() == 0:
+        raise ValueError(f"empty batch: logits have shape {tuple(logits.shape)}")
+
+
+def _bce(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(x, y, reduction="none")
+
+
+def _check_unknown_losses(per_entry: torch.Tensor, target: torch.Tensor, unknown: torch.Tensor,
+                          extra: torch.Tensor | None = None) -> list[int]:
+    """One host sync: returns [#unknown, #extra]; raises if an unknown entry has a NaN loss or target != 0.
+
+    Both conditions are tested in one pass; the separate counts are computed only to word the error.
+    """
+    invalid = unknown & (torch.isnan(per_entry) | (target != 0))
+    stats = [unknown.sum(), invalid.sum()]
+    if extra is not None:
+        stats.append(extra.sum())
+    n_unknown, n_invalid, *rest = torch.stack(stats).tolist()
+    if n_invalid:
+        n_nan = int((unknown & torch.isnan(per_entry)).sum())
+        if n_nan:
+            raise ValueError(f"{n_nan} unknown entries have a NaN loss (non-finite logits); the large-loss "
+                             "selection is undefined. Check the learning rate / mixed precision settings")
+        raise ValueError(f"{n_invalid} unknown entries have a target != 0; the AN target of an unknown label "
+                         "is 0 (LL-Cp corrections must be applied by the LabelStore as observed positives)")
+    return [int(n_unknown), *map(int, rest)]
+
+
+def _process_group(gather_fn: GatherFn | None, rank: int | None,
+                   world_size: int | None) -> tuple[GatherFn | None, int, int]:
+    """Resolve (gather_fn, rank, world_size) for the global top-k; rank/world default to torch.distributed."""
+    dist_ready = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if rank is None:
+        rank = torch.distributed.get_rank() if dist_ready else 0
+    if world_size is None:
+        world_size = torch.distributed.get_world_size() if dist_ready else 1
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"global top-k: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if gather_fn is None and world_size > 1:
+        raise ValueError(f"LossConfig.global_topk=True in a {world_size}-process run needs gather_fn "
+                         "(e.g. accelerator.gather); without it the top-k would silently be per rank")
+    return gather_fn, rank, world_size
+
+
+def compute_loss(logits: torch.Tensor, target: torch.Tensor, unknown: torch.Tensor, epoch: int,
+                 cfg: LossConfig, *, gather_fn: GatherFn | None = None, rank: int | None = None,
+                 world_size: int | None = None) -> LossOutput:
+    """Loss of one mini-batch under ``cfg.method``; see the module docstring for each method.
+
+    ``epoch`` is 1-based. Inputs are never modified. ``gather_fn``, ``rank`` and ``world_size`` are used only
+    with ``cfg.global_topk``: then the call is collective (every rank makes it with the same B, K and epoch);
+    ``rank``/``world_size`` default to torch.distributed's (0 and 1 when it is not initialised), and a
+    single process needs no ``gather_fn`` (the global top-k is the per-batch one).
+    """
+    if not isinstance(cfg, LossConfig):
+        raise TypeError(f"cfg must be a LossConfig, got {type(cfg).__name__}")
+    epoch = _check_epoch(epoch)
+    _check_inputs(logits, target, unknown)
+    x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    y = target.to(x.dtype)
+    batch, classes = x.shape
+    n = batch * classes
+    method = cfg.method
+    none_modified = torch.zeros_like(unknown)
+
+    if method == "full":
+        if bool(unknown.any()):
+            raise ValueError("method 'full' needs complete labels (protocol 'full'), but unknown has True "
+                             "entries; use 'iu' to train on the observed labels only")
+        return LossOutput(_bce(x, y).mean(), none_modified, 0, 0)
+    if method == "an":
+        return LossOutput(_bce(x, y).mean(), none_modified, 0, 0)
+    if method == "iu":
+        observed = ~unknown
+        summed = _bce(x, y).masked_fill(unknown, 0.0).sum()
+        # No observed entry in the batch: loss 0 (still attached to the graph), not 0/0.
+        return LossOutput(summed / observed.sum().clamp_min(1), none_modified, 0, 0)
+    if method == "wan":
+        if cfg.wan_weight is None and classes < 2:
+            raise ValueError("WAN's default weight 1/(K-1) needs K >= 2; set LossConfig.wan_weight")
+        weight = cfg.wan_weight if cfg.wan_weight is not None else 1.0 / (classes - 1)
+        per_entry = _bce(x, y)
+        weighted = torch.where(unknown, per_entry * weight, per_entry)
+        return LossOutput(weighted.sum() / n, none_modified, 0, 0)
+    if method == "lsan":
+        smoothed = y * (1.0 - 2.0 * cfg.ls_coef) + cfg.ls_coef  # 1 -> 1 - ls, 0 -> ls
+        return LossOutput(_bce(x, smoothed).mean(), none_modified, 0, 0)
+    if method == "epr":
+        assert cfg.expected_num_pos is not None  # guaranteed by LossConfig.__post_init__
+        observed_sum = _bce(x, y).masked_fill(unknown, 0.0).sum()
+        expected_pos = torch.sigmoid(x).sum(dim=1).mean()
+        reg = (expected_pos - cfg.expected_num_pos) ** 2 / classes**2
+        return LossOutput(observed_sum / n + reg, none_modified, 0, 0)
+
+    # Large-loss methods. The selection uses the loss against the AN target, without gradient.
+    per_entry = _bce(x, y)
+    if method in _TOPK_METHODS:
+        gather, rank, world_size = (_process_group(gather_fn, rank, world_size) if cfg.global_topk
+                                    else (None, 0, 1))
+        k_raw = num_to_modify(world_size * n, epoch, cfg)
+        if k_raw == 0:  # epoch 1, or delta_rel == 0
+            return LossOutput(per_entry.mean(), none_modified, 0, 0)
+        detached = per_entry.detach()
+        (n_unknown,) = _check_unknown_losses(detached, y, unknown)
+        if gather is not None:
+            modified, k = _global_topk(detached, unknown, k_raw, gather, rank, world_size)
+            num_modified = int(modified.sum())
+        else:
+            k = min(k_raw, n_unknown)
+            with torch.no_grad():
+                modified = _topk_positional(_masked_flat(detached, unknown), k).view(unknown.shape)
+            num_modified = k
+    else:  # absolute variants
+        if epoch == 1 and cfg.abs_skip_first_epoch:
+            return LossOutput(per_entry.mean(), none_modified, 0, 0)
+        threshold = abs_threshold(epoch, cfg)
+        detached = per_entry.detach()
+        modified = unknown & (detached > threshold)  # strict, as in the paper's "l_i > R(t)"
+        _, num_modified = _check_unknown_losses(detached, y, unknown, extra=modified)
+        k = num_modified
+
+    if method in _REJECT_METHODS:
+        loss = per_entry.masked_fill(modified, 0.0).mean()
+    else:
+        # Temporary correction: the selected (unknown, target 0) entries are scored against target 1.
+        loss = _bce(x, torch.where(modified, torch.ones_like(y), y)).mean()
+    return LossOutput(loss, modified, num_modified, k)
