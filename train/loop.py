@@ -244,7 +244,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
         # ---- LL-Cp: every rank's log of this epoch becomes the next label generation ----
         if cfg.method == "ll_cp":
-            train_store.flush_corrections()
+            train_store.flush_corrections(epoch)
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 train_store.merge_corrections(epoch, accelerator.num_processes)
