@@ -162,8 +162,9 @@ def build_model(arch: str, num_classes: int, weights: str = "none") -> MultiLabe
     if path is not None:
         state = _load_state_dict(path)
         net.load_state_dict(state)
+    feat_dim = net._fc.in_features
     backbone = _EffNetFeatures(net)
-    return MultiLabelNet(backbone, net._fc.in_features, num_classes, (127.0,) * 3, (128.0,) * 3)
+    return MultiLabelNet(backbone, feat_dim, num_classes, (127.0,) * 3, (128.0,) * 3)
 
 
 class _EffNetFeatures(nn.Module):
