@@ -1,0 +1,271 @@
+"""``ingest nuswide``: NUS-WIDE (81 concepts) from the official lists, or from Cole et al.'s re-crawl.
+
+Conventions
+===========
+
+- **Classes**: the 81 concepts in the order of ``Concepts81.txt`` (alphabetical in the official
+  release); ``id`` and ``name`` are both the concept name.
+- **Official source** (``--root``): ``ImageList/{Train,Test}Imagelist.txt`` hold Windows paths
+  relative to ``Flickr/`` (``actor\\0001_2124494179.jpg``); ``\\`` becomes ``/``. The label of concept c
+  for the image on line i of a list is line i of ``Groundtruth/TrainTestLabels/Labels_<c>_<Train|Test>.txt``
+  (one ``0``/``1`` per line). ``Train`` -> split ``train``, ``Test`` -> split ``test``.
+- **Cole et al.'s re-crawl** (``--from-npy DIR``): ``formatted_{train,val}_images.npy`` (relative image
+  paths) and ``formatted_{train,val}_labels.npy`` (N x 81 matrix of 0/1); ``train`` -> ``train``,
+  ``val`` -> ``test``. The manifest's ``source.labels_from`` records which source was used
+  (``official-lists`` or ``cole-npy``): the two give different image sets and numbers.
+- **Labels** are complete: ``1`` is positive, every other concept negative (``unlisted = negative``).
+- **Images without any positive** (about 22 % of the official lists) are dropped by default and
+  counted as ``skipped.no_positive`` (``listed`` = the lines of the list, so ``listed = written + missing
+  + corrupt + skipped.no_positive``): the single-positive protocol of Cole et al. needs one positive per
+  training image, and the test split is filtered alike (as VOC and COCO drop such images in both
+  splits). ``--keep-no-positive`` keeps them as all-negative samples.
+- **Order**: the order of the image list (or of the npy rows). ``meta`` keeps the 1-based line of the
+  image list (``list_line``) or the 0-based npy row (``npy_row``) so that a sample can be traced back.
+- Images are looked up under ``ROOT/Flickr`` (official; ``DIR/Flickr`` for the npy source) or
+  ``--images``. Many Flickr images are gone: the writer counts those as missing.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ingest.plan import IngestPlan
+from shards.format import UNLISTED_NEGATIVE, Record
+from shards.writer import IngestError
+
+NAME = "nuswide"
+HELP = "NUS-WIDE 81 concepts (official image lists + TrainTestLabels, or Cole et al.'s npy files)"
+DESCRIPTION = """\
+Ingest NUS-WIDE for multi-label classification over the 81 concepts.
+
+Official release (--root ROOT):
+
+  ROOT/ConceptsList/Concepts81.txt          (or ROOT/Concepts81.txt) the 81 names, in class order
+  ROOT/ImageList/TrainImagelist.txt          Windows paths relative to Flickr/: actor\\0001_2124494179.jpg
+  ROOT/ImageList/TestImagelist.txt
+  ROOT/Groundtruth/TrainTestLabels/Labels_<concept>_Train.txt   one 0/1 per line, aligned with the list
+  ROOT/Groundtruth/TrainTestLabels/Labels_<concept>_Test.txt
+  ROOT/Flickr/<folder>/<file>.jpg            (or --images DIR)
+
+Cole et al.'s re-crawl (--from-npy DIR): DIR/formatted_{train,val}_{images,labels}.npy, images under
+DIR/Flickr (or --images); Concepts81.txt is looked for in DIR and in --root.
+
+Train -> split "train", Test (npy: val) -> split "test". Images without any positive label are dropped
+and counted (--keep-no-positive keeps them). Images missing on disk are counted by the writer.
+"""
+
+LIST_FILES = {"train": "TrainImagelist.txt", "test": "TestImagelist.txt"}
+LABEL_SUFFIX = {"train": "Train", "test": "Test"}
+NPY_PREFIX = {"train": "formatted_train", "test": "formatted_val"}  # Cole et al.'s names
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", type=Path, default=None, metavar="DIR",
+                        help="the official NUS-WIDE folder (ConceptsList/, ImageList/, Groundtruth/, Flickr/)")
+    parser.add_argument("--from-npy", type=Path, default=None, metavar="DIR",
+                        help="use Cole et al.'s formatted_{train,val}_{images,labels}.npy from DIR instead of "
+                             "the official lists")
+    parser.add_argument("--images", type=Path, default=None, metavar="DIR",
+                        help="folder the image paths are relative to (default ROOT/Flickr, or DIR/Flickr "
+                             "with --from-npy)")
+    parser.add_argument("--keep-no-positive", action="store_true",
+                        help="keep images without any positive label (default: drop them and count them, "
+                             "as Cole et al.'s protocol does)")
+
+
+def _read_lines(path: Path, what: str) -> list[str]:
+    """The lines of a text file (CRLF or LF, UTF-8), stripped, trailing blank lines removed."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: {what} not found") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise IngestError(f"{path}:{line}: not valid UTF-8 ({e.reason}); re-extract the file") from None
+    lines = [s.strip() for s in text.splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+def find_concepts(*folders: Path | None) -> Path:
+    tried = []
+    for folder in folders:
+        if folder is None:
+            continue
+        for cand in (folder / "ConceptsList" / "Concepts81.txt", folder / "Concepts81.txt"):
+            if cand.is_file():
+                return cand
+            tried.append(os.fspath(cand))
+    raise FileNotFoundError("Concepts81.txt not found (tried " + ", ".join(tried) + "); it ships in the official "
+                            "NUS-WIDE ConceptsList.zip; put it at ROOT/ConceptsList/Concepts81.txt or pass --root")
+
+
+def read_concepts(path: Path) -> list[dict[str, Any]]:
+    names = _read_lines(path, "concept list")
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if not name:
+            raise IngestError(f"{path}:{i + 1}: empty concept name; remove the blank line")
+        if name in seen:
+            raise IngestError(f"{path}:{i + 1}: concept {name!r} repeats line {seen[name] + 1}")
+        seen[name] = i
+    if not names:
+        raise IngestError(f"{path}: no concept names")
+    return [{"index": i, "id": n, "name": n} for i, n in enumerate(names)]
+
+
+def read_image_list(path: Path) -> list[str]:
+    """Image paths relative to Flickr/, with ``/`` separators."""
+    entries = _read_lines(path, "image list")
+    for i, e in enumerate(entries):
+        if not e:
+            raise IngestError(f"{path}:{i + 1}: blank line inside the image list; the lists and the label "
+                              f"files are aligned by line, so the file is damaged")
+    return [e.replace("\\", "/") for e in entries]
+
+
+def read_label_column(path: Path, n: int) -> np.ndarray:
+    """One concept's 0/1 column for the ``n`` images of a list, as bool."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: label file not found; Groundtruth/TrainTestLabels must hold "
+                                f"Labels_<concept>_{{Train,Test}}.txt for every concept of Concepts81.txt") from None
+    # split() drops the line ends (CRLF or LF) and surrounding blanks; bad values are located by line below
+    vals = np.array(raw.split(), dtype=bytes)
+    if len(vals) != n:
+        raise IngestError(f"{path}: {len(vals)} labels but the image list has {n} lines; the label files must "
+                          f"be aligned line by line with the list (same release)")
+    pos = vals == b"1"
+    bad = ~(pos | (vals == b"0"))
+    if bad.any():
+        k = int(np.argmax(bad))
+        line = _line_of_token(raw, k)
+        raise IngestError(f"{path}:{line}: label {vals[k].decode(errors='replace')!r} is not 0 or 1")
+    return pos.astype(bool)
+
+
+def _line_of_token(raw: bytes, k: int) -> int:
+    """1-based line number of the k-th whitespace-separated token (error path only)."""
+    seen = 0
+    for i, line in enumerate(raw.splitlines()):
+        toks = len(line.split())
+        if seen + toks > k:
+            return i + 1
+        seen += toks
+    return len(raw.splitlines())
+
+
+def _records(entries: list[str], labels: np.ndarray, image_dir: Path, where_key: str, *, keep_no_positive: bool
+             ) -> tuple[list[Record], int]:
+    """Records in list order from a bool matrix (n x K); returns (records, number dropped for no positive)."""
+    rows, cols = np.nonzero(labels)  # row-major: columns ascending within a row
+    offsets = np.searchsorted(rows, np.arange(len(entries) + 1))
+    cols_list = cols.tolist()
+    records = []
+    dropped = 0
+    for i, entry in enumerate(entries):
+        a, b = int(offsets[i]), int(offsets[i + 1])
+        if a == b and not keep_no_positive:
+            dropped += 1
+            continue
+        meta = {"list_line": i + 1} if where_key == "list_line" else {"npy_row": i}
+        records.append(Record(source_id=entry, rel_path=entry, pos=cols_list[a:b], path=str(image_dir / entry),
+                              meta=meta))
+    return records, dropped
+
+
+def _official(root: Path, image_dir: Path, keep_no_positive: bool
+              ) -> tuple[list[dict[str, Any]], dict[str, list[Record]], dict[str, dict[str, Any]], dict[str, Any]]:
+    concepts_path = find_concepts(root)
+    classes = read_concepts(concepts_path)
+    splits: dict[str, list[Record]] = {}
+    counts: dict[str, dict[str, Any]] = {}
+    for split, list_name in LIST_FILES.items():
+        list_path = root / "ImageList" / list_name
+        entries = read_image_list(list_path)
+        labels = np.zeros((len(entries), len(classes)), bool)
+        for c in classes:
+            path = root / "Groundtruth" / "TrainTestLabels" / f"Labels_{c['name']}_{LABEL_SUFFIX[split]}.txt"
+            labels[:, c["index"]] = read_label_column(path, len(entries))
+        splits[split], dropped = _records(entries, labels, image_dir, "list_line", keep_no_positive=keep_no_positive)
+        counts[split] = {"listed": len(entries), "skipped": {"no_positive": dropped}}
+    source = {"labels_from": "official-lists", "concepts": os.fspath(concepts_path),
+              "lists": [os.fspath(root / "ImageList" / n) for n in LIST_FILES.values()],
+              "labels": os.fspath(root / "Groundtruth" / "TrainTestLabels")}
+    return classes, splits, counts, source
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; --from-npy must hold Cole et al.'s "
+                                f"formatted_{{train,val}}_{{images,labels}}.npy")
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as e:  # object arrays need pickle, which is never enabled for downloaded files
+        raise IngestError(f"{path}: cannot load without pickle ({e}); expected a plain string or number "
+                          f"array") from None
+
+
+def _from_npy(npy_dir: Path, root: Path | None, image_dir: Path, keep_no_positive: bool
+              ) -> tuple[list[dict[str, Any]], dict[str, list[Record]], dict[str, dict[str, Any]], dict[str, Any]]:
+    concepts_path = find_concepts(npy_dir, root)
+    classes = read_concepts(concepts_path)
+    k = len(classes)
+    splits: dict[str, list[Record]] = {}
+    counts: dict[str, dict[str, Any]] = {}
+    files = []
+    for split, prefix in NPY_PREFIX.items():
+        img_path, lab_path = npy_dir / f"{prefix}_images.npy", npy_dir / f"{prefix}_labels.npy"
+        images, labels = _load_npy(img_path), _load_npy(lab_path)
+        if images.ndim != 1 or images.dtype.kind not in "US":
+            raise IngestError(f"{img_path}: expected a 1-D array of path strings, got {images.dtype} {images.shape}")
+        if labels.ndim != 2 or labels.dtype.kind not in "biuf" or labels.shape != (len(images), k):
+            raise IngestError(f"{lab_path}: expected a {len(images)} x {k} matrix of 0/1 (one row per entry of "
+                              f"{img_path.name}, one column per concept of {concepts_path}), got "
+                              f"{labels.dtype} {labels.shape}")
+        pos = labels == 1
+        bad = ~(pos | (labels == 0))
+        if bad.any():
+            r, c = (int(x) for x in np.argwhere(bad)[0])
+            raise IngestError(f"{lab_path}: row {r} (0-based), column {c} ({classes[c]['name']}) is {labels[r, c]!r}, "
+                              f"not 0 or 1")
+        entries = [(e.decode("utf-8") if isinstance(e, bytes) else str(e)).strip().replace("\\", "/")
+                   for e in images.tolist()]
+        for i, e in enumerate(entries):
+            if not e:
+                raise IngestError(f"{img_path}: entry {i} (0-based) is an empty path")
+        splits[split], dropped = _records(entries, pos, image_dir, "npy_row", keep_no_positive=keep_no_positive)
+        counts[split] = {"listed": len(entries), "skipped": {"no_positive": dropped}}
+        files += [os.fspath(img_path), os.fspath(lab_path)]
+    source = {"labels_from": "cole-npy", "concepts": os.fspath(concepts_path), "files": files}
+    return classes, splits, counts, source
+
+
+def build(args: argparse.Namespace) -> IngestPlan:
+    keep = bool(args.keep_no_positive)
+    if args.from_npy is not None:
+        npy_dir = Path(args.from_npy)
+        if not npy_dir.is_dir():
+            raise FileNotFoundError(f"--from-npy {npy_dir}: not a folder")
+        image_dir = Path(args.images) if args.images is not None else npy_dir / "Flickr"
+        classes, splits, counts, source = _from_npy(npy_dir, args.root, image_dir, keep)
+    elif args.root is not None:
+        root = Path(args.root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"--root {root}: not a folder; pass the NUS-WIDE folder that holds ImageList/")
+        image_dir = Path(args.images) if args.images is not None else root / "Flickr"
+        classes, splits, counts, source = _official(root, image_dir, keep)
+    else:
+        raise SystemExit("ingest nuswide: pass --root DIR (official lists) or --from-npy DIR (Cole et al.'s files)")
+    source.update({"adapter": NAME, "root": os.fspath(Path(args.root).resolve()) if args.root else None,
+                   "images": os.fspath(image_dir.resolve()), "keep_no_positive": keep})
+    return IngestPlan(dataset="nuswide", classes=classes, splits=splits, unlisted=UNLISTED_NEGATIVE,
+                      source=source, counts=counts)
