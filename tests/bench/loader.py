@@ -1,0 +1,226 @@
+"""Benchmark: the CPU shard loader against the usual PIL + torchvision pipeline, in one run.
+
+Generates its own JPEGs (gradients, random shapes and noise; 500x375 by default, quality 90, 4:2:0),
+writes them once as plain files and once as shards with the project's writer, then times:
+
+1. single-image JPEG decoding to RGB, one thread: simplejpeg vs OpenCV (why the loader uses simplejpeg);
+2. one training epoch through ``shards.loader.ShardLoader`` (uint8 [B,3,S,S] batches; normalisation is
+   done later on the device), and one through the reference: ``PIL.Image.open(...).convert("RGB")`` +
+   torchvision ``Resize((S,S))``, ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize`` in a
+   ``DataLoader(shuffle=True)`` over the same files, with the same batch size and number of workers.
+   Each pipeline runs ``--repeats`` epochs, interleaved so that drift on a shared machine hits both
+   alike; the best epoch of each counts. Worker start-up is inside the timed epoch for both. The main
+   process runs torch with ``--torch-threads`` (default 1) for both.
+
+The ratio (ours / reference images per second) is printed last.
+
+    python tests/bench/loader.py                              # 400 images, 2 workers, 448 px
+    python tests/bench/loader.py --images 300 --workers 2 --repeats 2
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import simplejpeg
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
+
+from ingest.plan import IngestPlan  # noqa: E402
+from shards.format import UNLISTED_NEGATIVE, Record  # noqa: E402
+from shards.loader import ShardLoader  # noqa: E402
+from shards.writer import write_dataset  # noqa: E402
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def make_image(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """A photo-like BGR image: a smooth two-axis gradient, 6-12 filled shapes, Gaussian noise (sigma 6)."""
+    y = np.linspace(0, 1, height)[:, None, None]
+    x = np.linspace(0, 1, width)[None, :, None]
+    a, b, c = rng.uniform(0, 255, (3, 3))
+    img = a + (b - a) * x + (c - a) * y * 0.5
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    for _ in range(rng.integers(6, 13)):
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        cx, cy = int(rng.integers(0, width)), int(rng.integers(0, height))
+        r = int(rng.integers(10, min(width, height) // 3))
+        if rng.random() < 0.5:
+            cv2.circle(img, (cx, cy), r, colour, thickness=-1, lineType=cv2.LINE_AA)
+        else:
+            cv2.rectangle(img, (cx - r, cy - r // 2), (cx + r, cy + r // 2), colour, thickness=-1)
+    noisy = img.astype(np.int16) + rng.normal(0, 6, img.shape).astype(np.int16)
+    return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+def generate(out: Path, n: int, width: int, height: int, shard_size: int, seed: int) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    files = []
+    (out / "jpg").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        ok, buf = cv2.imencode(".jpg", make_image(rng, width, height), [cv2.IMWRITE_JPEG_QUALITY, 90])
+        assert ok
+        path = out / "jpg" / f"{i:06d}.jpg"
+        path.write_bytes(buf.tobytes())
+        files.append(path)
+    records = [Record(source_id=str(i), rel_path=p.name, pos=[0], path=str(p)) for i, p in enumerate(files)]
+    plan = IngestPlan(
+        dataset="bench",
+        classes=[{"index": 0, "id": "c0", "name": "c0"}],
+        splits={"train": records},
+        unlisted=UNLISTED_NEGATIVE,
+    )
+    write_dataset(out / "shards", plan, shard_size=shard_size, progress=False)
+    return files
+
+
+def time_decoders(files: list[Path], rounds: int = 5) -> dict[str, float]:
+    """Milliseconds per image to decode to RGB, one thread, best of ``rounds`` interleaved passes."""
+    blobs = [p.read_bytes() for p in files]
+    rgb_flag = getattr(cv2, "IMREAD_COLOR_RGB", None)
+
+    def opencv(b: bytes) -> np.ndarray:
+        if rgb_flag is not None:
+            return cv2.imdecode(np.frombuffer(b, np.uint8), rgb_flag | cv2.IMREAD_IGNORE_ORIENTATION)
+        bgr = cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+    decoders = {
+        "simplejpeg": lambda b: simplejpeg.decode_jpeg(b, colorspace="RGB"),
+        "opencv": opencv,
+    }
+    best = {name: float("inf") for name in decoders}
+    for _ in range(rounds):  # interleaved, so that load from elsewhere hits both decoders alike
+        for name, fn in decoders.items():
+            t0 = time.perf_counter()
+            for b in blobs:
+                fn(b)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: secs / len(blobs) * 1e3 for name, secs in best.items()}
+
+
+class ReferenceFiles(Dataset):
+    def __init__(self, files: list[Path], size: int):
+        self.files = files
+        self.transform = transforms.Compose(
+            [
+                transforms.Resize((size, size)),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        with Image.open(self.files[i]) as im:
+            return self.transform(im.convert("RGB")), i
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process plus its reaped children (the DataLoader workers, joined per epoch)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def run_epoch(loader, size: int) -> tuple[int, float, float]:
+    """(images, wall seconds, CPU seconds of all processes) of one pass; workers start inside it."""
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    n = 0
+    for images, ids in loader:
+        assert images.shape[1:] == (3, size, size)
+        n += len(ids)
+    wall = time.perf_counter() - t0
+    del loader  # joins the workers so that their CPU time is counted
+    return n, wall, cpu_seconds() - c0
+
+
+def epoch_ours(root: Path, args: argparse.Namespace, epoch: int) -> tuple[int, float, float]:
+    loader = ShardLoader(root, "train", batch_size=args.batch_size, image_size=args.size, train=True,
+                         num_workers=args.workers, seed=args.seed)
+    loader.set_epoch(epoch)
+    return run_epoch(loader, args.size)
+
+
+def epoch_reference(files: list[Path], args: argparse.Namespace, epoch: int) -> tuple[int, float, float]:
+    torch.manual_seed(args.seed + epoch)
+    loader = DataLoader(ReferenceFiles(files, args.size), batch_size=args.batch_size, shuffle=True,
+                        num_workers=args.workers, persistent_workers=False)
+    return run_epoch(loader, args.size)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=400, help="number of generated JPEGs (default 400)")
+    ap.add_argument("--width", type=int, default=500)
+    ap.add_argument("--height", type=int, default=375)
+    ap.add_argument("--size", type=int, default=448, help="output side S (default 448, the paper's)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers, the same for both pipelines")
+    ap.add_argument("--shard-size", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=2, help="epochs per pipeline, interleaved; the best counts")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="torch intra-op threads of the main process, for both pipelines (default 1: on a busy "
+                         "machine more threads made the reference's batch collation, a plain copy, ~100x slower)")
+    ap.add_argument("--dir", type=Path, default=None, help="work folder (default: a temporary one, removed)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.torch_threads)
+
+    with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
+        work = args.dir or Path(tmp)
+        t0 = time.perf_counter()
+        files = generate(work, args.images, args.width, args.height, args.shard_size, args.seed)
+        mean_kb = sum(p.stat().st_size for p in files) / len(files) / 1024
+        print(f"generated {len(files)} JPEGs {args.width}x{args.height} (mean {mean_kb:.0f} KiB) and shards "
+              f"in {time.perf_counter() - t0:.1f} s; torch threads {torch.get_num_threads()}, "
+              f"workers {args.workers}, batch {args.batch_size}, S {args.size}")
+
+        cv2.setNumThreads(1)
+        dec = time_decoders(files)
+        print("\ndecode to RGB, one thread (ms/image):")
+        for name, ms in dec.items():
+            print(f"  {name:<11} {ms:6.2f}")
+        print(f"  -> {min(dec, key=dec.get)} is faster ({max(dec.values()) / min(dec.values()):.2f}x)")
+
+        best = {"ours": (0, float("inf"), 0.0), "reference": (0, float("inf"), 0.0)}
+        for rep in range(args.repeats):
+            for name, fn in (("ours", lambda: epoch_ours(work / "shards", args, rep)),
+                             ("reference", lambda: epoch_reference(files, args, rep))):
+                n, wall, cpu = fn()
+                if n != len(files):
+                    raise RuntimeError(f"{name} yielded {n} images, expected {len(files)}")
+                if wall < best[name][1]:
+                    best[name] = (n, wall, cpu)
+
+        rate = {name: n / wall for name, (n, wall, _) in best.items()}
+        cpu_ms = {name: cpu / n * 1e3 for name, (n, _, cpu) in best.items()}
+        print(f"\n{'pipeline (best of ' + str(args.repeats) + ' epochs)':<46} {'images':>7} {'seconds':>8} "
+              f"{'images/s':>9} {'CPU ms/image':>13}")
+        labels = {
+            "ours": "ShardLoader (shards, simplejpeg+cv2, uint8)",
+            "reference": "PIL + torchvision (files, float, normalized)",
+        }
+        for name, (n, wall, _) in best.items():
+            print(f"{labels[name]:<46} {n:>7} {wall:>8.2f} {rate[name]:>9.1f} {cpu_ms[name]:>13.2f}")
+        print(f"\nCPU time per image, reference / ours: {cpu_ms['reference'] / cpu_ms['ours']:.2f}x "
+              "(all processes; less sensitive to other load on the machine)")
+        print(f"ratio ours / reference (images/s): {rate['ours'] / rate['reference']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,578 @@
+"""CPU loader: planning over simulated layouts (pure), then real shards, decoding and error handling."""
+from __future__ import annotations
+
+import io
+import os
+import re
+import struct
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from shards.format import FORMAT_VERSION, UNLISTED_NEGATIVE, Manifest, Record, ShardInfo, SplitInfo, sample_key
+from shards.loader import (
+    DecodeError,
+    SampleError,
+    ShardLoader,
+    batch_sizes,
+    decode_image,
+    decode_rgb,
+    decode_scale,
+    interleave,
+    num_batches,
+    plan_epoch,
+    rank_bounds,
+    resume_point,
+    shard_order,
+    split_by_shard,
+    take_range,
+    window_shuffle,
+    worker_order,
+)
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def jpeg(rgb: np.ndarray, mode: str = "RGB", **kw) -> bytes:
+    """Encode at quality 95 without chroma subsampling (solid 8x8 blocks then decode almost exactly)."""
+    buf = io.BytesIO()
+    Image.fromarray(rgb).convert(mode).save(buf, "JPEG", quality=95, subsampling=0, **kw)
+    return buf.getvalue()
+
+
+def colours(sid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left/right half colours of the test image of sample ``sid``; every channel differs by 100 or 156."""
+    left = np.array([(37 * sid) % 200 + 20, (91 * sid) % 200 + 20, (53 * sid) % 200 + 20])
+    return left, (left + 100) % 256
+
+
+def halves_jpeg(sid: int) -> bytes:
+    """48x32 image, left half (columns 0-23) and right half in the sample's colours.
+
+    The edge lies on an 8x8 block boundary, so no JPEG ringing reaches either half.
+    """
+    left, right = colours(sid)
+    img = np.empty((32, 48, 3), np.uint8)
+    img[:, :24] = left
+    img[:, 24:] = right
+    return jpeg(img)
+
+
+def orientation(chw: torch.Tensor, sid: int, tol: float = 4.0) -> str:
+    """'plain' or 'flipped' for a [3,24,24] output of ``halves_jpeg(sid)``; fails on anything else.
+
+    At image_size 24 output column c samples source x = 2c + 0.5 (INTER_LINEAR, width 48 -> 24): columns
+    0..8 lie in the left half (x <= 17.5) and 15..23 in the right half (x >= 30.5).
+    """
+    img = chw.numpy().astype(float)
+    a, b = img[:, :, 0:9].mean(axis=(1, 2)), img[:, :, 15:24].mean(axis=(1, 2))
+    left, right = colours(sid)
+    if np.abs(a - left).max() <= tol and np.abs(b - right).max() <= tol:
+        return "plain"
+    if np.abs(a - right).max() <= tol and np.abs(b - left).max() <= tol:
+        return "flipped"
+    raise AssertionError(f"sample {sid}: halves {a} / {b}, expected {left} / {right} in some order")
+
+
+def write_test_shards(root, jpegs: list[bytes], shard_size: int, *, members=None, split: str = "train") -> None:
+    """Shards in the writer's layout (<key>.idx, <key>.jpg, <key>.json) plus a manifest.
+
+    Used where the real writer would refuse the input (corrupt members). ``members(sid, dict)`` may edit
+    or drop the members of one sample.
+    """
+    os.makedirs(os.path.join(root, split), exist_ok=True)
+    shards = []
+    for first in range(0, len(jpegs), shard_size):
+        name = f"{first // shard_size:06d}.tar"
+        path = os.path.join(root, split, name)
+        n = min(shard_size, len(jpegs) - first)
+        with wds.TarWriter(path) as w:
+            for sid in range(first, first + n):
+                sample = {"__key__": sample_key(sid), "idx": struct.pack("<i", sid), "jpg": jpegs[sid], "json": b"{}"}
+                if members is not None:
+                    sample = members(sid, sample)
+                w.write(sample)
+        shards.append(ShardInfo(file=name, num_samples=n, first_sample=first, size=os.path.getsize(path), sha256=""))
+    manifest = Manifest(
+        format_version=FORMAT_VERSION,
+        dataset="loader-test",
+        classes=[{"index": 0, "id": "c0", "name": "c0"}],
+        splits={split: SplitInfo(num_samples=len(jpegs), shards=shards, unlisted=UNLISTED_NEGATIVE)},
+        counts={},
+        source={},
+    )
+    with open(os.path.join(root, "manifest.json"), "w") as f:
+        f.write(manifest.to_json())
+
+
+def write_real_dataset(root, jpegs: list[bytes], shard_size: int) -> None:
+    """The project's writer (shards/writer.py) on records that carry their bytes."""
+    from ingest.plan import IngestPlan
+    from shards.writer import write_dataset
+
+    records = [Record(source_id=str(i), rel_path=f"{i}.jpg", pos=[0], data=b) for i, b in enumerate(jpegs)]
+    plan = IngestPlan(
+        dataset="loader-test",
+        classes=[{"index": 0, "id": "c0", "name": "c0"}],
+        splits={"train": records},
+        unlisted=UNLISTED_NEGATIVE,
+    )
+    write_dataset(root, plan, shard_size=shard_size, progress=False)
+
+
+def flatten(batches) -> list[int]:
+    return [int(i) for _, ids in batches for i in ids]
+
+
+def random_layout(rng: np.random.Generator, n_shards: int, keep: float) -> tuple[list[tuple[int, int]], np.ndarray]:
+    sizes = rng.integers(1, 40, n_shards)
+    firsts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    total = int(sizes.sum())
+    allowed = np.flatnonzero(rng.random(total) < keep).astype(np.int64)
+    return [(int(f), int(s)) for f, s in zip(firsts, sizes)], allowed
+
+
+def simulate_rank(per_shard, *, rank, world_size, num_workers, batch_size, seed, epoch, train, window, start_batch=0):
+    """A rank's batches as lists of (sample id, flipped), from the pure functions alone.
+
+    Mirrors what ShardLoader does with real processes: worker streams from ``worker_order``, the resume
+    rotation and skips, the DataLoader order from ``interleave``, batches cut by the planned sizes.
+    """
+    plan = plan_epoch(
+        per_shard, rank=rank, world_size=world_size, num_workers=num_workers, batch_size=batch_size,
+        seed=seed, epoch=epoch, shuffle=train, start_batch=start_batch,
+    )
+    n_workers = max(num_workers, 1)
+    streams = []
+    for logical in range(n_workers):
+        ids = np.concatenate([p.ids for p in plan.workers[logical]]) if plan.workers[logical] else np.zeros(0, int)
+        order, flips = worker_order(
+            len(ids), train=train, window=window, seed=seed, epoch=epoch, rank=rank, worker=logical
+        )
+        streams.append([(int(ids[i]), bool(flips[j])) for j, i in enumerate(order)][plan.skips[logical]:])
+    physical = [streams[(p + plan.rotation) % n_workers] for p in range(n_workers)]
+    flat = [physical[w][k] for w, k in interleave([len(s) for s in physical])]
+    out, pos = [], 0
+    for size in plan.batch_sizes[start_batch:]:
+        out.append(flat[pos : pos + size])
+        pos += size
+    assert pos == len(flat)
+    return plan, out
+
+
+# ----------------------------------------------------------------------------------------------
+# planning (pure)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_batch_sizes_rule_exact():
+    # 17 samples over 2 ranks: 9 and 8; batch 4 -> ceil(9/4) = 3 batches on both
+    assert num_batches(17, 2, 4) == 3
+    assert batch_sizes(9, 3, 4) == [4, 4, 1]
+    # 8 samples would be [4, 4, 0]: the last batch would be empty, so one moves over
+    assert batch_sizes(8, 3, 4) == [4, 3, 1]
+    assert batch_sizes(12, 3, 4) == [4, 4, 4]
+    assert batch_sizes(10, 3, 4) == [4, 4, 2]
+    assert batch_sizes(3, 3, 4) == [1, 1, 1]
+    with pytest.raises(ValueError, match="cannot fill 3"):
+        batch_sizes(2, 3, 4)
+    with pytest.raises(ValueError, match="cannot fill 3"):
+        batch_sizes(13, 3, 4)
+    # batch 1: 3 samples over 2 ranks are 2 and 1 -> 2 batches of 1 impossible for the smaller rank
+    with pytest.raises(ValueError, match="batch_size >= 2"):
+        num_batches(3, 2, 1)
+    assert num_batches(4, 2, 1) == 2
+    # fewer samples than ranks
+    with pytest.raises(ValueError, match="as many samples as ranks"):
+        num_batches(1, 2, 4)
+
+
+def test_rank_bounds_and_take_range():
+    assert [rank_bounds(10, r, 4) for r in range(4)] == [(0, 2), (2, 5), (5, 7), (7, 10)]
+    per_shard = split_by_shard([(0, 5), (5, 3), (8, 4)], np.array([1, 2, 4, 5, 9, 10, 11]))
+    assert [list(a) for a in per_shard] == [[1, 2, 4], [5], [9, 10, 11]]
+    from shards.loader import Piece
+
+    pieces = [Piece(s, a) for s, a in enumerate(per_shard)]
+    got = take_range(pieces, 2, 5)  # items 4 | 5 | 9
+    assert [(p.shard, list(p.ids)) for p in got] == [(0, [4]), (1, [5]), (2, [9])]
+    assert take_range(pieces, 3, 3) == []
+    assert [list(a) for a in split_by_shard([(0, 2), (2, 2)], None)] == [[0, 1], [2, 3]]
+
+
+def test_shard_order_depends_on_seed_and_epoch_only():
+    a = shard_order(50, seed=3, epoch=1, shuffle=True)
+    assert sorted(a) == list(range(50))
+    assert np.array_equal(a, shard_order(50, seed=3, epoch=1, shuffle=True))
+    assert not np.array_equal(a, shard_order(50, seed=3, epoch=2, shuffle=True))
+    assert not np.array_equal(a, shard_order(50, seed=4, epoch=1, shuffle=True))
+    assert list(shard_order(5, seed=3, epoch=1, shuffle=False)) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 8])
+@pytest.mark.parametrize("num_workers", [0, 1, 4])
+@pytest.mark.parametrize("batch_size", [2, 5, 16])
+@pytest.mark.parametrize("train", [True, False])
+def test_plan_covers_allowed_ids_once(world_size, num_workers, batch_size, train):
+    rng = np.random.default_rng(world_size * 100 + num_workers * 10 + batch_size)
+    ranges, allowed = random_layout(rng, n_shards=17, keep=0.8)
+    per_shard = split_by_shard(ranges, allowed)
+    for epoch in (0, 1):
+        seen, n_batches, rank_sizes = [], set(), []
+        ordered_shards = list(shard_order(len(ranges), 7, epoch, shuffle=train))
+        for rank in range(world_size):
+            plan = plan_epoch(per_shard, rank=rank, world_size=world_size, num_workers=num_workers,
+                              batch_size=batch_size, seed=7, epoch=epoch, shuffle=train)
+            assert len(plan.workers) == max(num_workers, 1)
+            n_batches.add(len(plan.batch_sizes))
+            assert all(1 <= b <= batch_size for b in plan.batch_sizes)
+            rank_ids = []
+            for pieces in plan.workers:
+                for p in pieces:
+                    first, n = ranges[p.shard]
+                    assert np.all((p.ids >= first) & (p.ids < first + n)) and np.all(np.diff(p.ids) > 0)
+                    rank_ids.extend(int(i) for i in p.ids)
+            assert sum(plan.batch_sizes) == len(rank_ids)
+            # workers' ranges are consecutive parts of the rank's range, which follows the shard order
+            shards_in_order = [p.shard for w in plan.workers for p in w]
+            assert shards_in_order == sorted(shards_in_order, key=ordered_shards.index)
+            rank_sizes.append(len(rank_ids))
+            seen.extend(rank_ids)
+        assert len(n_batches) == 1  # every rank: the same number of batches
+        assert max(rank_sizes) - min(rank_sizes) <= 1
+        assert sorted(seen) == list(allowed)  # full coverage, no overlap
+        if not train:
+            assert seen == list(allowed)  # eval: manifest order, ranks in rank order
+
+
+def test_window_shuffle_bounds_memory_and_displacement():
+    rng = np.random.default_rng(0)
+    order = window_shuffle(2000, 50, rng)
+    assert sorted(order) == list(range(2000))
+    assert not np.array_equal(order, np.arange(2000))
+    assert np.abs(order - np.arange(2000)).max() <= 50
+    # a sequential reader that reads until the next output is available holds <= window samples
+    read, pending, peak = 0, set(), 0
+    for i in order:
+        while i >= read:
+            pending.add(read)
+            read += 1
+        pending.remove(i)
+        peak = max(peak, len(pending))
+    assert peak <= 50
+    assert list(window_shuffle(5, 0, rng)) == [0, 1, 2, 3, 4]
+
+
+def test_worker_order_seeded_per_worker_and_identity_in_eval():
+    a = worker_order(100, train=True, window=30, seed=1, epoch=2, rank=0, worker=1)
+    b = worker_order(100, train=True, window=30, seed=1, epoch=2, rank=0, worker=1)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    for other in ({"epoch": 3}, {"rank": 1}, {"worker": 0}, {"seed": 2}):
+        kw = {"seed": 1, "epoch": 2, "rank": 0, "worker": 1} | other
+        assert not np.array_equal(a[0], worker_order(100, train=True, window=30, **kw)[0])
+    assert 20 < a[1].sum() < 80  # flips: about half
+    order, flips = worker_order(10, train=False, window=30, seed=1, epoch=2, rank=0, worker=1)
+    assert list(order) == list(range(10)) and not flips.any()
+
+
+def test_interleave_exact():
+    # round robin over workers 0..2; worker 1 has nothing, worker 0 stops after 2 items
+    assert interleave([2, 0, 3]) == [(0, 0), (2, 0), (0, 1), (2, 1), (2, 2)]
+    assert interleave([1]) == [(0, 0)]
+
+
+def test_resume_point_exact():
+    # stream of counts [3, 1, 2]: (0,0) (1,0) (2,0) (0,1) (2,1) (0,2); after 2 outputs the next position is
+    # P = 2 (worker 2's item 0): physical p plays logical (p + 2) % 3; worker 0 and 1 have used 1 item each
+    assert resume_point([3, 1, 2], 2) == (2, [1, 1, 0])
+    assert resume_point([3, 1, 2], 0) == (0, [0, 0, 0])
+    assert resume_point([3, 1, 2], 6)[1] == [3, 1, 2]
+    with pytest.raises(ValueError):
+        resume_point([3, 1, 2], 7)
+
+
+@pytest.mark.parametrize("counts", [[3, 1, 2], [5, 5, 5, 4], [7], [0, 4, 1, 6], [2, 9]])
+def test_resume_point_continues_the_same_stream(counts):
+    full = interleave(counts)
+    for consumed in range(len(full) + 1):
+        rotation, skips = resume_point(counts, consumed)
+        n = len(counts)
+        logical = [(p + rotation) % n for p in range(n)]
+        rest = interleave([counts[l] - skips[l] for l in logical])
+        resumed = [(logical[p], skips[logical[p]] + k) for p, k in rest]
+        assert resumed == full[consumed:]
+
+
+@pytest.mark.parametrize("world_size,num_workers", [(1, 1), (2, 4), (8, 4), (2, 0)])
+def test_simulated_resume_matches_uninterrupted_epoch(world_size, num_workers):
+    ranges, allowed = random_layout(np.random.default_rng(5), n_shards=9, keep=0.9)
+    per_shard = split_by_shard(ranges, allowed)
+    kw = dict(world_size=world_size, num_workers=num_workers, batch_size=3, seed=11, epoch=4, train=True, window=7)
+    for rank in range(world_size):
+        plan, full = simulate_rank(per_shard, rank=rank, **kw)
+        assert sorted(i for b in full for i, _ in b) == sorted(int(i) for w in plan.workers for p in w for i in p.ids)
+        for start in range(len(full) + 1):
+            _, resumed = simulate_rank(per_shard, rank=rank, start_batch=start, **kw)
+            assert resumed == full[start:]
+
+
+class _Counted(IterableDataset):
+    def __init__(self, counts):
+        self.counts = counts
+
+    def __iter__(self):
+        w = get_worker_info().id
+        return iter([(w, k) for k in range(self.counts[w])])
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 4 worker processes")
+def test_interleave_is_what_the_dataloader_does():
+    counts = [3, 0, 5, 1]
+    loader = DataLoader(_Counted(counts), batch_size=None, num_workers=4, collate_fn=lambda x: x, prefetch_factor=3)
+    assert [tuple(x) for x in loader] == interleave(counts)
+
+
+# ----------------------------------------------------------------------------------------------
+# decoding
+# ----------------------------------------------------------------------------------------------
+
+
+def test_decode_solid_colour_within_tolerance():
+    img = np.empty((375, 500, 3), np.uint8)
+    img[:] = (200, 40, 90)
+    out = decode_image(jpeg(img), 448)
+    assert out.shape == (448, 448, 3) and out.dtype == np.uint8
+    # quality 95, no subsampling: a flat colour round-trips within 2 levels (YCbCr rounding)
+    assert np.abs(out.astype(int) - [200, 40, 90]).max() <= 2
+
+
+def test_decode_grayscale_and_cmyk_give_rgb():
+    img = np.empty((40, 56, 3), np.uint8)
+    img[:] = (120, 120, 120)
+    gray = decode_image(jpeg(img, "L"), 32)
+    assert gray.shape == (32, 32, 3)
+    assert np.array_equal(gray[..., 0], gray[..., 1]) and np.array_equal(gray[..., 0], gray[..., 2])
+    assert np.abs(gray.astype(int) - 120).max() <= 2
+    img[:] = (200, 40, 90)
+    cmyk = decode_image(jpeg(img, "CMYK"), 32)  # Adobe CMYK, converted by libjpeg-turbo
+    assert cmyk.shape == (32, 32, 3) and np.abs(cmyk.astype(int) - [200, 40, 90]).max() <= 3
+
+
+def test_decode_falls_back_to_opencv_and_reports_garbage():
+    img = np.zeros((10, 20, 3), np.uint8)
+    img[:, 10:] = (0, 0, 255)  # PNG, lossless: simplejpeg refuses, OpenCV decodes exactly
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "PNG")
+    out = decode_rgb(buf.getvalue(), 8)
+    assert np.array_equal(out, img)  # RGB order, not OpenCV's BGR
+    with pytest.raises(DecodeError, match="neither simplejpeg"):
+        decode_rgb(b"\xff\xd8 not really a jpeg" * 10, 8)
+
+
+def test_reduced_scale_decode():
+    assert decode_scale(375, 500, 448) == 1
+    assert decode_scale(900, 1000, 224) == 4  # 1/8 would give 112 < 224
+    assert decode_scale(4000, 5000, 224) == 8
+    assert decode_scale(447, 2000, 224) == 1  # one side under 2x the target
+    assert decode_scale(448, 2000, 224) == 2
+    img = np.full((900, 1000, 3), 77, np.uint8)
+    assert decode_rgb(jpeg(img), 224).shape == (225, 250, 3)  # 1/4 scale, rounded up
+    assert decode_image(jpeg(img), 224).shape == (224, 224, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# real shards
+# ----------------------------------------------------------------------------------------------
+
+N_REAL = 26
+# the "train subset": 19 of 26 ids, as the trainer's 80/20 cut leaves holes in every shard
+ALLOWED = [i for i in range(N_REAL) if i not in (0, 3, 10, 11, 17, 18, 25)]
+
+
+@pytest.fixture(scope="module")
+def real_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("real")
+    write_real_dataset(root, [halves_jpeg(i) for i in range(N_REAL)], shard_size=4)
+    return root
+
+
+def test_real_shards_two_ranks_two_workers(real_root):
+    loaders = [ShardLoader(real_root, "train", batch_size=3, image_size=24, train=True, sample_ids=ALLOWED,
+                           rank=r, world_size=2, num_workers=2, seed=5) for r in range(2)]
+    # 19 samples: ranks get 9 and 10; ceil(10/3) = 4 batches each, so rank 0 ends [.., 2, 1], not empty
+    assert [len(l) for l in loaders] == [4, 4]
+    assert [l.plan().batch_sizes for l in loaders] == [[3, 3, 2, 1], [3, 3, 3, 1]]
+    epochs = {}
+    for epoch in (0, 1):
+        order, flips = [], []
+        for loader in loaders:
+            loader.set_epoch(epoch)
+            batches = list(loader)
+            assert len(batches) == len(loader)
+            assert [len(ids) for _, ids in batches] == loader.plan().batch_sizes
+            for images, ids in batches:
+                assert images.dtype == torch.uint8 and images.shape[1:] == (3, 24, 24) and images.is_contiguous()
+                assert ids.dtype == torch.int64 and len(ids) == len(images)
+                for img, sid in zip(images, ids):
+                    flips.append(orientation(img, int(sid)))  # pixels belong to the id they travel with
+            order.append(flatten(batches))
+        flat = order[0] + order[1]
+        assert sorted(flat) == ALLOWED  # every allowed sample exactly once per epoch
+        assert {"plain", "flipped"} == set(flips)
+        epochs[epoch] = flat
+    assert epochs[0] != epochs[1]
+    loaders[1].set_epoch(1)  # the same epoch again: the same stream, pixels included
+    again = list(loaders[1])
+    assert flatten(again) == epochs[1][len(epochs[1]) - loaders[1].num_samples :]
+
+
+def test_real_shards_eval_mode(real_root):
+    got = []
+    for rank in range(2):
+        loader = ShardLoader(real_root, "train", batch_size=4, image_size=24, train=False, sample_ids=ALLOWED,
+                             rank=rank, world_size=2, num_workers=2, seed=5)
+        loader.set_epoch(3)  # ignored in eval
+        batches = list(loader)
+        for images, ids in batches:
+            assert all(orientation(img, int(s)) == "plain" for img, s in zip(images, ids))
+        ids = flatten(batches)
+        # rank r holds its contiguous part of the allowed ids; workers split it in halves and the
+        # DataLoader alternates between them
+        lo, hi = rank_bounds(len(ALLOWED), rank, 2)
+        mine = ALLOWED[lo:hi]
+        half = rank_bounds(len(mine), 1, 2)[0]
+        w0, w1 = mine[:half], mine[half:]
+        expected = [x for pair in zip(w0, w1) for x in pair] + w1[len(w0):] + w0[len(w1):]
+        assert ids == expected
+        if rank == 0:
+            assert flatten(list(loader)) == ids  # deterministic
+        got.extend(ids)
+    assert sorted(got) == ALLOWED and len(got) == len(set(got))
+
+
+def test_real_shards_resume_mid_epoch(real_root):
+    loader = ShardLoader(real_root, "train", batch_size=3, image_size=24, train=True, sample_ids=ALLOWED,
+                         num_workers=2, seed=9, shuffle_buffer=5)
+    loader.set_epoch(2)
+    full = list(loader)
+    assert len(full) == 7
+    for start in (1, 5):  # 3 and 15 samples consumed: odd, so the DataLoader restarts at worker 1
+        loader.set_epoch(2, start_batch=start)
+        resumed = list(loader)
+        assert len(resumed) == len(full) - start
+        for (a_img, a_ids), (b_img, b_ids) in zip(resumed, full[start:]):
+            assert torch.equal(a_ids, b_ids) and torch.equal(a_img, b_img)
+
+
+def test_loader_rejects_bad_arguments(real_root):
+    with pytest.raises(ValueError, match="strictly increasing"):
+        ShardLoader(real_root, "train", batch_size=2, image_size=8, train=True, sample_ids=[3, 2])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        ShardLoader(real_root, "train", batch_size=2, image_size=8, train=True, sample_ids=[5, N_REAL])
+    with pytest.raises(ValueError, match="no split 'val'"):
+        ShardLoader(real_root, "val", batch_size=2, image_size=8, train=True)
+    with pytest.raises(ValueError, match="on_error"):
+        ShardLoader(real_root, "train", batch_size=2, image_size=8, train=True, on_error="ignore")
+    with pytest.raises(ValueError, match="no samples selected"):
+        ShardLoader(real_root, "train", batch_size=2, image_size=8, train=True, sample_ids=[])
+
+
+def test_missing_shard_is_reported_at_construction(tmp_path):
+    write_test_shards(tmp_path, [halves_jpeg(i) for i in range(6)], 3)
+    missing = os.path.join(str(tmp_path), "train", "000001.tar")
+    os.remove(missing)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{missing}: shard listed in the manifest is missing")):
+        ShardLoader(tmp_path, "train", batch_size=2, image_size=8, train=True)
+    # a subset that does not touch the missing shard still loads
+    loader = ShardLoader(tmp_path, "train", batch_size=2, image_size=24, train=False, sample_ids=[0, 2])
+    assert flatten(list(loader)) == [0, 2]
+
+
+# ----------------------------------------------------------------------------------------------
+# error handling
+# ----------------------------------------------------------------------------------------------
+
+
+def corrupt_dataset(root, bad: dict[int, str], n: int = 8, shard_size: int = 4) -> None:
+    """``bad[sid]`` = "garbage" (undecodable .jpg) or "nojpg" (the member is missing)."""
+
+    def edit(sid, sample):
+        if bad.get(sid) == "garbage":
+            sample["jpg"] = b"\xff\xd8\xff\xe0 this is not image data" * 3
+        elif bad.get(sid) == "nojpg":
+            del sample["jpg"]
+        return sample
+
+    write_test_shards(root, [halves_jpeg(i) for i in range(n)], shard_size, members=edit)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_corrupt_member_raises_with_shard_and_key(tmp_path, num_workers):
+    corrupt_dataset(tmp_path, {5: "garbage"})
+    loader = ShardLoader(tmp_path, "train", batch_size=2, image_size=24, train=False, num_workers=num_workers)
+    shard = os.path.join(str(tmp_path), "train", "000001.tar")
+    with pytest.raises(SampleError) as info:
+        list(loader)
+    assert f"{shard}: sample {sample_key(5)}" in str(info.value) and "on_error='skip'" in str(info.value)
+
+
+def test_skip_mode_counts_and_keeps_batch_count(tmp_path):
+    corrupt_dataset(tmp_path, {2: "garbage", 3: "nojpg", 6: "garbage"})
+    loader = ShardLoader(tmp_path, "train", batch_size=2, image_size=24, train=False, on_error="skip")
+    batches = list(loader)
+    # planned batches [0,1] [2,3] [4,5] [6,7]: [2,3] lost both samples and repeats sample 1
+    assert [ids.tolist() for _, ids in batches] == [[0, 1], [1], [4, 5], [7]]
+    assert len(batches) == len(loader) == 4
+    assert loader.skipped == {"decode": 2, "read": 1, "repeated": 1}
+    assert len(loader.skip_log) == 3
+    shard0 = os.path.join(str(tmp_path), "train", "000000.tar")
+    assert loader.skip_log[1].startswith(f"{shard0}: sample {sample_key(3)}")
+    assert "no .jpg member" in loader.skip_log[1]
+    assert all(orientation(img, int(s)) == "plain" for images, ids in batches for img, s in zip(images, ids))
+
+
+def test_truncated_shard_in_skip_mode(tmp_path):
+    write_test_shards(tmp_path, [halves_jpeg(i) for i in range(8)], 4)
+    path = os.path.join(str(tmp_path), "train", "000001.tar")
+    with tarfile.open(path) as tf:
+        cut = tf.getmember(f"{sample_key(6)}.idx").offset  # samples 4 and 5 stay whole
+    with open(path, "r+b") as f:
+        f.truncate(cut + 100)
+    loader = ShardLoader(tmp_path, "train", batch_size=4, image_size=24, train=True, seed=1, on_error="skip")
+    ids = sorted(flatten(list(loader)))
+    assert ids == [0, 1, 2, 3, 4, 5]
+    assert loader.skipped == {"read": 2}
+    assert all("000001.tar: sample 00000000" in m for m in loader.skip_log)
+
+
+@pytest.mark.parametrize("ring_extra", [2, -100])
+def test_stopping_early_releases_the_workers(real_root, monkeypatch, ring_extra):
+    import time
+
+    import shards.loader
+
+    # -100: one slot per worker, so a worker waits for every copy and is left waiting when we stop
+    monkeypatch.setattr(shards.loader, "_RING_EXTRA", ring_extra)
+    loader = ShardLoader(real_root, "train", batch_size=2, image_size=24, train=True, sample_ids=ALLOWED,
+                         num_workers=2, shuffle_buffer=3)
+    t0 = time.perf_counter()
+    for images, ids in loader:
+        break
+    del images, ids
+    # a worker left waiting for a free slot would hold the DataLoader's shutdown for its 5 s join timeout
+    assert time.perf_counter() - t0 < 4.0
+    # and a full pass through the tiny ring yields exactly the stream of the default one
+    monkeypatch.setattr(shards.loader, "_RING_EXTRA", 2)
+    expected = list(loader)
+    monkeypatch.setattr(shards.loader, "_RING_EXTRA", ring_extra)
+    got = list(loader)
+    assert len(got) == len(loader)
+    for (a_img, a_ids), (b_img, b_ids) in zip(got, expected):
+        assert torch.equal(a_ids, b_ids) and torch.equal(a_img, b_img)
