@@ -1,0 +1,666 @@
+"""GPU data path: NVIDIA DALI decodes and resizes the shards' JPEGs; the epoch plan is the CPU loader's.
+
+``DaliLoader`` yields exactly what ``shards.loader.ShardLoader`` yields: ``(images, ids)`` with ``images``
+uint8 ``[B, 3, S, S]`` (NCHW, RGB, squashed to S x S, not normalised: the model normalises on the device)
+and ``ids`` int64 ``[B]`` on the CPU. Images are on the loader's CUDA device, or on the CPU when the
+pipeline runs with CPU operators (``device=None`` or a CPU device: ``device_id=None``, how CI tests
+this path without a GPU).
+
+Which samples, in which order: the CPU loader's plan, fed through ``fn.external_source``
+=====================================================================================
+
+The samples of an epoch come from ``shards.loader.plan_epoch`` and ``worker_order``, the pure planning
+functions of the CPU loader, called with the same arguments. ``rank_stream`` turns that plan into the
+rank's output sequence (sample id, horizontal flip) exactly as ``ShardLoader`` emits it (including the
+DataLoader's round robin over workers and the resume point), and cuts it with the plan's batch sizes.
+Consequences, each tested against ``ShardLoader`` itself in tests/test_dali.py:
+
+- every allowed sample exactly once per epoch across ranks, the same number of batches on every rank
+  (``num_batches``), a sample-id subset (the 80/20 cut) costs no reads of the other samples;
+- shard order and shuffle are pure functions of ``(seed, epoch)`` (``(seed, epoch, rank, worker)`` for
+  the window shuffle and the flips), so a run is reproducible and ``set_epoch(e, start_batch=n)``
+  resumes at batch n;
+- with ``plan_workers`` equal to the CPU loader's ``num_workers`` the two loaders yield identical
+  batches (same ids in the same order, same flips); with any other value each rank still gets the
+  same *set* of samples per epoch (a rank's range is fixed before it is split among workers), only
+  the order inside the rank differs.
+
+The encoded bytes are read in Python with ``os.pread`` at the offsets of the shard's DALI index
+(``<split>/NNNNNN.idx``, the ``wds2idx`` v1.2 format that ``shards.writer.write_dali_index`` writes), and
+fed to the pipeline with the ids and flips. The ``<key>.idx`` member (the sample id, 4 bytes
+little-endian int32) is read as well and must equal the planned id: a stale or mismatched index is an
+error naming the shard, never a silently wrong label.
+
+Why not ``fn.readers.webdataset`` with ``shard_id/num_shards``: that reader splits the samples of the
+listed tars into contiguous ranges per shard id and shuffles with a buffer seeded once per pipeline
+(``random_shuffle``/``initial_fill``), so (a) its per-rank sets are not the CPU loader's, (b) an epoch's
+order depends on every epoch before it, not on ``(seed, epoch)``, so a resumed run cannot reproduce
+it, (c) it cannot skip the samples outside a sample-id subset (the 20 % validation cut would read
+100 % of the bytes and discard 80 % after decoding), and (d) equal batch counts per rank come from
+padding with duplicated samples (``pad_last_batch``), which evaluation would see twice. Reading with
+the index offsets keeps DALI's benefit (decode, resize, flip and layout on the GPU, nvJPEG and the
+hardware JPEG decoder where present) and costs one ``pread`` per member on the host (a few
+microseconds per sample from the page cache; measured in tests/bench/gpu.py).
+
+The pipeline
+============
+
+``external_source`` (encoded bytes, ids, flips) -> ``decoders.image`` to RGB (``mixed``: nvJPEG and the
+hardware decoder, with libjpeg-turbo's "fancy" chroma upsampling; ``cpu``: libjpeg-turbo; EXIF
+orientation ignored, as the CPU loader does) -> two ``resize`` stages that reproduce the CPU loader's
+``decode_image``: its reduced-DCT-scale decode of images >= 2x the target (factor f in 1, 2, 4, 8, output
+``ceil(side / f)``; f is computed from ``peek_image_shape``) becomes an antialiased linear downscale to
+the same size (an identity for f = 1), then the squash to (S, S) is a linear resize without
+antialiasing, which is ``cv2.INTER_LINEAR`` -> ``crop_mirror_normalize`` with mean 0, std 1 and uint8
+output: only the per-sample horizontal flip from the plan and HWC -> CHW. No normalisation: images
+stay uint8, as with the CPU loader.
+
+Agreement with the CPU loader (CPU operators, measured in tests/test_dali.py): when an image is not at
+least twice the target on both sides (f = 1: VOC/COCO at 448), every pixel is within 1 grey level (rounding
+of the same bilinear filter on the same libjpeg-turbo output). At f >= 2 (OpenImages at 224) the
+filters differ (libjpeg-turbo's scaled IDCT against a triangle filter): about 2 levels mean absolute
+difference per image at f = 2, up to ~100 levels at single high-contrast edge pixels. On the GPU,
+nvJPEG's IDCT adds a further difference of a few levels.
+
+Costs: the parsed index of a shard is kept once the shard is first read (24 bytes per sample: about
+80 MB per loader for OpenImages' 3.4M training images); at most ``MAX_OPEN_SHARDS`` tar files are open.
+On a machine without a GPU the CPU operators compete with PyTorch's CPU threads for the same cores,
+so there the CPU loader is the faster choice (``loader=auto`` takes it); the CPU path exists so that
+CI tests this module without a GPU.
+
+Errors: a missing shard or index file and an index that does not describe the manifest's samples are
+``FormatError`` (naming the file and line); a short read, a mismatched ``<key>.idx`` member, or an
+image DALI cannot decode is ``shards.loader.SampleError`` naming the shard and key(s). DALI decodes
+a whole batch at once, so there is no ``on_error="skip"`` here: use the CPU loader for a damaged
+dataset, or re-run ``ingest``.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from shards.format import FormatError, read_manifest, sample_key
+from shards.loader import (
+    EpochPlan,
+    SampleError,
+    num_batches,
+    plan_epoch,
+    split_by_shard,
+    worker_order,
+)
+
+__all__ = [
+    "DALI_INDEX_VERSION",
+    "DEFAULT_SHUFFLE_BUFFER",
+    "ShardIndex",
+    "DaliLoader",
+    "available",
+    "decode_sample_id",
+    "interleave_order",
+    "rank_stream",
+    "read_dali_index",
+]
+
+#: the index format written by shards.writer.write_dali_index (DALI's wds2idx)
+DALI_INDEX_VERSION = "v1.2"
+#: the CPU loader's default window; must be equal for the two loaders to yield identical batches
+DEFAULT_SHUFFLE_BUFFER = 1000
+#: open shard files kept per loader (least recently used are closed): bounded file descriptors
+MAX_OPEN_SHARDS = 64
+
+_INSTALL_HINT = (
+    "install NVIDIA DALI for your CUDA version (pip install 'largeloss[dali]', i.e. nvidia-dali-cuda130), "
+    "or train with loader=cpu"
+)
+_FIX_INDEX = "re-run `ingest` for this split (it rebuilds a shard and its index together)"
+
+
+def _import_dali():
+    """(fn, types, Pipeline) of NVIDIA DALI, or ImportError saying how to get it."""
+    try:
+        from nvidia.dali import fn, types
+        from nvidia.dali.pipeline import Pipeline
+    except ImportError as e:
+        raise ImportError(f"the DALI loader needs NVIDIA DALI ({e}); {_INSTALL_HINT}") from e
+    return fn, types, Pipeline
+
+
+def available(device: Any) -> bool:
+    """True when DALI can be imported and ``device`` is a CUDA device (what ``loader=auto`` asks)."""
+    if device is None or torch.device(device).type != "cuda":
+        return False
+    try:
+        _import_dali()
+    except ImportError:
+        return False
+    return True
+
+
+def decode_sample_id(data: bytes) -> int:
+    """The ``<key>.idx`` member: the sample id as 4 bytes, little-endian int32."""
+    if len(data) != 4:
+        raise ValueError(f"an .idx member holds 4 bytes (little-endian int32), got {len(data)}")
+    return struct.unpack("<i", data)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning: the CPU loader's stream of one rank, as arrays
+# ----------------------------------------------------------------------------------------------
+
+
+def interleave_order(counts: Sequence[int]) -> np.ndarray:
+    """Vectorised ``shards.loader.interleave``: positions in the concatenation of the workers' items.
+
+    The DataLoader yields item k of every still-running worker 0..W-1 for k = 0, 1, ...; that is the
+    items sorted by (k, worker). Returns indices into ``concatenate(items of worker 0, 1, ...)``.
+    """
+    w_count = len(counts)
+    if w_count == 0:
+        return np.zeros(0, dtype=np.int64)
+    keys = np.concatenate([np.arange(c, dtype=np.int64) * w_count + w for w, c in enumerate(counts)])
+    return np.argsort(keys, kind="stable")
+
+
+def rank_stream(
+    plan: EpochPlan, *, train: bool, window: float, seed: int, epoch: int, rank: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(sample ids int64, flips bool) of one rank in ``ShardLoader``'s output order, from ``plan.start_batch``.
+
+    Mirrors ``ShardLoader``: logical worker w reads its pieces in order, emits them in ``worker_order``
+    (output position j carries ``flips[j]``) after dropping its first ``plan.skips[w]`` outputs;
+    physical DataLoader worker p plays logical worker ``(p + plan.rotation) % W``; the DataLoader
+    interleaves the physical workers round robin.
+    """
+    n_workers = len(plan.workers)
+    per_logical: list[tuple[np.ndarray, np.ndarray]] = []
+    for logical, pieces in enumerate(plan.workers):
+        ids = np.concatenate([p.ids for p in pieces]).astype(np.int64) if pieces else np.zeros(0, np.int64)
+        order, flips = worker_order(
+            len(ids), train=train, window=window, seed=seed, epoch=epoch, rank=rank, worker=logical
+        )
+        skip = plan.skips[logical]
+        per_logical.append((ids[order[skip:]], np.asarray(flips[skip:], dtype=bool)))
+    physical = [per_logical[(p + plan.rotation) % n_workers] for p in range(n_workers)]
+    take = interleave_order([len(ids) for ids, _ in physical])
+    all_ids = np.concatenate([ids for ids, _ in physical]) if physical else np.zeros(0, np.int64)
+    all_flips = np.concatenate([f for _, f in physical]) if physical else np.zeros(0, bool)
+    return all_ids[take], all_flips[take]
+
+
+# ----------------------------------------------------------------------------------------------
+# DALI index files and reading encoded bytes
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class ShardIndex:
+    """Byte ranges of one shard's members, row i = sample ``first_sample + i`` (the tar order)."""
+
+    first_sample: int
+    jpg_offset: np.ndarray  # int64, offset of the .jpg member's data in the tar
+    jpg_size: np.ndarray  # int64
+    idx_offset: np.ndarray  # int64, offset of the 4-byte .idx member's data
+
+
+def read_dali_index(path: str | os.PathLike, first_sample: int, num_samples: int) -> ShardIndex:
+    """Parse a v1.2 DALI webdataset index and check it describes samples ``first_sample ..`` in order.
+
+    Line 1 is ``v1.2 <samples>``; line 2 + i lists sample i's members as ``<ext> <offset> <size>
+    <name>`` groups. Only the ``jpg`` and ``idx`` members are used; their names must be the sample's key.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "r", encoding="ascii") as f:
+            lines = f.read().split("\n")
+    except FileNotFoundError:
+        raise FormatError(f"{path}: DALI index not found; {_FIX_INDEX}") from None
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{path}: not a DALI index (non-ASCII bytes: {e}); {_FIX_INDEX}") from e
+    head = lines[0].split()
+    if len(head) != 2 or head[0] != DALI_INDEX_VERSION or not head[1].isdigit():
+        raise FormatError(f"{path}:1: expected '{DALI_INDEX_VERSION} <samples>', got {lines[0][:80]!r}; {_FIX_INDEX}")
+    if int(head[1]) != num_samples:
+        raise FormatError(
+            f"{path}:1: index lists {head[1]} samples but manifest.json says the shard holds {num_samples}; {_FIX_INDEX}"
+        )
+    body = lines[1 : 1 + num_samples]
+    if len(body) < num_samples or any(line.strip() for line in lines[1 + num_samples :]):
+        raise FormatError(f"{path}: expected exactly {num_samples} sample lines after the header; {_FIX_INDEX}")
+    jpg_offset = np.empty(num_samples, np.int64)
+    jpg_size = np.empty(num_samples, np.int64)
+    idx_offset = np.empty(num_samples, np.int64)
+    for i, line in enumerate(body):
+        tok = line.split()
+        where = f"{path}:{i + 2}"
+        if not tok or len(tok) % 4:
+            raise FormatError(
+                f"{where}: expected groups of '<ext> <offset> <size> <name>', got {line[:120]!r}; {_FIX_INDEX}"
+            )
+        key = sample_key(first_sample + i)
+        members = {tok[k]: tok[k + 1 : k + 4] for k in range(0, len(tok), 4)}
+        for ext in ("jpg", "idx"):
+            if ext not in members:
+                raise FormatError(f"{where}: sample {key} has no .{ext} member in the index; {_FIX_INDEX}")
+            offset, size, name = members[ext]
+            if os.path.basename(name) != f"{key}.{ext}" or not offset.isdigit() or not size.isdigit():
+                raise FormatError(
+                    f"{where}: expected member {key}.{ext} with numeric offset and size, got {' '.join(members[ext])!r}; "
+                    f"{_FIX_INDEX}"
+                )
+        if int(members["idx"][1]) != 4:
+            raise FormatError(f"{where}: {key}.idx has {members['idx'][1]} bytes, expected 4; {_FIX_INDEX}")
+        jpg_offset[i] = int(members["jpg"][0])
+        jpg_size[i] = int(members["jpg"][1])
+        idx_offset[i] = int(members["idx"][0])
+    return ShardIndex(first_sample, jpg_offset, jpg_size, idx_offset)
+
+
+class _ShardFiles:
+    """Encoded bytes of samples by id: DALI indexes parsed on first use, a bounded set of open shards."""
+
+    def __init__(self, tar_paths: list[str], idx_paths: list[str], firsts: np.ndarray, counts: np.ndarray):
+        self.tar_paths = tar_paths
+        self.idx_paths = idx_paths
+        self.firsts = firsts
+        self.counts = counts
+        self._index: dict[int, ShardIndex] = {}
+        self._fds: OrderedDict[int, int] = OrderedDict()
+
+    def index(self, shard: int) -> ShardIndex:
+        got = self._index.get(shard)
+        if got is None:
+            got = read_dali_index(self.idx_paths[shard], int(self.firsts[shard]), int(self.counts[shard]))
+            self._index[shard] = got
+        return got
+
+    def _fd(self, shard: int) -> int:
+        fd = self._fds.get(shard)
+        if fd is not None:
+            self._fds.move_to_end(shard)
+            return fd
+        if len(self._fds) >= MAX_OPEN_SHARDS:
+            _, old = self._fds.popitem(last=False)
+            os.close(old)
+        try:
+            fd = os.open(self.tar_paths[shard], os.O_RDONLY)
+        except OSError as e:
+            raise SampleError(f"{self.tar_paths[shard]}: cannot open the shard ({e}); {_FIX_INDEX}") from e
+        self._fds[shard] = fd
+        return fd
+
+    def shard_of(self, ids: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.firsts, ids, side="right") - 1
+
+    def read(self, ids: np.ndarray) -> list[np.ndarray]:
+        """Encoded JPEG bytes of each id (uint8 arrays), after checking the sample's ``.idx`` member."""
+        out = []
+        for sid, shard in zip(ids.tolist(), self.shard_of(ids).tolist()):
+            index = self.index(shard)
+            row = sid - index.first_sample
+            fd = self._fd(shard)
+            path = self.tar_paths[shard]
+            try:
+                head = os.pread(fd, 4, int(index.idx_offset[row]))
+                size = int(index.jpg_size[row])
+                data = os.pread(fd, size, int(index.jpg_offset[row]))
+            except OSError as e:
+                raise SampleError(f"{path}: sample {sample_key(sid)}: read failed ({e}); {_FIX_INDEX}") from e
+            if len(head) != 4 or len(data) != size:
+                raise SampleError(f"{path}: sample {sample_key(sid)}: the shard ends before the bytes its DALI index "
+                                  f"names (truncated shard or stale index); {_FIX_INDEX}")
+            stored = decode_sample_id(head)
+            if stored != sid:
+                raise SampleError(f"{path}: sample {sample_key(sid)}: the .idx member at the indexed offset says "
+                                  f"sample {stored} (the DALI index does not match the shard); {_FIX_INDEX}")
+            out.append(np.frombuffer(data, dtype=np.uint8))
+        return out
+
+    def close(self) -> None:
+        while self._fds:
+            _, fd = self._fds.popitem()
+            os.close(fd)
+
+
+class _Feed:
+    """The ``external_source`` callback: the current epoch's batches, one call per batch.
+
+    Raises StopIteration at the end of the epoch (DALI's end-of-data signal) and when stopped.
+    ``fed`` holds the ids of the batches handed to DALI and not yet returned, oldest first: DALI
+    returns batches in the order they were fed, so ``fed[0]`` is the batch of the next output.
+    """
+
+    def __init__(self, files: _ShardFiles):
+        self.files = files
+        self.batches: Iterator[tuple[np.ndarray, np.ndarray]] | None = None
+        self.fed: deque[np.ndarray] = deque()
+
+    def start(self, batches: Iterator[tuple[np.ndarray, np.ndarray]]) -> None:
+        self.batches = batches
+        self.fed.clear()
+
+    def stop(self) -> None:
+        self.batches = None
+
+    def __call__(self) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        if self.batches is None:
+            raise StopIteration
+        nxt = next(self.batches, None)
+        if nxt is None:
+            self.batches = None
+            raise StopIteration
+        ids, flips = nxt
+        data = self.files.read(ids)
+        self.fed.append(ids)
+        # ids as int64 scalars, flips as the int32 per-sample `mirror` argument of crop_mirror_normalize
+        return data, ids.astype(np.int64), flips.astype(np.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loader
+# ----------------------------------------------------------------------------------------------
+
+
+class DaliLoader:
+    """Batches of (uint8 images [B,3,S,S] on ``device``, int64 sample ids [B] on the CPU) for one rank.
+
+    Same contract as ``shards.loader.ShardLoader``: ``len(loader)`` batches per epoch on every rank,
+    ``set_epoch(epoch, start_batch=0)`` before each epoch. ``device`` None or a CPU device runs the
+    pipeline with CPU operators (``device_id=None``); a CUDA device decodes with nvJPEG on that GPU.
+    ``plan_workers`` is the CPU loader's ``num_workers`` whose exact batches to reproduce (see the
+    module docstring); ``num_threads`` are DALI's CPU threads (default: 4 with a GPU, otherwise the
+    available cores up to 8); ``prefetch`` batches are prepared ahead; ``hw_decoder_load`` is the share
+    of images nvJPEG sends to the GPU's hardware JPEG decoder where there is one (None: DALI's default).
+    """
+
+    def __init__(
+        self,
+        dataset_root: str | os.PathLike,
+        split: str,
+        *,
+        batch_size: int,
+        image_size: int,
+        train: bool,
+        sample_ids: Sequence[int] | np.ndarray | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        device: Any = None,
+        plan_workers: int = 0,
+        shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+        num_threads: int | None = None,
+        prefetch: int = 2,
+        hw_decoder_load: float | None = None,
+    ):
+        if batch_size < 1 or image_size < 1:
+            raise ValueError(f"batch_size and image_size must be >= 1, got {batch_size} and {image_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
+        if plan_workers < 0 or seed < 0 or shuffle_buffer < 0:
+            raise ValueError("plan_workers, seed and shuffle_buffer must be >= 0")
+        if prefetch < 1 or (num_threads is not None and num_threads < 1):
+            raise ValueError(f"prefetch and num_threads must be >= 1, got {prefetch} and {num_threads}")
+        if hw_decoder_load is not None and not 0.0 <= hw_decoder_load <= 1.0:
+            raise ValueError(f"hw_decoder_load must be in [0, 1], got {hw_decoder_load}")
+        self._fn, self._types, self._Pipeline = _import_dali()
+        dev = torch.device("cpu") if device is None else torch.device(device)
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise RuntimeError(f"DaliLoader: device {dev} requested but CUDA is not available; pass device=None "
+                                   "for CPU operators or train with loader=cpu")
+            self.device_id: int | None = dev.index if dev.index is not None else torch.cuda.current_device()
+            self.device = torch.device("cuda", self.device_id)
+        elif dev.type == "cpu":
+            self.device_id = None
+            self.device = dev
+        else:
+            raise ValueError(f"DaliLoader: device must be a CUDA device, a CPU device or None, got {dev}")
+
+        self.root = os.fspath(dataset_root)
+        manifest = read_manifest(self.root)
+        if split not in manifest.splits:
+            raise FormatError(
+                f"{os.path.join(self.root, 'manifest.json')}: no split {split!r}; it has {sorted(manifest.splits)}"
+            )
+        info = manifest.splits[split]
+        ids = None if sample_ids is None else _check_ids(sample_ids, info.num_samples, split)
+        self._per_shard = split_by_shard([(s.first_sample, s.num_samples) for s in info.shards], ids)
+        tar_paths = [os.path.join(self.root, split, s.file) for s in info.shards]
+        idx_paths = [p[: -len(".tar")] + ".idx" for p in tar_paths]
+        for tar, idx, allowed in zip(tar_paths, idx_paths, self._per_shard):
+            if not len(allowed):
+                continue
+            if not os.path.isfile(tar):
+                raise FileNotFoundError(f"{tar}: shard listed in the manifest is missing; re-run `ingest` for {split!r}")
+            if not os.path.isfile(idx):
+                raise FormatError(f"{idx}: DALI index of {os.path.basename(tar)} is missing; {_FIX_INDEX}")
+        self._files = _ShardFiles(
+            tar_paths,
+            idx_paths,
+            np.array([s.first_sample for s in info.shards], dtype=np.int64),
+            np.array([s.num_samples for s in info.shards], dtype=np.int64),
+        )
+        self.split = split
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.train = train
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.plan_workers = plan_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.num_threads = num_threads or (4 if self.device_id is not None else max(1, min(8, os.cpu_count() or 1)))
+        self.prefetch = prefetch
+        self.hw_decoder_load = hw_decoder_load
+        self.epoch = 0
+        self.start_batch = 0
+        self._len = num_batches(sum(len(a) for a in self._per_shard), world_size, batch_size)
+        self._pipe = None
+        self._feed = _Feed(self._files)
+        self._generation = 0  # bumped by every __iter__; an older, abandoned iteration stops
+        self._in_flight = False  # the pipeline may hold batches of an iteration that was not finished
+
+    # -------------------------------------------------------------- planning (same as ShardLoader)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch (shard and sample order) and the first batch the next iteration yields."""
+        if epoch < 0 or not 0 <= start_batch <= self._len:
+            raise ValueError(f"epoch must be >= 0 and start_batch in 0..{self._len}, got {epoch}, {start_batch}")
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def __len__(self) -> int:
+        return self._len
+
+    def plan(self) -> EpochPlan:
+        """This rank's plan of the current epoch; ``ShardLoader.plan()`` with num_workers=plan_workers."""
+        return plan_epoch(
+            self._per_shard,
+            rank=self.rank,
+            world_size=self.world_size,
+            num_workers=self.plan_workers,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            epoch=self.epoch,
+            shuffle=self.train,
+            start_batch=self.start_batch,
+        )
+
+    def epoch_batches(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(ids, flips) of each batch this rank yields in the current epoch (from ``start_batch``)."""
+        plan = self.plan()
+        ids, flips = rank_stream(
+            plan, train=self.train, window=self.shuffle_buffer, seed=self.seed, epoch=self.epoch, rank=self.rank
+        )
+        sizes = plan.batch_sizes[plan.start_batch :]
+        bounds = np.cumsum([0] + sizes)
+        assert bounds[-1] == len(ids), "the plan's batch sizes must cover the rank's stream"
+        return [(ids[a:b], flips[a:b]) for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+
+    # -------------------------------------------------------------- the pipeline
+
+    def _build(self):
+        fn, types = self._fn, self._types
+        gpu = self.device_id is not None
+        decoder_options: dict[str, Any] = {}
+        if gpu:
+            decoder_options["jpeg_fancy_upsampling"] = True  # libjpeg-turbo's chroma upsampling, as on the CPU
+            if self.hw_decoder_load is not None:
+                decoder_options["hw_decoder_load"] = self.hw_decoder_load
+        pipe = self._Pipeline(
+            batch_size=self.batch_size,
+            num_threads=self.num_threads,
+            device_id=self.device_id,
+            prefetch_queue_depth=self.prefetch,
+            exec_dynamic=True,
+            seed=self.seed,  # no random operator: flips come from the plan; set for completeness
+        )
+        with pipe:
+            jpegs, ids, flips = fn.external_source(
+                source=self._feed,
+                num_outputs=3,
+                batch=True,
+                dtype=[types.UINT8, types.INT64, types.INT32],
+                ndim=[1, 0, 0],
+            )
+            images = fn.decoders.image(
+                jpegs,
+                device="mixed" if gpu else "cpu",
+                output_type=types.RGB,
+                adjust_orientation=False,  # EXIF orientation ignored, as in the CPU loader (and PIL)
+                **decoder_options,
+            )
+            # Two resize stages reproduce the CPU loader's decode_image: (1) its reduced-DCT-scale decode
+            # (factor f = the largest of 1, 2, 4, 8 with both sides >= 2*f*S; output ceil(side / f)) as an
+            # antialiased linear downscale (an identity for f = 1); (2) cv2.INTER_LINEAR to (S, S), which
+            # is DALI's linear filter without antialiasing (same half-pixel-centre convention).
+            s = self.image_size
+            shape = fn.peek_image_shape(jpegs, adjust_orientation=False, dtype=types.INT64)  # [H, W, C]
+            h, w = shape[0], shape[1]
+            f = 1 + (h >= 2 * s) * (w >= 2 * s) + 2 * (h >= 4 * s) * (w >= 4 * s) + 4 * (h >= 8 * s) * (w >= 8 * s)
+            images = fn.resize(
+                images,
+                resize_x=fn.cast((w + f - 1) // f, dtype=types.FLOAT),
+                resize_y=fn.cast((h + f - 1) // f, dtype=types.FLOAT),
+                interp_type=types.INTERP_LINEAR,
+                antialias=True,
+            )
+            images = fn.resize(images, resize_x=s, resize_y=s, interp_type=types.INTERP_LINEAR, antialias=False)
+            images = fn.crop_mirror_normalize(
+                images, dtype=types.UINT8, output_layout="CHW", mirror=flips, mean=0.0, std=1.0
+            )
+            pipe.set_outputs(images, ids)
+        pipe.build()
+        return pipe
+
+    def _discard_pipeline(self) -> None:
+        # after an error DALI's executor state is undefined: rebuild on the next iteration
+        self._feed.stop()
+        self._pipe = None
+        self._in_flight = False
+
+    def _drain(self) -> None:
+        """Finish an abandoned iteration: stop feeding, drop what DALI already prepared, rewind."""
+        self._feed.stop()
+        if self._pipe is not None:
+            try:
+                while True:
+                    self._pipe.run()
+            except StopIteration:
+                self._pipe.reset()
+            except RuntimeError:
+                self._discard_pipeline()
+        self._in_flight = False
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        batches = self.epoch_batches()
+        self._generation += 1
+        return self._run(batches, self._generation)
+
+    def _run(
+        self, batches: list[tuple[np.ndarray, np.ndarray]], generation: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._in_flight:
+            self._drain()
+        if not batches:
+            return
+        if self._pipe is None:
+            self._pipe = self._build()
+        pipe = self._pipe
+        self._feed.start(iter(batches))
+        self._in_flight = True
+        for expected_ids, _ in batches:
+            if generation != self._generation:
+                raise RuntimeError("a newer iteration over this DaliLoader was started; this one is abandoned")
+            try:
+                out_images, out_ids = pipe.run()
+            except StopIteration:
+                self._discard_pipeline()
+                raise RuntimeError(
+                    f"internal error: DALI ended rank {self.rank}'s epoch before its planned batches"
+                ) from None
+            except SampleError:
+                self._discard_pipeline()
+                raise
+            except RuntimeError as e:
+                failed = self._feed.fed[0] if self._feed.fed else expected_ids
+                self._discard_pipeline()
+                raise SampleError(f"DALI failed on a batch of {len(failed)} samples ({self._describe(failed)}): {e}; "
+                                  "the image bytes cannot be decoded: re-run `ingest` or train with loader=cpu, "
+                                  "which can skip bad samples (on_error=skip)") from e
+            ids = np.array(out_ids.as_array(), dtype=np.int64).reshape(-1)
+            fed = self._feed.fed.popleft()
+            assert np.array_equal(ids, fed) and np.array_equal(ids, expected_ids), "DALI returns batches in feed order"
+            yield self._to_torch(out_images), torch.from_numpy(ids)
+        try:
+            pipe.run()
+        except StopIteration:
+            pipe.reset()
+        else:
+            self._discard_pipeline()
+            raise RuntimeError(f"internal error: DALI has more batches than rank {self.rank}'s plan")
+        self._in_flight = False
+
+    def _to_torch(self, images) -> torch.Tensor:
+        if self.device_id is None:
+            arr = images.as_array()  # a copy out of DALI's buffer (which the next batch reuses) ...
+            return torch.from_numpy(arr if arr.flags.owndata else arr.copy())  # ... or make it one
+        # Zero copy, as DALI's own PyTorch iterator does with the dynamic executor: the DLPack capsule
+        # keeps DALI's buffer alive for the tensor's lifetime and orders torch's current stream after
+        # DALI's producer stream.
+        with torch.cuda.device(self.device_id):
+            return torch.from_dlpack(images.as_tensor())
+
+    def _describe(self, ids: np.ndarray) -> str:
+        shards = self._files.shard_of(ids)
+        names = sorted({os.path.basename(self._files.tar_paths[s]) for s in shards.tolist()})
+        keys = ", ".join(sample_key(i) for i in ids[:8].tolist()) + (", ..." if len(ids) > 8 else "")
+        return f"{os.path.join(self.root, self.split)}/{{{', '.join(names)}}}, keys {keys}"
+
+    def close(self) -> None:
+        """Release the pipeline and the open shard files (also done when the loader is collected)."""
+        self._feed.stop()
+        self._pipe = None
+        self._in_flight = False
+        self._files.close()
+
+    def __del__(self) -> None:
+        files = getattr(self, "_files", None)
+        if files is not None:
+            files.close()
+
+
+def _check_ids(sample_ids: Iterable[int] | np.ndarray, n: int, split: str) -> np.ndarray:
+    """Sorted unique ids of the split, as ``ShardLoader`` requires them."""
+    ids = np.asarray(sample_ids)
+    if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+        raise ValueError(f"sample_ids must be a 1-D array of integers, got shape {ids.shape} dtype {ids.dtype}")
+    ids = ids.astype(np.int64)
+    if ids.size and (ids[0] < 0 or ids[-1] >= n or np.any(np.diff(ids) <= 0)):
+        raise ValueError(f"sample_ids must be strictly increasing ids of split {split!r} (0..{n - 1})")
+    return ids
