@@ -55,6 +55,10 @@ def save_checkpoint(accelerator, run_dir: Path, epoch: int, state: dict[str, Any
     final = cdir / name
     if accelerator.is_main_process:
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=1), encoding="utf-8")
+        if os.environ.get("LARGELOSS_KILL_AT") == f"checkpoint:{epoch}":  # crash test: die mid-write
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
         _fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)

@@ -72,6 +72,7 @@ class Config:
     progress: bool = True
     analysis_entries: int = 0  # memorization tracker: number of training entries to follow (0 = off)
     log_every: int = 20
+    debug_dump: bool = False  # tests: each rank writes its trained sample ids and a weight checksum per epoch
 
 
 _METHOD_FAMILY = {"ll_r_abs": "ll_r", "ll_ct_abs": "ll_ct"}

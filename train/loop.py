@@ -8,6 +8,7 @@ end of epoch t and used from epoch t+1 (the paper's semantics).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -72,11 +73,12 @@ def build_loader(cfg: Config, accelerator, split: str, sample_ids: np.ndarray | 
         from shards import dali as dali_loader
 
         if kind == "dali" or dali_loader.available(accelerator.device):
-            return dali_loader.DaliLoader(
+            return dali_loader.DaliLoader(  # plan_workers: same batches as the CPU loader would give
                 cfg.data, split, sample_ids=sample_ids,
                 batch_size=cfg.batch_size if train else cfg.eval_batch_size,
                 image_size=cfg.image_size, train=train, rank=accelerator.process_index,
                 world_size=accelerator.num_processes, seed=cfg.seed, device=accelerator.device,
+                plan_workers=cfg.num_workers,
             )
     return ShardLoader(
         cfg.data, split, sample_ids=sample_ids,
@@ -139,6 +141,7 @@ def run(cfg: Config) -> dict[str, Any]:
     ds = open_dataset(cfg.data)
     K = ds.num_classes
     dataset_name = cfg.dataset or ds.manifest.dataset
+    cfg = dataclasses.replace(cfg, dataset=dataset_name)  # the resolved config names its dataset
     run_dir = Path(cfg.resume) if cfg.resume else Path(cfg.out) / (cfg.run_name or f"{dataset_name}-{cfg.method}-s{cfg.seed}")
 
     resume_state: dict[str, Any] | None = None
@@ -149,6 +152,7 @@ def run(cfg: Config) -> dict[str, Any]:
         raise FileExistsError(
             f"{run_dir} already holds a run; pass resume={run_dir} to continue it, or another run_name/out"
         )
+    accelerator.wait_for_everyone()  # every rank has checked the run directory before rank 0 writes to it
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
@@ -191,11 +195,12 @@ def run(cfg: Config) -> dict[str, Any]:
          f"test {len(test_ids)}; method {cfg.method} (delta_rel {cfg.delta_rel}); {accelerator.num_processes} "
          f"process(es) on {accelerator.device}; loader {type(train_loader).__name__}; run dir {run_dir}")
 
-    start_epoch, best_map, best_epoch = 1, -math.inf, 0
+    start_epoch, best_map, best_epoch, stopped_early = 1, -math.inf, 0, False
     if resume_state is not None:
         accelerator.load_state(str(latest))
         start_epoch = resume_state["epoch"] + 1
         best_map, best_epoch = resume_state["best_val_map"], resume_state["best_epoch"]
+        stopped_early = bool(resume_state.get("stopped_early", False))
         train_store.use_generation(resume_state["label_generation"])
         train_store.discard_logs_after(resume_state["epoch"])
         if accelerator.is_main_process:
@@ -207,17 +212,20 @@ def run(cfg: Config) -> dict[str, Any]:
     accelerator.wait_for_everyone()
 
     tb = _tensorboard(run_dir) if accelerator.is_main_process else None
-    stopped_early = False
-    for epoch in range(start_epoch, cfg.epochs + 1):
+    for epoch in range(start_epoch if not stopped_early else cfg.epochs + 1, cfg.epochs + 1):
         frozen = epoch <= cfg.linear_init_epochs
         model.train()
         train_loader.set_epoch(epoch)
         n_steps = len(train_loader) if cfg.max_steps_per_epoch <= 0 else min(len(train_loader), cfg.max_steps_per_epoch)
         bar = _progress(cfg, accelerator, n_steps, epoch)
         t0, seen, loss_sum, n_modified, n_loss_terms = time.time(), 0, 0.0, 0, 0
+        seen_ids: list[np.ndarray] = []
         for step, (images, ids) in enumerate(train_loader):
             if step >= n_steps:
                 break
+            _fault_point(f"step:{epoch}:{step}")
+            if cfg.debug_dump:
+                seen_ids.append(ids.numpy().copy())
             images = images.to(accelerator.device, non_blocking=True)
             target, unknown = train_store.targets(ids.numpy())
             target, unknown = target.to(accelerator.device), unknown.to(accelerator.device)
@@ -247,10 +255,13 @@ def run(cfg: Config) -> dict[str, Any]:
             train_store.flush_corrections(epoch)
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
+                _fault_point(f"merge:{epoch}")
                 train_store.merge_corrections(epoch, accelerator.num_processes)
             accelerator.wait_for_everyone()
             train_store.use_generation(epoch)
 
+        if cfg.debug_dump:
+            _dump_debug(run_dir, epoch, accelerator, model, seen_ids)
         val_res, _, _ = evaluate(model, val_loader, val_store, accelerator, val_ids, cfg.map_convention)
         val_map = float(val_res.map)  # a fraction in [0, 1] everywhere on disk; printed as percent
         totals = accelerator.gather(torch.tensor([loss_sum, n_loss_terms, n_modified, seen], dtype=torch.float64, device=accelerator.device)).view(-1, 4).sum(0)
@@ -269,22 +280,26 @@ def run(cfg: Config) -> dict[str, Any]:
         if improved:
             best_map, best_epoch = val_map, epoch
             ckpt.save_best(accelerator, model, run_dir, {"epoch": epoch, "val_map": val_map})
-        state = {
-            "epoch": epoch, "best_val_map": best_map, "best_epoch": best_epoch,
-            "label_generation": train_store.generation, "config": to_dict(cfg),
-        }
-        ckpt.save_checkpoint(accelerator, run_dir, epoch, state)
+        stop = 100 * val_map < 100 * best_map - cfg.early_stop_drop
+        # metrics first, then the checkpoint: a kill in between leaves a metrics line past the checkpoint,
+        # which resume truncates and recomputes (the other order would lose the line)
         if accelerator.is_main_process:
-            if cfg.method == "ll_cp":
-                train_store.remove_generations(keep={train_store.generation})
             with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
             if tb is not None:
                 for k in ("train_loss", "val_map", "modified", "images_per_s"):
                     tb.add_scalar(k, record[k], epoch)
+        state = {
+            "epoch": epoch, "best_val_map": best_map, "best_epoch": best_epoch, "stopped_early": stop,
+            "label_generation": train_store.generation, "config": to_dict(cfg),
+        }
+        ckpt.save_checkpoint(accelerator, run_dir, epoch, state)
+        if accelerator.is_main_process and cfg.method == "ll_cp":
+            # generations no checkpoint refers to any more (only the newest checkpoint is kept)
+            train_store.remove_generations(keep={train_store.generation})
         _log(accelerator, f"[largeloss] epoch {epoch}: loss {record['train_loss']:.4f}  val mAP {100 * val_map:.2f}"
              f"{'  (best)' if improved else ''}  modified {record['modified']}  {record['images_per_s']:.1f} img/s")
-        if 100 * val_map < 100 * best_map - cfg.early_stop_drop:
+        if stop:
             _log(accelerator, f"[largeloss] early stop: val mAP {100 * val_map:.2f} is more than {cfg.early_stop_drop} points below the best {100 * best_map:.2f}")
             stopped_early = True
             break
@@ -321,6 +336,27 @@ def run(cfg: Config) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
+
+
+def _dump_debug(run_dir: Path, epoch: int, accelerator, model, seen_ids: list[np.ndarray]) -> None:
+    """debug_dump=true (tests): every rank writes the sample ids it trained on in this epoch and a checksum
+    of its weights, so a test can check exact-once coverage and identical replicas across ranks."""
+    net = accelerator.unwrap_model(model)
+    vec = torch.cat([p.detach().double().flatten().cpu() for p in net.parameters()]).numpy()
+    out = run_dir / "debug"
+    out.mkdir(parents=True, exist_ok=True)
+    ids = np.concatenate(seen_ids) if seen_ids else np.zeros(0, dtype=np.int64)
+    np.savez(out / f"e{epoch:04d}-r{accelerator.process_index}.npz", ids=ids, weights=vec)
+
+
+def _fault_point(where: str) -> None:
+    """Fault injection for the crash/resume tests: LARGELOSS_KILL_AT=<where> kills this process with SIGKILL
+    when it reaches that point (e.g. "step:2:3" = epoch 2 before step 3, "merge:2" = before the LL-Cp merge
+    of epoch 2, "checkpoint:2" = inside the checkpoint write of epoch 2). Unset in normal use."""
+    if os.environ.get("LARGELOSS_KILL_AT") == where:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _progress(cfg: Config, accelerator, total: int, epoch: int):

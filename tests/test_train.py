@@ -1,0 +1,159 @@
+"""End to end on CPU: ingest demo -> train/main.py -> report, exact resume after kill -9, and 2 processes."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from ingest.cli import main as ingest_main
+from train.main import main as train_main
+
+# a tiny, fast setting: 64 training images (-> 51 train / 13 val), 24 test images, 64 px (small_cnn ends at
+# 2x2, so batch norm also works on the size-1 batch a rank may end an epoch with)
+TINY = ["arch=small_cnn", "image_size=64", "batch_size=8", "eval_batch_size=16", "num_workers=0",
+        "progress=false", "lr=3e-3", "head_lr_mult=1", "early_stop_drop=100"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    d = tmp_path_factory.mktemp("demo") / "data"
+    assert ingest_main(["demo", "--out", str(d), "--n-train", "64", "--n-test", "24", "--no-progress"]) == 0
+    return d
+
+
+def run_cmd(args, env_extra=None, timeout=300):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "train.main", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def read_metrics(run):
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_in_process_ll_cp_run_and_report(demo, tmp_path, capsys):
+    rc = train_main(["--config", str(ROOT / "configs/demo.yaml"), "--config", str(ROOT / "configs/methods/ll_cp.yaml"),
+                     f"data={demo}", f"out={tmp_path}", "epochs=3", *TINY])
+    assert rc == 0
+    run = tmp_path / "demo-ll_cp-s0"
+    res = json.loads((run / "result.json").read_text())
+    assert res["method"] == "ll_cp" and res["dataset"] == "demo" and res["world_size"] == 1
+    assert 1 <= res["best_epoch"] <= 3 and 0.0 < res["test_map"] <= 1.0
+    m = read_metrics(run)
+    assert [r["epoch"] for r in m] == [1, 2, 3]
+    # LL-Cp: nothing in epoch 1; from epoch 2 k = ceil(B*K*0.1 %) per batch = ceil(8*20/1000) = 1 per batch of 8
+    # (the last batch of 51 = 6x8 + 3 still gives ceil(3*20/1000) = 1): 7 batches -> 7 per epoch
+    assert [r["modified"] for r in m] == [0, 7, 7]
+    assert [r["images"] for r in m] == [51, 51, 51]
+    # corrections of epoch t are in generation t and used from epoch t+1
+    assert [r["label_generation"] for r in m] == [1, 2, 3]
+    from shards.labelstore import LabelStore
+
+    store = LabelStore(demo / "train" / "labels.arrow", 20, "single_positive", corrections_dir=run / "labels")
+    store.use_generation(3)
+    assert store.num_corrections == 14
+    capsys.readouterr()
+    from eval.report import main as report_main
+
+    assert report_main([str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "LL-Cp" in out and f"{100 * res['test_map']:.1f}" in out
+
+
+def test_existing_run_dir_is_not_overwritten(demo, tmp_path, capsys):
+    args = ["--config", str(ROOT / "configs/demo.yaml"), f"data={demo}", f"out={tmp_path}", "epochs=1",
+            "run_name=x", *TINY]
+    assert train_main(args) == 0
+    assert train_main(args) == 2
+    assert "resume=" in capsys.readouterr().err
+
+
+def _compare_runs(a: Path, b: Path):
+    ra, rb = json.loads((a / "result.json").read_text()), json.loads((b / "result.json").read_text())
+    assert ra["test_map"] == rb["test_map"]
+    assert ra["best_epoch"] == rb["best_epoch"]
+    assert ra["test_per_class_ap"] == rb["test_per_class_ap"]
+    ma, mb = read_metrics(a), read_metrics(b)
+    assert [(r["epoch"], r["val_map"], r["train_loss"], r["modified"]) for r in ma] == \
+           [(r["epoch"], r["val_map"], r["train_loss"], r["modified"]) for r in mb]
+    ga = sorted((a / "labels").glob("gen-*"))
+    gb = sorted((b / "labels").glob("gen-*"))
+    assert [g.name for g in ga] == [g.name for g in gb]
+    for x, y in zip(ga, gb):
+        for f in sorted(x.iterdir()):
+            assert f.read_bytes() == (y / f.name).read_bytes(), f
+
+
+@pytest.mark.parametrize("kill_at", ["step:2:3", "merge:2", "checkpoint:2"])
+def test_resume_after_kill_is_exact(demo, tmp_path, kill_at):
+    base = ["--config", str(ROOT / "configs/demo.yaml"), "--config", str(ROOT / "configs/methods/ll_cp.yaml"),
+            f"data={demo}", f"out={tmp_path}", "epochs=3", *TINY]
+    ok = run_cmd(base + ["run_name=straight"])
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    killed = run_cmd(base + ["run_name=killed"], {"LARGELOSS_KILL_AT": kill_at})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (tmp_path / "killed" / "result.json").exists()
+    resumed = run_cmd([f"resume={tmp_path / 'killed'}"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed" in resumed.stdout
+    _compare_runs(tmp_path / "straight", tmp_path / "killed")
+
+
+def _accelerate_cmd(nproc, args):
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(29500 + os.getpid() % 1000), str(ROOT / "train" / "main.py"), *args]
+
+
+def _run_accelerate(args, env_extra=None):
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env_extra or {}))
+    return subprocess.run(_accelerate_cmd(2, args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_two_processes_ll_cp(demo, tmp_path):
+    base = ["--config", str(ROOT / "configs/demo.yaml"), "--config", str(ROOT / "configs/methods/ll_cp.yaml"),
+            f"data={demo}", f"out={tmp_path}", "epochs=2", "debug_dump=true", *TINY]
+    p = _run_accelerate(base + ["run_name=two"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = tmp_path / "two"
+    res = json.loads((run / "result.json").read_text())
+    assert res["world_size"] == 2  # `--cpu --num_processes 2` would silently run one process
+    from shards.protocols import train_val_split
+
+    train_ids, _ = train_val_split(64, 0.2, 1200)
+    for epoch in (1, 2):
+        d0, d1 = (np.load(run / "debug" / f"e{epoch:04d}-r{r}.npz") for r in (0, 1))
+        both = np.concatenate([d0["ids"], d1["ids"]])
+        # every training sample exactly once per epoch across the two ranks
+        assert np.array_equal(np.sort(both), train_ids)
+        # DDP keeps the replicas identical
+        assert np.array_equal(d0["weights"], d1["weights"])
+    # corrections from both ranks are merged: per rank and epoch, one per batch (ceil(8*20/1000) = 1);
+    # 51 samples -> ranks of 26 and 25 -> 4 batches each -> 8 corrections in epoch 2, none in epoch 1
+    m = read_metrics(run)
+    assert [r["modified"] for r in m] == [0, 8]
+    from shards.labelstore import LabelStore
+
+    store = LabelStore(demo / "train" / "labels.arrow", 20, "single_positive", corrections_dir=run / "labels")
+    store.use_generation(2)
+    assert store.num_corrections == 8
+    # only rank 0 writes run files (besides the per-rank debug dumps asked for here)
+    names = sorted(p.name for p in run.iterdir())
+    assert names == ["checkpoints", "config.yaml", "debug", "labels", "metrics.jsonl", "result.json"]
+
+
+def test_two_processes_resume_after_kill(demo, tmp_path):
+    base = ["--config", str(ROOT / "configs/demo.yaml"), "--config", str(ROOT / "configs/methods/ll_cp.yaml"),
+            f"data={demo}", f"out={tmp_path}", "epochs=3", *TINY]
+    ok = _run_accelerate(base + ["run_name=straight"])
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    killed = _run_accelerate(base + ["run_name=killed"], {"LARGELOSS_KILL_AT": "step:2:2"})
+    assert killed.returncode != 0
+    resumed = _run_accelerate([f"resume={tmp_path / 'killed'}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _compare_runs(tmp_path / "straight", tmp_path / "killed")
