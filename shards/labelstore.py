@@ -242,6 +242,20 @@ class LabelStore:
             u[corr_flat] = False
         return torch.from_numpy(t.reshape(b, k)), torch.from_numpy(u.reshape(b, k))
 
+    def known_entries(self, sample_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The observed (known) entries of a set of samples, sparse: (rows into ``sample_ids``, class ids,
+        is_positive). For sparse evaluation where most entries are unknown (OpenImages); corrections are not
+        labels and are not included."""
+        ids = as_sample_ids(sample_ids, self.num_samples, self._where)
+        obs = self._observed
+        pr, pc = gather_rows(obs.pos_offsets, obs.pos_values, ids)
+        nr, nc = gather_rows(obs.neg_offsets, obs.neg_values, ids)
+        rows = np.concatenate((pr, nr)).astype(np.int64)
+        cols = np.concatenate((pc, nc)).astype(np.int64)
+        is_pos = np.zeros(len(rows), dtype=bool)
+        is_pos[: len(pr)] = True
+        return rows, cols, is_pos
+
     def truth_for_analysis(self, sample_ids) -> np.ndarray:
         """ANALYSIS ONLY (memorisation, precision of correction): truth labels int8 [B, K], +1 / -1 / 0.
 

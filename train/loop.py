@@ -128,9 +128,14 @@ def predict(model, loader, accelerator, expected: np.ndarray) -> tuple[np.ndarra
 
 def evaluate(model, loader, store: LabelStore, accelerator, expected: np.ndarray, convention: str):
     ids, scores = predict(model, loader, accelerator, expected)
-    target, unknown = store.targets(ids)
-    labels = labels_as_int8(target, unknown)
-    return metrics.mean_average_precision(scores, labels, convention=convention), ids, scores
+    if store.unlisted == "unknown":
+        # partial labels (OpenImages: ~13 known of 5000 per image): AP from the known entries only
+        rows, cols, is_pos = store.known_entries(ids)
+        res = metrics.mean_average_precision_flat(cols, scores[rows, cols], is_pos, store.num_classes, convention)
+    else:
+        target, unknown = store.targets(ids)
+        res = metrics.mean_average_precision(scores, labels_as_int8(target, unknown), convention=convention)
+    return res, ids, scores
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -220,6 +225,7 @@ def run(cfg: Config) -> dict[str, Any]:
         bar = _progress(cfg, accelerator, n_steps, epoch)
         t0, seen, loss_sum, n_modified, n_loss_terms = time.time(), 0, 0.0, 0, 0
         seen_ids: list[np.ndarray] = []
+        made: list[np.ndarray] = []  # debug_dump: the (sample, class) corrections this rank proposed
         for step, (images, ids) in enumerate(train_loader):
             if step >= n_steps:
                 break
@@ -237,7 +243,10 @@ def run(cfg: Config) -> dict[str, Any]:
             optimizer.step()
             if cfg.method == "ll_cp" and out.num_modified > 0:
                 rows, cols = torch.nonzero(out.modified, as_tuple=True)
-                train_store.append_corrections(epoch, ids.numpy()[rows.cpu().numpy()], cols.cpu().numpy())
+                corr = (ids.numpy()[rows.cpu().numpy()], cols.cpu().numpy())
+                train_store.append_corrections(epoch, *corr)
+                if cfg.debug_dump:
+                    made.append(np.stack(corr, axis=1))
             seen += len(ids)
             loss_sum += float(out.loss.detach())
             n_modified += out.num_modified
@@ -261,7 +270,7 @@ def run(cfg: Config) -> dict[str, Any]:
             train_store.use_generation(epoch)
 
         if cfg.debug_dump:
-            _dump_debug(run_dir, epoch, accelerator, model, seen_ids)
+            _dump_debug(run_dir, epoch, accelerator, model, seen_ids, made)
         val_res, _, _ = evaluate(model, val_loader, val_store, accelerator, val_ids, cfg.map_convention)
         val_map = float(val_res.map)  # a fraction in [0, 1] everywhere on disk; printed as percent
         totals = accelerator.gather(torch.tensor([loss_sum, n_loss_terms, n_modified, seen], dtype=torch.float64, device=accelerator.device)).view(-1, 4).sum(0)
@@ -323,9 +332,11 @@ def run(cfg: Config) -> dict[str, Any]:
         "world_size": accelerator.num_processes,
     }
     known = ds.manifest.splits[cfg.train_split].known_per_class
-    if dataset_name.startswith("openimages") and known:
-        groups = metrics.class_groups(np.asarray(known), 5)
-        result["groups"] = {k: float(v) for k, v in metrics.group_map(test_res.per_class_ap, groups).items()}
+    if test_unlisted == "unknown" and known:
+        # partially labelled data (OpenImages): the paper's G1..G5 by per-class known training labels
+        cgroups = metrics.class_groups(np.asarray(known), 5)
+        result["groups"] = {k: (float(v) if np.isfinite(v) else None)
+                            for k, v in metrics.group_map(test_res.per_class_ap, cgroups).items()}
     if accelerator.is_main_process:
         from shards.format import write_json_atomic
 
@@ -338,15 +349,17 @@ def run(cfg: Config) -> dict[str, Any]:
     return result
 
 
-def _dump_debug(run_dir: Path, epoch: int, accelerator, model, seen_ids: list[np.ndarray]) -> None:
-    """debug_dump=true (tests): every rank writes the sample ids it trained on in this epoch and a checksum
-    of its weights, so a test can check exact-once coverage and identical replicas across ranks."""
+def _dump_debug(run_dir: Path, epoch: int, accelerator, model, seen_ids: list[np.ndarray], made: list[np.ndarray]) -> None:
+    """debug_dump=true (tests): every rank writes the sample ids it trained on in this epoch, the LL-Cp
+    corrections it proposed and its weights, so a test can check exact-once coverage, that the merge lost
+    no correction, and identical replicas across ranks."""
     net = accelerator.unwrap_model(model)
     vec = torch.cat([p.detach().double().flatten().cpu() for p in net.parameters()]).numpy()
     out = run_dir / "debug"
     out.mkdir(parents=True, exist_ok=True)
     ids = np.concatenate(seen_ids) if seen_ids else np.zeros(0, dtype=np.int64)
-    np.savez(out / f"e{epoch:04d}-r{accelerator.process_index}.npz", ids=ids, weights=vec)
+    corrections = np.concatenate(made) if made else np.zeros((0, 2), dtype=np.int64)
+    np.savez(out / f"e{epoch:04d}-r{accelerator.process_index}.npz", ids=ids, weights=vec, corrections=corrections)
 
 
 def _fault_point(where: str) -> None:
