@@ -30,7 +30,7 @@ ADAPTERS = {
 OPTIONAL_ADAPTERS = frozenset({"demo"})
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         v = int(text)
     except ValueError:
@@ -44,9 +44,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output (common to all datasets)")
     g.add_argument("--out", required=True, metavar="DIR",
                    help="dataset directory to write; re-running the same command into it resumes an interrupted run")
-    g.add_argument("--shard-size", type=_positive_int, default=1000, metavar="N",
+    g.add_argument("--shard-size", type=positive_int, default=1000, metavar="N",
                    help="samples per shard (default 1000)")
-    g.add_argument("--workers", type=_positive_int, default=min(8, os.cpu_count() or 1), metavar="N",
+    g.add_argument("--workers", type=positive_int, default=min(8, os.cpu_count() or 1), metavar="N",
                    help="threads reading and validating images (default min(8, CPUs)); "
                         "the output does not depend on it")
     g.add_argument("--check", choices=CHECK_MODES, default="fast",

@@ -82,6 +82,7 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 
+from ingest.cli import positive_int
 from ingest.plan import IngestPlan
 
 NAME = "demo"
@@ -624,19 +625,9 @@ def ensure_voc_tree(root: Path, *, n_train: int = 2000, n_test: int = 500, seed:
 
 # ------------------------------------------------------------------------------------------ CLI adapter
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--n-train", type=_positive_int, default=2000, help="training images (default 2000)")
-    parser.add_argument("--n-test", type=_positive_int, default=500, help="test images (default 500)")
+    parser.add_argument("--n-train", type=positive_int, default=2000, help="training images (default 2000)")
+    parser.add_argument("--n-test", type=positive_int, default=500, help="test images (default 500)")
     parser.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     parser.add_argument("--size", type=int, nargs=2, default=(128, 256), metavar=("MIN", "MAX"),
                         help="image width and height are drawn uniformly from MIN..MAX px (default 128 256)")

@@ -434,6 +434,27 @@ def test_global_topk_random_three_ranks():
             assert torch.equal(torch.cat(masks), reference_topk(torch.cat(losses), torch.cat(unknown), k))
 
 
+def test_global_topk_ranks_with_different_batch_sizes():
+    # The last batches of an epoch may differ by one sample between ranks: the global flat index is then
+    # local + the B*K of the ranks before, and each rank still sends k candidate slots.
+    rng = random.Random(5)
+    for _ in range(10):
+        sizes = [3, 2, 1]
+        losses = [torch.tensor([[rng.randrange(4) / 2 for _ in range(5)] for _ in range(b)]) for b in sizes]
+        unknown = [torch.tensor([[rng.random() < 0.7 for _ in range(5)] for _ in range(b)]) for b in sizes]
+        for k in (0, 1, 3, 7, 12, 40):
+            masks = run_ranks(3, lambda r, g: select_global_topk(losses[r], unknown[r], k, g, r))
+            assert [m.shape[0] for m in masks] == sizes
+            assert torch.equal(torch.cat(masks), reference_topk(torch.cat(losses), torch.cat(unknown), k))
+    # compute_loss takes k from the global batch: B = 3 + 2 + 1 = 6, K = 5, LL-Cp at 10 % -> ceil(3.0) = 3
+    cfg = LossConfig("ll_cp", delta_rel=10, global_topk=True)
+    logits = [torch.randn(b, 5, generator=torch.Generator().manual_seed(b)) for b in (3, 2, 1)]
+    outs = run_ranks(3, lambda r, g: compute_loss(logits[r], torch.zeros_like(logits[r]),
+                                                  torch.ones_like(logits[r], dtype=torch.bool), 2, cfg,
+                                                  gather_fn=g, rank=r, world_size=3))
+    assert [o.k for o in outs] == [3, 3, 3] and sum(o.num_modified for o in outs) == 3
+
+
 def test_compute_loss_global_topk_two_ranks():
     # Epoch 3, delta 10 %: global k = ceil(2 * 10 * 0.2) = 4 -> as above, rank 0 {1, 5, 7}, rank 1 {4}.
     # Rank 0 LL-R: (8.8569914 - G - 2D) / 10 = 0.37818175.

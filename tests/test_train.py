@@ -157,3 +157,14 @@ def test_two_processes_resume_after_kill(demo, tmp_path):
     resumed = _run_accelerate([f"resume={tmp_path / 'killed'}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _compare_runs(tmp_path / "straight", tmp_path / "killed")
+
+
+def test_two_processes_global_topk(demo, tmp_path):
+    base = ["--config", str(ROOT / "configs/demo.yaml"), "--config", str(ROOT / "configs/methods/ll_cp.yaml"),
+            f"data={demo}", f"out={tmp_path}", "epochs=2", "global_topk=true", *TINY]
+    p = _run_accelerate(base + ["run_name=g"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    # per step the top-k is taken over both ranks' batches: ranks of 26 and 25 samples give steps of
+    # 8+8, 8+8, 8+8, 2+1 samples; k = ceil(16*20*0.1 %) = 1 and ceil(3*20*0.1 %) = 1 -> 4 per epoch in all
+    # (the per-rank top-k of test_two_processes_ll_cp makes 8)
+    assert [r["modified"] for r in read_metrics(tmp_path / "g")] == [0, 4]

@@ -296,15 +296,17 @@ def _global_topk(losses: torch.Tensor, unknown: torch.Tensor, k: int, gather_fn:
         raise ValueError(f"rank must be an int >= 0, got {rank!r}")
     batch, classes = unknown.shape
     n = batch * classes
-    width = min(k, n)  # candidates per rank: the same on every rank (same B, K, k)
+    # Candidates per rank: k on every rank (ranks' batches may differ in size, e.g. by one sample at the
+    # end of an epoch, so min(k, B*K) would differ); slots beyond the local candidates are padding.
+    width = k
     with torch.no_grad():
         flat = _masked_flat(losses.detach(), unknown)
         local = _topk_positional(flat, min(width, int(unknown.sum())))
-        index = local.nonzero().squeeze(1)  # ascending flat index
+        index = local.nonzero().squeeze(1)  # ascending local flat index
         cand_val = torch.full((width,), -math.inf, dtype=torch.float64, device=flat.device)
         cand_idx = torch.full((width,), -1.0, dtype=torch.float64, device=flat.device)  # -1: padding
         cand_val[: index.numel()] = flat[index].to(torch.float64)
-        cand_idx[: index.numel()] = (index + rank * n).to(torch.float64)
+        cand_idx[: index.numel()] = index.to(torch.float64)
         # One packed float64 row per rank: float32 losses and indices below 2**53 are exact in float64.
         header = torch.tensor([batch, classes, rank], dtype=torch.float64, device=flat.device)
         rows = gather_fn(torch.cat([header, cand_val, cand_idx]))
@@ -323,21 +325,21 @@ def _global_topk(losses: torch.Tensor, unknown: torch.Tensor, k: int, gather_fn:
         # One host sync for the consistency check and the number of valid candidates.
         check = torch.cat([rows[:, :3].reshape(-1), valid.sum().reshape(1).to(torch.float64)]).tolist()
         headers = [check[3 * r:3 * r + 3] for r in range(world)]
-        if headers != [[float(batch), float(classes), float(r)] for r in range(world)]:
+        if [h[1:] for h in headers] != [[float(classes), float(r)] for r in range(world)]:
             raise RuntimeError(
                 "select_global_topk: ranks disagree or gather_fn does not concatenate in rank order: "
-                f"per-rank (B, K, rank) = {headers}; every rank needs the same batch shape "
-                "(e.g. Accelerate's even_batches=True) and the concatenation must follow rank order")
+                f"per-rank (B, K, rank) = {headers}; every rank needs the same K and the concatenation "
+                "must follow rank order")
         # Capping at the number of valid candidates is capping at the global number of unknowns: a rank
         # with fewer unknowns than `width` contributes all of them.
         k_eff = min(k, int(check[-1]))
-        # Valid candidates are laid out in ascending global index (rank order, then ascending local index),
-        # so "lower position first" in _topk_positional is "lower global flat index first".
-        winners = _topk_positional(all_val, k_eff)
-        won = all_idx[winners].to(torch.int64) - rank * n
-        mine = won[(won >= 0) & (won < n)]
+        # Global flat index = local index + the B*K of the ranks before (the batch concatenated in rank
+        # order). Valid candidates are laid out rank by rank in ascending local index, i.e. in ascending
+        # global index, so "lower position first" in _topk_positional is "lower global flat index first".
+        winners = _topk_positional(all_val, k_eff).nonzero().squeeze(1)
+        mine = winners[winners // width == rank]
         mask = torch.zeros(n, dtype=torch.bool, device=flat.device)
-        mask[mine] = True
+        mask[all_idx[mine].to(torch.int64)] = True
     return mask.view(batch, classes), k_eff
 
 
@@ -465,7 +467,12 @@ def compute_loss(logits: torch.Tensor, target: torch.Tensor, unknown: torch.Tens
     if method in _TOPK_METHODS:
         gather, rank, world_size = (_process_group(gather_fn, rank, world_size) if cfg.global_topk
                                     else (None, 0, 1))
-        k_raw = num_to_modify(world_size * n, epoch, cfg)
+        if gather is not None:
+            # the global batch: ranks may hold batches that differ in size (one sample at an epoch's end)
+            total = int(gather(torch.tensor([float(n)], dtype=torch.float64, device=x.device)).sum())
+        else:
+            total = n
+        k_raw = num_to_modify(total, epoch, cfg)
         if k_raw == 0:  # epoch 1, or delta_rel == 0
             return LossOutput(per_entry.mean(), none_modified, 0, 0)
         detached = per_entry.detach()
