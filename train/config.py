@@ -68,6 +68,7 @@ class Config:
     deterministic: bool = True  # deterministic algorithms (bit-exact resume on CPU)
     mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | bf16 | fp16
     cpu: bool = False  # force CPU even when a GPU is present
+    cpu_threads: int = 0  # torch threads per process on CPU; 0 = auto: cores / processes - loader workers, >= 1
     max_steps_per_epoch: int = 0  # 0 = the whole epoch; >0 for smoke tests
     progress: bool = True
     analysis_entries: int = 0  # memorization tracker: number of training entries to follow (0 = off)

@@ -138,8 +138,21 @@ def evaluate(model, loader, store: LabelStore, accelerator, expected: np.ndarray
     return res, ids, scores
 
 
+def set_cpu_threads(cfg: Config, accelerator) -> None:
+    """On CPU, leave the loader workers their cores: oversubscribed OpenMP threads spin against the
+    workers (measured on 2 shared cores: 53 img/s with 1 thread vs 21 img/s with 2 on the demo)."""
+    if accelerator.device.type != "cpu":
+        return
+    n = cfg.cpu_threads
+    if n <= 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n = max(1, cores // accelerator.num_processes - cfg.num_workers)
+    torch.set_num_threads(n)
+
+
 def run(cfg: Config) -> dict[str, Any]:
     accelerator = make_accelerator(cfg)
+    set_cpu_threads(cfg, accelerator)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
