@@ -1,6 +1,7 @@
 """``report``: the paper's result tables from run directories written by the trainer.
 
     report RUN_OR_PARENT_DIR [...] [--table auto|datasets|groups] [--by KEY] [--csv F] [--json F] [--plot F.png]
+           [--sweep KEY ...] [--plot-sweep F.png] [--plot-precision F.png]
 
 A run directory holds ``config.yaml`` (the resolved config: ``dataset``, ``method``, ``seed``,
 ``protocol``, ...), ``metrics.jsonl`` (one JSON object per epoch: ``epoch``, ``train_loss``,
@@ -18,6 +19,16 @@ Tables (Markdown on stdout):
   When a dataset's runs use several label protocols, each protocol gets its own column; ``--by KEY``
   splits columns by any other config key (e.g. a LinearInit switch) the same way.
 - groups (Table 3): a row per method (and dataset, if several), columns G1..G5, All, best epoch.
+
+- sweep (``--sweep KEY``, Figure 5 / Figure 6 as a table): rows = methods, columns = the values of the config
+  key (e.g. ``delta_rel``, ``train_fraction``), test mAP mean ± std over seeds, plus each method's mean best
+  epoch; ``--plot-sweep`` draws it. Runs of ``train/sweep.py`` differ in every grid key: the other tables
+  split their columns by the ``--sweep`` keys.
+
+Analysis tables follow, for the runs that have the data (docs/ANALYSIS.md): Table 1 from
+``analysis/memorization.json`` (eval/analysis.py), the precision of modification per epoch from the
+``precision_modified`` records of metrics.jsonl (Figure 4; ``--plot-precision`` draws it), and Table 4
+from ``pointing.json`` (eval/pointing.py).
 
 ``--table auto`` (the default) prints the groups table for runs whose result has ``groups`` and the
 datasets table for the others. mAP values in result.json and metrics.jsonl are fractions in [0, 1]
@@ -556,6 +567,257 @@ def plot_val_map(runs: list[Run], path) -> None:
     fig.savefig(path, dpi=120)
 
 
+# --------------------------------------------------------- sweeps and analyses (train/sweep.py, eval/analysis.py,
+# eval/pointing.py): tables printed only for runs that have the corresponding data
+
+
+MEMORIZATION_FILE = Path("analysis") / "memorization.json"  # eval.analysis.MemorizationTracker.finish
+POINTING_FILE = Path("pointing.json")  # eval.pointing
+PRECISION_KEYS = ("precision_modified", "precision_modified_cum")  # eval.analysis.PrecisionTracker
+
+
+def _optional_json(path: Path) -> dict | None:
+    return _read_json_object(path) if path.is_file() else None
+
+
+def _value_key(v):
+    """Sort config values numerically when they are numbers, else as strings."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return (0, float(v), "")
+    try:
+        return (0, float(str(v)), "")
+    except ValueError:
+        return (1, 0.0, str(v))
+
+
+def _row_label(r: Run, many_datasets: bool, by: list[str]) -> str:
+    label = method_name(r.method)
+    extra = [f"{k}={_config_value(r.config, k)}" for k in by]
+    if extra:
+        label += f" ({', '.join(extra)})"
+    return f"{dataset_name(r.dataset)} {label}" if many_datasets else label
+
+
+def sweep_table(runs: list[Run], key: str, by=(), digits: int = 1) -> Table:
+    """Figure 5 / Figure 6 as a table: rows = methods (+ ``by`` keys), columns = the values of config
+    ``key``; a cell is the test mAP, mean ± std over seeds; a second row per method gives the mean best
+    epoch. Runs that differ in another key land in one cell and are refused (split them with ``by``)."""
+    runs = [r for r in runs if r.finished]
+    if not runs:
+        raise ReportError(f"sweep table for {key!r}: no finished runs")
+    missing = [r for r in runs if _config_value(r.config, key) is None]
+    if missing:
+        raise ReportError(f"{missing[0].path / 'config.yaml'}: has no key {key!r}; pass a config key of the runs")
+    by = list(by)
+    many = len({r.dataset for r in runs}) > 1
+    values = sorted({_config_value(r.config, key) for r in runs}, key=_value_key)
+    cell_runs: dict[tuple[str, object], list[Run]] = {}
+    row_sort: dict[str, tuple] = {}
+    for r in runs:
+        label = _row_label(r, many, by)
+        row_sort.setdefault(label, (_dataset_key(r.dataset), _method_key(r.method),
+                                    [str(_config_value(r.config, k)) for k in by]))
+        cell_runs.setdefault((label, _config_value(r.config, key)), []).append(r)
+    _check_unique({f"{lab} at {key}={v}": rs for (lab, v), rs in cell_runs.items()}, "row/value")
+    header = ["Method"] + [f"{key}={v}" for v in values]
+    rows, cells = [], []
+    for label in sorted(row_sort, key=lambda lab: row_sort[lab]):
+        row, epochs_row = [label], [f"{label}: best epoch"]
+        for v in values:
+            rs = sorted(cell_runs.get((label, v), []), key=lambda r: r.seed)
+            maps = [r.result["test_map"] for r in rs]
+            row.append(format_cell(maps, digits))
+            epochs_row.append(f"{statistics.fmean(r.result['best_epoch'] for r in rs):.1f}" if rs else "")
+            if rs:
+                mean, std = _summary(maps)
+                cells.append({"table": "sweep", "method": rs[0].method, "method_name": label,
+                              "dataset": rs[0].dataset, "column": f"{key}={v}", "n_seeds": len(rs),
+                              "seeds": [r.seed for r in rs], "map_pct_mean": mean, "map_pct_std": std,
+                              "best_epochs": [r.result["best_epoch"] for r in rs],
+                              "convention": rs[0].result["map_convention"], "runs": [str(r.path) for r in rs]})
+        rows += [row, epochs_row]
+    footer = [f"Test mAP (%) at the epoch of best validation mAP against {key}; mean ± sample std over seeds; "
+              "\"best epoch\" rows: the mean epoch of best validation mAP."]
+    footer += _convention_footer(runs, lambda r: f"{key}={_config_value(r.config, key)}")
+    return Table("sweep", f"Test mAP against {key} (paper Figure 5 / 6)", header, rows, cells, footer)
+
+
+def memorization_table(runs: list[Run], digits: int = 1) -> Table | None:
+    """Table 1 from the runs' analysis/memorization.json: per (dataset, method), the share (%) of TP / TN /
+    FN entries whose highest loss falls in epoch 1 (warmup) or later (regular), mean ± std over seeds."""
+    found: dict[tuple[str, str], list[tuple[Run, dict]]] = {}
+    for r in runs:
+        m = _optional_json(r.path / MEMORIZATION_FILE)
+        if m is not None:
+            found.setdefault((r.dataset, r.method), []).append((r, m))
+    if not found:
+        return None
+    many = len({d for d, _ in found}) > 1
+    types = ("TP", "TN", "FN")
+    header = ["Method / highest loss phase"] + list(types) + ["entries (TP / TN / FN)"]
+    rows, cells = [], []
+    for (d, meth) in sorted(found, key=lambda k: (_dataset_key(k[0]), _method_key(k[1]))):
+        items = sorted(found[(d, meth)], key=lambda x: x[0].seed)
+        label = (f"{dataset_name(d)} " if many else "") + method_name(meth)
+        for phase, pkey in (("warmup (epoch 1)", "warmup_pct"), ("regular (epoch > 1)", "regular_pct")):
+            row = [f"{label}: {phase}"]
+            for t in types:
+                vals = [m["table"][t][pkey] for _, m in items if m["table"][t][pkey] is not None]
+                row.append(format_cell([v / 100.0 for v in vals], digits))
+                mean, std = _summary([v / 100.0 for v in vals]) if vals else (float("nan"), float("nan"))
+                cells.append({"table": "memorization", "dataset": d, "method": meth, "phase": pkey[:-4], "type": t,
+                              "n_seeds": len(vals), "pct_mean": mean, "pct_std": std,
+                              "runs": [str(r.path) for r, _ in items]})
+            row.append(" / ".join(str(sum(m["table"][t]["n"] for _, m in items)) for t in types))
+            rows.append(row)
+    footer = ["Share (%) of tracked training entries whose highest loss (BCE against the training target, scored "
+              "at the end of each epoch) falls in epoch 1 or later; TP observed positive, TN / FN unobserved and "
+              "truly negative / positive; mean ± sample std over seeds; entries summed over seeds."]
+    return Table("memorization", "Distribution of the highest loss occurrence (paper Table 1 layout)",
+                 header, rows, cells, footer)
+
+
+def pointing_table(runs: list[Run], digits: int = 1) -> Table | None:
+    """Table 4 from the runs' pointing.json: pointing-game accuracy (%), rows = methods, columns = datasets."""
+    found: dict[tuple[str, str], list[tuple[Run, dict]]] = {}
+    for r in runs:
+        p = _optional_json(r.path / POINTING_FILE)
+        if p is not None:
+            found.setdefault((r.method, r.dataset), []).append((r, p))
+    if not found:
+        return None
+    datasets = sorted({d for _, d in found}, key=_dataset_key)
+    methods = sorted({m for m, _ in found}, key=_method_key)
+    header = ["Method"] + [dataset_name(d) for d in datasets]
+    rows, cells, modes = [], [], set()
+    for m in methods:
+        row = [method_name(m)]
+        for d in datasets:
+            items = sorted(found.get((m, d), []), key=lambda x: x[0].seed)
+            vals = [p["pointing_accuracy"] for _, p in items if p.get("pointing_accuracy") is not None]
+            modes.update(f"{p.get('mode')} on {p.get('split')} ({p.get('images_evaluated')} images)" for _, p in items)
+            row.append(format_cell(vals, digits))
+            if vals:
+                mean, std = _summary(vals)
+                cells.append({"table": "pointing", "dataset": d, "method": m, "n_seeds": len(vals),
+                              "pct_mean": mean, "pct_std": std, "runs": [str(r.path) for r, _ in items]})
+        rows.append(row)
+    footer = ["Pointing game (%): per class hits / (hits + misses) of the CAM maximum inside a box of the class, "
+              "mean over classes; mean ± sample std over seeds.", "Evaluated: " + "; ".join(sorted(modes)) + "."]
+    return Table("pointing", "Pointing game (paper Table 4 layout)", header, rows, cells, footer)
+
+
+def _precision_series(r: Run) -> dict[int, float]:
+    """epoch -> precision of modification of one run: accumulated for LL-Cp (its modifications are the
+    permanent corrections), per epoch for the others, as in the paper's Figure 4."""
+    key = "precision_modified_cum" if r.method == "ll_cp" else "precision_modified"
+    return {e["epoch"]: float(e[key]) for e in r.epochs if e.get(key) is not None}
+
+
+def precision_table(runs: list[Run], digits: int = 1) -> Table | None:
+    """Figure 4 as a table: precision of modification (%) per epoch, rows = methods, mean ± std over seeds."""
+    series: dict[tuple[str, str], list[tuple[Run, dict]]] = {}
+    for r in runs:
+        s = _precision_series(r)
+        if s:
+            series.setdefault((r.dataset, r.method), []).append((r, s))
+    if not series:
+        return None
+    many = len({d for d, _ in series}) > 1
+    epochs = sorted({e for items in series.values() for _, s in items for e in s})
+    header = ["Method"] + [f"epoch {e}" for e in epochs]
+    rows, cells = [], []
+    for (d, m) in sorted(series, key=lambda k: (_dataset_key(k[0]), _method_key(k[1]))):
+        items = sorted(series[(d, m)], key=lambda x: x[0].seed)
+        row = [(f"{dataset_name(d)} " if many else "") + method_name(m) + (" (accumulated)" if m == "ll_cp" else "")]
+        for e in epochs:
+            vals = [s[e] for _, s in items if e in s]
+            row.append(format_cell(vals, digits))
+            if vals:
+                mean, std = _summary(vals)
+                cells.append({"table": "precision", "dataset": d, "method": m, "epoch": e, "n_seeds": len(vals),
+                              "pct_mean": mean, "pct_std": std})
+        rows.append(row)
+    footer = ["Precision of modification (%): of the unobserved entries the large-loss scheme rejected or corrected, "
+              "the share that are truly positive; per epoch for LL-R / LL-Ct, accumulated over epochs for LL-Cp; "
+              "mean ± sample std over the seeds that reached the epoch."]
+    return Table("precision", "Precision of modification (paper Figure 4 data)", header, rows, cells, footer)
+
+
+def analysis_tables(runs: list[Run], digits: int = 1) -> list[Table]:
+    return [t for t in (memorization_table(runs, digits), precision_table(runs, digits), pointing_table(runs, digits))
+            if t is not None]
+
+
+def _figure(ncols: int, nrows: int = 1, width: float = 5.5, height: float = 4.2):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
+
+
+def plot_sweep(runs: list[Run], keys: list[str], path, by=()) -> None:
+    """Figure 5 / 6: per sweep key, test mAP (top) and the mean best epoch (bottom) against the key's values,
+    one line per method (mean ± std over seeds as error bars)."""
+    if not keys:
+        raise ReportError("--plot-sweep needs at least one --sweep KEY")
+    fig, axes = _figure(len(keys), 2, height=3.6)
+    for j, key in enumerate(keys):
+        table = sweep_table(runs, key, list(by) + [k for k in keys if k != key and k not in by])
+        ax_map, ax_ep = axes[0][j], axes[1][j]
+        by_label: dict[str, list[dict]] = {}
+        for c in table.cells:
+            by_label.setdefault(c["method_name"], []).append(c)
+        for label, cs in by_label.items():
+            cs = sorted(cs, key=lambda c: _value_key(c["column"].split("=", 1)[1]))
+            xs = [float(c["column"].split("=", 1)[1]) for c in cs]
+            ax_map.errorbar(xs, [c["map_pct_mean"] for c in cs],
+                            yerr=[0.0 if math.isnan(c["map_pct_std"]) else c["map_pct_std"] for c in cs],
+                            marker="o", capsize=3, label=label)
+            ax_ep.plot(xs, [statistics.fmean(c["best_epochs"]) for c in cs], marker="o", label=label)
+        ax_map.set_ylabel("test mAP (%)")
+        ax_ep.set_ylabel("best epoch (mean)")
+        for ax in (ax_map, ax_ep):
+            ax.set_xlabel(key)
+            ax.grid(alpha=0.3)
+        ax_map.set_title(f"test mAP against {key}")
+        ax_map.legend(fontsize="small")
+    fig.savefig(path, dpi=120)
+
+
+def plot_precision(runs: list[Run], path) -> None:
+    """Figure 4: precision of modification (%) per epoch, one panel per dataset, one line per method
+    (mean over seeds, band = ± std); LL-Cp accumulated."""
+    groups: dict[str, dict[str, list[dict]]] = {}
+    for r in runs:
+        s = _precision_series(r)
+        if s:
+            groups.setdefault(r.dataset, {}).setdefault(r.method, []).append(s)
+    if not groups:
+        raise ReportError("--plot-precision: no run has precision_modified in metrics.jsonl (train with analysis_entries > 0)")
+    datasets = sorted(groups, key=_dataset_key)
+    fig, axes = _figure(len(datasets))
+    for ax, d in zip(axes[0], datasets):
+        for m in sorted(groups[d], key=_method_key):
+            seeds = groups[d][m]
+            epochs = sorted({e for s in seeds for e in s})
+            mean = [statistics.fmean(100 * s[e] for s in seeds if e in s) for e in epochs]
+            std = [statistics.stdev([100 * s[e] for s in seeds if e in s]) if sum(e in s for s in seeds) > 1 else 0.0
+                   for e in epochs]
+            (line,) = ax.plot(epochs, mean, marker="o", label=method_name(m) + (" (accumulated)" if m == "ll_cp" else "")
+                              + f", {len(seeds)} seed{'s' if len(seeds) > 1 else ''}")
+            ax.fill_between(epochs, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
+                            color=line.get_color(), alpha=0.15)
+        ax.set_title(f"precision of modification: {dataset_name(d)}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("truly positive among modified (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.savefig(path, dpi=120)
+
+
 # ---------------------------------------------------------------------------------------- CLI
 
 
@@ -571,6 +833,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", metavar="FILE", help="write the table cells (long format) as CSV")
     p.add_argument("--json", metavar="FILE", help="write tables and per-run records as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="plot validation mAP per epoch of every run")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY",
+                   help="also print test mAP against this config key (Figure 5 / 6 as a table); repeatable")
+    p.add_argument("--plot-sweep", metavar="FILE.png", help="plot test mAP and best epoch against each --sweep key")
+    p.add_argument("--plot-precision", metavar="FILE.png",
+                   help="plot the precision of modification per epoch (Figure 4; runs trained with analysis on)")
     return p
 
 
@@ -594,8 +861,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         runs = find_runs(args.paths)
-        tables = build_tables(runs, args.table, args.by, args.digits)
-        parts = [render_markdown(t) for t in tables]
+        # sweep runs differ in the sweep keys: every table splits by the sweep keys it does not plot
+        by = list(args.by) + [k for k in args.sweep if k not in args.by]
+        # with --sweep the sweep tables replace the per-dataset one unless --table asks for it
+        tables = [] if args.sweep and args.table == "auto" else build_tables(runs, args.table, by, args.digits)
+        tables += [sweep_table(runs, key, [k for k in by if k != key], args.digits) for key in args.sweep]
+        extra = analysis_tables(runs, args.digits)
+        parts = [render_markdown(t) for t in tables + extra]
         if not tables:
             parts.append("No finished runs (none has result.json).\n")
         unfinished = render_unfinished(runs)
@@ -605,9 +877,13 @@ def main(argv=None) -> int:
         if args.csv:
             write_csv(args.csv, tables, runs)
         if args.json:
-            write_json(args.json, tables, runs)
+            write_json(args.json, tables + extra, runs)
         if args.plot:
             plot_val_map(runs, args.plot)
+        if args.plot_sweep:
+            plot_sweep(runs, args.sweep, args.plot_sweep, args.by)
+        if args.plot_precision:
+            plot_precision(runs, args.plot_precision)
     except (ReportError, OSError) as e:
         print(f"report: error: {e}", file=sys.stderr)
         return 1

@@ -168,3 +168,28 @@ def test_two_processes_global_topk(demo, tmp_path):
     # 8+8, 8+8, 8+8, 2+1 samples; k = ceil(16*20*0.1 %) = 1 and ceil(3*20*0.1 %) = 1 -> 4 per epoch in all
     # (the per-rank top-k of test_two_processes_ll_cp makes 8)
     assert [r["modified"] for r in read_metrics(tmp_path / "g")] == [0, 4]
+
+
+def test_analyses_on_the_demo(demo, tmp_path, capsys):
+    """Issue 7 in the default run: memorisation tracker + precision of modification during an LL-Ct run,
+    then the pointing game, and the report shows Table 1, Figure 4's data and Table 4."""
+    rc = train_main(["--config", str(ROOT / "configs/demo.yaml"), "--config", str(ROOT / "configs/methods/ll_ct.yaml"),
+                     f"data={demo}", f"out={tmp_path}", "epochs=3", "analysis_entries=150", *TINY])
+    assert rc == 0
+    run = tmp_path / "demo-ll_ct-s0"
+    for name in ("memorization.json", "table1.md", "memorization.png"):
+        assert (run / "analysis" / name).is_file(), name
+    m = read_metrics(run)
+    # epoch 1 modifies nothing (no precision); from epoch 2 LL-Ct modifies entries whose truth is known
+    assert m[0]["precision_modified"] is None
+    assert all(0.0 <= r["precision_modified"] <= 1.0 for r in m[1:])
+    from eval.pointing import main as pointing_main
+
+    assert pointing_main([str(run), "--overlays", "2"]) == 0
+    assert (run / "pointing.json").is_file() and len(list((run / "pointing").glob("*.png"))) == 2
+    capsys.readouterr()
+    from eval.report import main as report_main
+
+    assert report_main([str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "Table 1" in out and "Table 4" in out and "Figure 4" in out

@@ -44,6 +44,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ingest.cli import positive_int
+
 FORMAT = "largeloss-features"
 VERSION = 1
 SIDECAR_KEYS = ("format", "version", "split", "num_samples", "dim", "dtype", "arch", "weights", "weights_sha256",
@@ -70,9 +72,13 @@ def sidecar_path(npy: str | os.PathLike) -> Path:
 
 
 def extract(data: str | os.PathLike, split: str, arch: str, weights: str, image_size: int, out: str | os.PathLike,
-            *, batch_size: int = 64, dtype: str = "float16", num_workers: int = 0, device: str | None = None,
+            *, batch_size: int | None = None, dtype: str = "float16", num_workers: int = 0, device: str | None = None,
             progress: bool = True) -> dict[str, Any]:
-    """Write ``out`` (N, D) and its sidecar ``out`` with .json; returns the sidecar dict."""
+    """Write ``out`` (N, D) and its sidecar ``out`` with .json; returns the sidecar dict.
+
+    ``batch_size`` defaults to 64 on a GPU and 4 on the CPU, where larger batches spend more time in page
+    faults of fresh activation buffers than in convolutions (1000 images at 224 px: 67 s of CPU with 16,
+    40 s with 4)."""
     from shards.loader import ShardLoader
     from shards.reader import open_dataset
     from train.model import build_model, resolve_weights_file
@@ -86,6 +92,7 @@ def extract(data: str | os.PathLike, split: str, arch: str, weights: str, image_
     n = ds.num_samples(split)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build_model(arch, ds.num_classes, weights).to(dev).eval()
+    batch_size = batch_size or (64 if dev.type == "cuda" else 4)
     wfile = resolve_weights_file(arch, weights)
     loader = ShardLoader(data, split, batch_size=batch_size, image_size=image_size, train=False,
                          num_workers=num_workers)
@@ -419,16 +426,6 @@ def train_on_features(cfg, features_dir: str | os.PathLike) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------- CLI
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.features", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -438,9 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="train")
     e.add_argument("--arch", default="efficientnet_lite0")
     e.add_argument("--weights", default="IMAGENET")
-    e.add_argument("--image-size", type=_positive_int, default=224)
+    e.add_argument("--image-size", type=positive_int, default=224)
     e.add_argument("--out", required=True, metavar="FILE.npy")
-    e.add_argument("--batch-size", type=_positive_int, default=64)
+    e.add_argument("--batch-size", type=positive_int, default=None, help="default 64 on a GPU, 4 on the CPU")
     e.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     e.add_argument("--num-workers", type=int, default=0, help="loader worker processes (default 0: decode in-process)")
     e.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from eval import metrics
+from eval.analysis import MemorizationTracker, PrecisionTracker, predict_logits
 from shards import protocols
 from shards.labelstore import LabelStore
 from shards.reader import open_dataset
@@ -192,6 +193,19 @@ def run(cfg: Config) -> dict[str, Any]:
     test_store = LabelStore(ds.labels_path(cfg.test_split), K, "full" if test_unlisted == "negative" else "given")
     test_ids = np.arange(ds.num_samples(cfg.test_split))
 
+    # ---- analysis (eval/analysis.py): the only code that reads training truth, apart from the loss path.
+    # Created before any use_generation: the memorisation entries are drawn from the uncorrected labels.
+    analysis = cfg.analysis_entries > 0
+    precision = PrecisionTracker(train_store) if analysis else None
+    memo = memo_loader = None
+    if analysis and accelerator.is_main_process:
+        from shards.loader import ShardLoader
+
+        memo = MemorizationTracker(train_store, train_ids, cfg.analysis_entries, cfg.seed, run_dir / "analysis",
+                                   resume_after_epoch=None if resume_state is None else resume_state["epoch"])
+        memo_loader = ShardLoader(cfg.data, cfg.train_split, sample_ids=memo.image_ids, batch_size=cfg.eval_batch_size,
+                                  image_size=cfg.image_size, train=False, num_workers=cfg.num_workers)
+
     # ---- model: same seed on every rank before building it, then per rank ----
     seed_everything(cfg.seed)
     model = build_model(cfg.arch, K, cfg.weights)
@@ -220,6 +234,8 @@ def run(cfg: Config) -> dict[str, Any]:
         best_map, best_epoch = resume_state["best_val_map"], resume_state["best_epoch"]
         stopped_early = bool(resume_state.get("stopped_early", False))
         train_store.use_generation(resume_state["label_generation"])
+        if precision is not None and resume_state.get("precision"):
+            precision.load_state(resume_state["precision"])
         train_store.discard_logs_after(resume_state["epoch"])
         if accelerator.is_main_process:
             ckpt.truncate_metrics(run_dir, resume_state["epoch"])
@@ -254,6 +270,8 @@ def run(cfg: Config) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(out.loss)
             optimizer.step()
+            if precision is not None:
+                precision.update(epoch, ids, out.modified)
             if cfg.method == "ll_cp" and out.num_modified > 0:
                 rows, cols = torch.nonzero(out.modified, as_tuple=True)
                 corr = (ids.numpy()[rows.cpu().numpy()], cols.cpu().numpy())
@@ -281,6 +299,8 @@ def run(cfg: Config) -> dict[str, Any]:
                 train_store.merge_corrections(epoch, accelerator.num_processes)
             accelerator.wait_for_everyone()
             train_store.use_generation(epoch)
+        if memo is not None:
+            memo.score_epoch(epoch, lambda _ids: predict_logits(accelerator.unwrap_model(model), memo_loader, accelerator.device))
 
         if cfg.debug_dump:
             _dump_debug(run_dir, epoch, accelerator, model, seen_ids, made)
@@ -298,6 +318,9 @@ def run(cfg: Config) -> dict[str, Any]:
             "label_generation": train_store.generation,
             "frozen_backbone": frozen,
         }
+        if precision is not None:
+            record.update(precision.end_epoch(epoch, reduce=lambda c: accelerator.reduce(
+                torch.as_tensor(c, device=accelerator.device), reduction="sum").cpu().numpy()))
         improved = best_epoch == 0 or val_map > best_map  # the first epoch is best even when its mAP is NaN
         if improved:
             best_map, best_epoch = val_map, epoch
@@ -314,6 +337,7 @@ def run(cfg: Config) -> dict[str, Any]:
         state = {
             "epoch": epoch, "best_val_map": best_map, "best_epoch": best_epoch, "stopped_early": stop,
             "label_generation": train_store.generation, "config": to_dict(cfg),
+            "precision": None if precision is None else precision.state(),
         }
         ckpt.save_checkpoint(accelerator, run_dir, epoch, state)
         if accelerator.is_main_process and cfg.method == "ll_cp":
@@ -325,6 +349,9 @@ def run(cfg: Config) -> dict[str, Any]:
             _log(accelerator, f"[largeloss] early stop: val mAP {100 * val_map:.2f} is more than {cfg.early_stop_drop} points below the best {100 * best_map:.2f}")
             stopped_early = True
             break
+
+    if memo is not None:
+        memo.finish(title=f"{dataset_name} {cfg.method} seed {cfg.seed}")
 
     # ---- test once with the best weights ----
     accelerator.wait_for_everyone()
