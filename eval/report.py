@@ -358,13 +358,16 @@ def _convention_footer(runs: list[Run], column_of) -> list[str]:
 def datasets_table(runs: list[Run], by: list[str] = (), digits: int = 1) -> Table:
     """Table 2 layout from finished runs: rows = methods, columns = datasets (+ best epochs)."""
     runs = [r for r in runs if r.finished]
+    # the full-label upper bound (method "full", protocol "full") is a row of its dataset's column, as in
+    # the paper's Table 2; only the other methods' protocols split a dataset into several columns
     protocols: dict[str, set] = {}
     for r in runs:
-        protocols.setdefault(r.dataset, set()).add(r.protocol)
+        if r.method != "full":
+            protocols.setdefault(r.dataset, set()).add(r.protocol)
     by = list(by)
 
     def column_of(r: Run) -> str:
-        return _column_label(r, len(protocols[r.dataset]) > 1, by)
+        return _column_label(r, len(protocols.get(r.dataset, ())) > 1 and r.method != "full", by)
 
     col_sort = {}
     for r in runs:
