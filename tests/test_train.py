@@ -1,7 +1,6 @@
 """End to end on CPU: ingest demo -> train/main.py -> report, exact resume after kill -9, and 2 processes."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -127,6 +127,37 @@ def load_best_weights(run_dir: Path) -> dict:
     return state
 
 
+def result_record(cfg, dataset_name: str, manifest, best_epoch: int, best_map: float, test_res,
+                  stopped_early: bool, world_size: int) -> dict[str, Any]:
+    """The content of result.json (read by `report`): test mAP with the best weights and how it was got.
+    mAPs are fractions; partially labelled test sets (OpenImages) add the paper's G1..G5 groups, by the
+    per-class number of training images whose label is known."""
+    import numpy as np
+
+    from eval import metrics
+
+    result = {
+        "dataset": dataset_name,
+        "method": cfg.method,
+        "seed": cfg.seed,
+        "protocol": cfg.protocol,
+        "best_epoch": best_epoch,
+        "best_val_map": best_map,
+        "test_map": float(test_res.map),
+        "test_per_class_ap": [None if not np.isfinite(a) else float(a) for a in test_res.per_class_ap],
+        "map_convention": cfg.map_convention,
+        "excluded_classes": [int(c) for c in test_res.excluded],
+        "stopped_early": stopped_early,
+        "world_size": world_size,
+    }
+    known = manifest.splits[cfg.train_split].known_per_class
+    if manifest.splits[cfg.test_split].unlisted == "unknown" and known:
+        groups = metrics.class_groups(np.asarray(known), 5)
+        result["groups"] = {k: (float(v) if np.isfinite(v) else None)
+                            for k, v in metrics.group_map(test_res.per_class_ap, groups).items()}
+    return result
+
+
 def truncate_metrics(run_dir: Path, last_epoch: int) -> None:
     """On resume, drop metrics of epochs after the checkpoint (they will be recomputed)."""
     path = Path(run_dir) / "metrics.jsonl"

@@ -400,22 +400,10 @@ def train_on_features(cfg, features_dir: str | os.PathLike) -> dict[str, Any]:
     head.load_state_dict({"weight": state["head.weight"], "bias": state["head.bias"]})
     head.eval()
     test_res = _evaluate(head, feats[cfg.test_split], test_ids, test_store, cfg, device)
-    result = {
-        "dataset": dataset_name,
-        "method": cfg.method,
-        "seed": cfg.seed,
-        "protocol": cfg.protocol,
-        "best_epoch": best_epoch,
-        "best_val_map": best_map,
-        "test_map": float(test_res.map),
-        "test_per_class_ap": [None if not np.isfinite(a) else float(a) for a in test_res.per_class_ap],
-        "map_convention": cfg.map_convention,
-        "excluded_classes": [int(c) for c in test_res.excluded],
-        "stopped_early": stopped_early,
-        "world_size": 1,
-        "trainer": "features",
-        "features_dir": str(features_dir.resolve()),
-    }
+    from train.checkpoint import result_record
+
+    result = result_record(cfg, dataset_name, ds.manifest, best_epoch, best_map, test_res, stopped_early, 1)
+    result.update({"trainer": "features", "features_dir": str(features_dir.resolve())})
     write_json_atomic(run_dir / "result.json", json.dumps(result, indent=1))
     train_store.close()
     print(f"[features] test mAP {100 * result['test_map']:.2f} with the head of epoch {best_epoch} -> "

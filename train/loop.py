@@ -357,26 +357,8 @@ def run(cfg: Config) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     accelerator.unwrap_model(model).load_state_dict(ckpt.load_best_weights(run_dir))
     test_res, _, _ = evaluate(model, test_loader, test_store, accelerator, test_ids, cfg.map_convention)
-    result = {
-        "dataset": dataset_name,
-        "method": cfg.method,
-        "seed": cfg.seed,
-        "protocol": cfg.protocol,
-        "best_epoch": best_epoch,
-        "best_val_map": best_map,
-        "test_map": float(test_res.map),
-        "test_per_class_ap": [None if not np.isfinite(a) else float(a) for a in test_res.per_class_ap],
-        "map_convention": cfg.map_convention,
-        "excluded_classes": [int(c) for c in test_res.excluded],
-        "stopped_early": stopped_early,
-        "world_size": accelerator.num_processes,
-    }
-    known = ds.manifest.splits[cfg.train_split].known_per_class
-    if test_unlisted == "unknown" and known:
-        # partially labelled data (OpenImages): the paper's G1..G5 by per-class known training labels
-        cgroups = metrics.class_groups(np.asarray(known), 5)
-        result["groups"] = {k: (float(v) if np.isfinite(v) else None)
-                            for k, v in metrics.group_map(test_res.per_class_ap, cgroups).items()}
+    result = ckpt.result_record(cfg, dataset_name, ds.manifest, best_epoch, best_map, test_res, stopped_early,
+                                accelerator.num_processes)
     if accelerator.is_main_process:
         from shards.format import write_json_atomic
 
