@@ -119,3 +119,31 @@ def test_two_process_ll_cp_merge_resume_and_groups(oi, tmp_path, capsys):
     assert report_main([str(run), "--table", "groups"]) == 0
     text = capsys.readouterr().out
     assert "G1" in text and "G5" in text and "LL-Cp" in text
+
+
+def test_sparse_evaluation_equals_dense(oi):
+    """Partially labelled sets are scored from the known entries only; the result equals the dense path."""
+    import torch
+    from accelerate import Accelerator
+
+    from eval import metrics
+    from shards.loader import ShardLoader
+    from train.loop import evaluate, labels_as_int8, predict
+    from train.model import build_model
+
+    out, _ = oi
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 5000)
+    acc = Accelerator(cpu=True)
+    store = LabelStore(out / "test" / "labels.arrow", 5000, "given")
+    loader = ShardLoader(out, "test", batch_size=7, image_size=64, train=False)
+    ids = np.arange(store.num_samples)
+    res, got_ids, dense = evaluate(model, loader, store, acc, ids, "exclude")
+    assert dense is None and np.array_equal(got_ids, ids)
+    ids2, scores = predict(model, loader, acc, ids)
+    target, unknown = store.targets(ids2)
+    want = metrics.mean_average_precision(scores, labels_as_int8(target, unknown), convention="exclude")
+    assert np.array_equal(np.isnan(res.per_class_ap), np.isnan(want.per_class_ap))
+    ok = ~np.isnan(want.per_class_ap)
+    assert ok.sum() > 0 and np.allclose(res.per_class_ap[ok], want.per_class_ap[ok], atol=1e-9)
+    assert res.map == pytest.approx(want.map, abs=1e-9)
