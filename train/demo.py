@@ -2,6 +2,7 @@
 
     largeloss-demo                       # data/demo + runs/demo, 5 runs (full, an, ll_r, ll_ct, ll_cp)
     largeloss-demo --seeds 0 1 2         # several seeds: the table shows mean +- std
+    largeloss-demo --set epochs=4        # config overrides for every run
 
 Each run is `python -m train.main --config configs/demo.yaml --config configs/methods/<m>.yaml` in its own
 process (so a crash in one is reported and the others still run); a run that already has result.json is
@@ -31,7 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--n-train", type=int, default=2000, help="demo training images (official train list)")
     p.add_argument("--n-test", type=int, default=500)
     p.add_argument("--workers", type=int, default=2, help="processes for ingest")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides passed to every run")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override passed to every run (repeatable), e.g. --set epochs=4")
     args = p.parse_args(argv)
 
     t_start = time.time()
