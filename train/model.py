@@ -30,7 +30,7 @@ class WeightsError(FileNotFoundError):
 
 
 class SmallCNN(nn.Module):
-    """A compact CNN for the CPU demo: 5 stride-2 conv blocks (32..256 channels), about 1.2M parameters."""
+    """A compact CNN for the CPU demo: 5 stride-2 conv blocks (32..256 channels), about 2.4M parameters."""
 
     def __init__(self, width: int = 32):
         super().__init__()
