@@ -209,3 +209,16 @@ def test_largeloss_demo_driver(demo, tmp_path, capsys):
     assert demo_main(args) == 0
     assert "finished earlier, kept" in capsys.readouterr().out
     assert (tmp_path / "demo-an-s0" / "result.json").stat().st_mtime_ns == mtime
+
+
+def test_missing_weights_fail_before_the_run_directory(demo, tmp_path, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    rc = train_main(["--config", str(ROOT / "configs/demo.yaml"), f"data={demo}", f"out={tmp_path / 'runs'}",
+                     "arch=resnet18", "weights=IMAGENET1K_V1", "progress=false"])
+    assert rc == 2
+    assert str(tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # a corrected re-run is not refused as "already holds a run"
+    assert train_main(["--config", str(ROOT / "configs/demo.yaml"), f"data={tmp_path / 'nodata'}"]) == 2
+    assert "manifest.json: not found" in capsys.readouterr().err

@@ -28,7 +28,7 @@ from shards.reader import open_dataset
 from train import checkpoint as ckpt
 from train.config import Config, loss_config, to_dict, to_yaml
 from train.losses import compute_loss
-from train.model import build_model, param_groups
+from train.model import build_model, param_groups, resolve_weights_file
 
 
 def seed_everything(seed: int) -> None:
@@ -175,6 +175,7 @@ def run(cfg: Config) -> dict[str, Any]:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     ds = open_dataset(cfg.data)
+    resolve_weights_file(cfg.arch, cfg.weights)  # a missing weight file fails before the run directory exists
     K = ds.num_classes
     dataset_name = cfg.dataset or ds.manifest.dataset
     cfg = dataclasses.replace(cfg, dataset=dataset_name)  # the resolved config names its dataset

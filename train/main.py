@@ -69,12 +69,13 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from shards.format import FormatError
     from train.loop import run
     from train.model import WeightsError
 
     try:
         run(cfg)
-    except (WeightsError, FileExistsError) as e:
+    except (WeightsError, FileExistsError, FormatError) as e:  # bad input: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
