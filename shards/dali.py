@@ -80,18 +80,18 @@ import os
 import struct
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from shards.format import FormatError, read_manifest, sample_key
+from shards.format import FormatError, sample_key
 from shards.loader import (
     EpochPlan,
     SampleError,
     num_batches,
     plan_epoch,
-    split_by_shard,
+    select_split,
     worker_order,
 )
 
@@ -421,23 +421,11 @@ class DaliLoader:
         else:
             raise ValueError(f"DaliLoader: device must be a CUDA device, a CPU device or None, got {dev}")
 
-        self.root = os.fspath(dataset_root)
-        manifest = read_manifest(self.root)
-        if split not in manifest.splits:
-            raise FormatError(
-                f"{os.path.join(self.root, 'manifest.json')}: no split {split!r}; it has {sorted(manifest.splits)}"
-            )
-        info = manifest.splits[split]
-        ids = None if sample_ids is None else _check_ids(sample_ids, info.num_samples, split)
-        self._per_shard = split_by_shard([(s.first_sample, s.num_samples) for s in info.shards], ids)
-        tar_paths = [os.path.join(self.root, split, s.file) for s in info.shards]
+        sel = select_split(dataset_root, split, sample_ids)
+        self.root, self._per_shard, info, tar_paths = sel.root, sel.per_shard, sel.info, sel.tar_paths
         idx_paths = [p[: -len(".tar")] + ".idx" for p in tar_paths]
         for tar, idx, allowed in zip(tar_paths, idx_paths, self._per_shard):
-            if not len(allowed):
-                continue
-            if not os.path.isfile(tar):
-                raise FileNotFoundError(f"{tar}: shard listed in the manifest is missing; re-run `ingest` for {split!r}")
-            if not os.path.isfile(idx):
+            if len(allowed) and not os.path.isfile(idx):
                 raise FormatError(f"{idx}: DALI index of {os.path.basename(tar)} is missing; {_FIX_INDEX}")
         self._files = _ShardFiles(
             tar_paths,
@@ -653,14 +641,3 @@ class DaliLoader:
         files = getattr(self, "_files", None)
         if files is not None:
             files.close()
-
-
-def _check_ids(sample_ids: Iterable[int] | np.ndarray, n: int, split: str) -> np.ndarray:
-    """Sorted unique ids of the split, as ``ShardLoader`` requires them."""
-    ids = np.asarray(sample_ids)
-    if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
-        raise ValueError(f"sample_ids must be a 1-D array of integers, got shape {ids.shape} dtype {ids.dtype}")
-    ids = ids.astype(np.int64)
-    if ids.size and (ids[0] < 0 or ids[-1] >= n or np.any(np.diff(ids) <= 0)):
-        raise ValueError(f"sample_ids must be strictly increasing ids of split {split!r} (0..{n - 1})")
-    return ids

@@ -61,7 +61,7 @@ import struct
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -575,6 +575,49 @@ def _pass_through(item: _Item) -> _Item:
 # ----------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class SplitSelection:
+    """What a loader reads of one split: its shards and the allowed sample ids of each."""
+
+    root: str
+    info: Any  # shards.format.SplitInfo
+    tar_paths: list[str]
+    per_shard: list[np.ndarray]  # allowed sample ids of each shard (split_by_shard)
+
+    @property
+    def total(self) -> int:
+        return sum(len(a) for a in self.per_shard)
+
+
+def select_split(dataset_root, split: str, sample_ids=None) -> SplitSelection:
+    """Open ``split`` of a dataset directory for a loader: manifest checked, ``sample_ids`` (strictly
+    increasing ids of the split; None = all) distributed over the shards, every shard that holds a selected
+    sample present on disk. Shared by ShardLoader and the DALI loader, so both read the same samples."""
+    root = os.fspath(dataset_root)
+    manifest = read_manifest(root)
+    if split not in manifest.splits:
+        raise FormatError(f"{os.path.join(root, 'manifest.json')}: no split {split!r}; it has {sorted(manifest.splits)}")
+    info = manifest.splits[split]
+    ids = None if sample_ids is None else check_sample_ids(sample_ids, info.num_samples, split)
+    per_shard = split_by_shard([(s.first_sample, s.num_samples) for s in info.shards], ids)
+    paths = [os.path.join(root, split, s.file) for s in info.shards]
+    for path, allowed in zip(paths, per_shard):
+        if len(allowed) and not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: shard listed in the manifest is missing; re-run `ingest` for split {split!r}")
+    return SplitSelection(root, info, paths, per_shard)
+
+
+def check_sample_ids(sample_ids, n: int, split: str) -> np.ndarray:
+    """Sorted unique int64 ids of a split of ``n`` samples, or a ValueError saying what is wrong."""
+    ids = np.asarray(sample_ids)
+    if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+        raise ValueError(f"sample_ids must be a 1-D array of integers, got shape {ids.shape} dtype {ids.dtype}")
+    ids = ids.astype(np.int64)
+    if ids.size and (ids[0] < 0 or ids[-1] >= n or np.any(np.diff(ids) <= 0)):
+        raise ValueError(f"sample_ids must be strictly increasing ids of split {split!r} (0..{n - 1})")
+    return ids
+
+
 class ShardLoader:
     """Batches of (uint8 images [B,3,S,S], int64 sample ids [B]) for one rank of one split.
 
@@ -616,22 +659,8 @@ class ShardLoader:
             raise ValueError("num_workers, seed and shuffle_buffer must be >= 0")
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-        self.root = os.fspath(dataset_root)
-        manifest = read_manifest(self.root)
-        if split not in manifest.splits:
-            raise FormatError(
-                f"{os.path.join(self.root, 'manifest.json')}: no split {split!r}; it has {sorted(manifest.splits)}"
-            )
-        info = manifest.splits[split]
-        ranges = [(s.first_sample, s.num_samples) for s in info.shards]
-        ids = None if sample_ids is None else self._check_ids(sample_ids, info.num_samples, split)
-        self._per_shard = split_by_shard(ranges, ids)
-        self._paths = [os.path.join(self.root, split, s.file) for s in info.shards]
-        for path, allowed in zip(self._paths, self._per_shard):
-            if len(allowed) and not os.path.isfile(path):
-                raise FileNotFoundError(
-                    f"{path}: shard listed in the manifest is missing; re-run `ingest` for split {split!r}"
-                )
+        sel = select_split(dataset_root, split, sample_ids)
+        self.root, self._per_shard, self._paths = sel.root, sel.per_shard, sel.tar_paths
         self.split = split
         self.batch_size = batch_size
         self.image_size = image_size
@@ -653,16 +682,6 @@ class ShardLoader:
         if total == 0:
             raise ValueError(f"{self.root}: no samples selected from split {split!r} (empty sample_ids?)")
         self._len = num_batches(total, world_size, batch_size)
-
-    @staticmethod
-    def _check_ids(sample_ids: Sequence[int] | np.ndarray, n: int, split: str) -> np.ndarray:
-        ids = np.asarray(sample_ids)
-        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
-            raise ValueError(f"sample_ids must be a 1-D array of integers, got shape {ids.shape} dtype {ids.dtype}")
-        ids = ids.astype(np.int64)
-        if ids.size and (ids[0] < 0 or ids[-1] >= n or np.any(np.diff(ids) <= 0)):
-            raise ValueError(f"sample_ids must be strictly increasing ids of split {split!r} (0..{n - 1})")
-        return ids
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch (shard and sample order) and the first batch the next iteration yields."""
