@@ -156,7 +156,7 @@ class RunModel:
 def load_run_model(run_dir: str | os.PathLike) -> RunModel:
     import yaml
 
-    from train.checkpoint import load_best_weights
+    from largeloss.train.checkpoint import load_best_weights
 
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
@@ -176,7 +176,7 @@ def load_run_model(run_dir: str | os.PathLike) -> RunModel:
 
 
 def _build(run: RunModel, num_classes: int, device) -> torch.nn.Module:
-    from train.model import build_model
+    from largeloss.train.model import build_model
 
     cfg = run.config
     if run.head_only:
@@ -209,7 +209,7 @@ def _groups(runs: list[RunModel]) -> list[list[RunModel]]:
 
 def _batches(ds, split: str, size: int, batch_size: int, max_images: int | None) -> Iterator[tuple[torch.Tensor, list]]:
     """(uint8 images [B, 3, S, S], [(sample id, width, height, {class: boxes})]) of the images that have boxes."""
-    from shards.loader import decode_image
+    from largeloss.shards.loader import decode_image
 
     k = ds.num_classes
     images, items, taken = [], [], 0
@@ -265,8 +265,8 @@ def pointing_game(run_dirs, *, data: str | None = None, split: str = "test", mod
                   overlays: int = 0, batch_size: int = 16, max_images: int | None = None,
                   device: str | None = None, write: bool = True) -> dict[str, dict[str, Any]]:
     """Play the game for every run; returns {run dir: pointing.json content} and writes the files."""
-    from shards.format import write_json_atomic
-    from shards.reader import open_dataset
+    from largeloss.shards.format import write_json_atomic
+    from largeloss.shards.reader import open_dataset
 
     if mode not in MODES:
         raise PointingError(f"--mode must be one of {MODES}, got {mode!r}")
@@ -349,8 +349,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-images", type=int, default=None, metavar="N", help="evaluate only the first N images with boxes")
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
-    from eval.report import ReportError, find_runs
-    from shards.format import FormatError
+    from largeloss.eval.report import ReportError, find_runs
+    from largeloss.shards.format import FormatError
 
     try:
         run_dirs = [r.path for r in find_runs(args.runs)]

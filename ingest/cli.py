@@ -13,18 +13,18 @@ import os
 import sys
 from types import ModuleType
 
-from shards.format import FormatError
-from shards.reader import open_dataset, verify
-from shards.writer import CHECK_MODES, IngestError, summary_table, write_dataset
+from largeloss.shards.format import FormatError
+from largeloss.shards.reader import open_dataset, verify
+from largeloss.shards.writer import CHECK_MODES, IngestError, summary_table, write_dataset
 
 #: sub-command -> adapter module, imported when the parser is built
 ADAPTERS = {
-    "voc": "ingest.voc",
-    "coco": "ingest.coco",
-    "nuswide": "ingest.nuswide",
-    "cub": "ingest.cub",
-    "openimages": "ingest.openimages",
-    "demo": "ingest.demo",
+    "voc": "largeloss.ingest.voc",
+    "coco": "largeloss.ingest.coco",
+    "nuswide": "largeloss.ingest.nuswide",
+    "cub": "largeloss.ingest.cub",
+    "openimages": "largeloss.ingest.openimages",
+    "demo": "largeloss.ingest.demo",
 }
 #: adapters that may be absent from an installation; any other import failure is a bug and raises
 OPTIONAL_ADAPTERS = frozenset({"demo"})

@@ -47,9 +47,9 @@ from typing import Any
 
 import numpy as np
 
-from ingest.plan import IngestPlan
-from shards.format import UNLISTED_NEGATIVE, Record
-from shards.writer import IngestError
+from largeloss.ingest.plan import IngestPlan
+from largeloss.shards.format import UNLISTED_NEGATIVE, Record
+from largeloss.shards.writer import IngestError
 
 NAME = "coco"
 HELP = "MS COCO 2014 instances json -> 80-class multi-label shards (boxes kept in the sample json)"

@@ -82,8 +82,8 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 
-from ingest.cli import positive_int
-from ingest.plan import IngestPlan
+from largeloss.ingest.cli import positive_int
+from largeloss.ingest.plan import IngestPlan
 
 NAME = "demo"
 HELP = "generate the built-in synthetic demo dataset (20 shape/glyph classes, VOC layout) and ingest it"
@@ -487,7 +487,7 @@ def _worker_init() -> None:
 
 
 def _params(n_train: int, n_test: int, seed: int, min_size: int, max_size: int) -> dict[str, Any]:
-    return {"generator": "ingest.demo", "version": GENERATOR_VERSION, "n_train": n_train, "n_test": n_test,
+    return {"generator": "largeloss.ingest.demo", "version": GENERATOR_VERSION, "n_train": n_train, "n_test": n_test,
             "seed": seed, "min_size": min_size, "max_size": max_size, "classes": list(CLASSES)}
 
 
@@ -637,8 +637,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build(args: argparse.Namespace) -> IngestPlan:
-    from ingest import voc  # the VOC adapter parses the generated tree exactly as it parses VOC 2012
-    from shards.writer import IngestError
+    from largeloss.ingest import voc  # the VOC adapter parses the generated tree exactly as it parses VOC 2012
+    from largeloss.shards.writer import IngestError
 
     min_size, max_size = args.size
     if not MIN_IMAGE_SIZE <= min_size <= max_size <= MAX_IMAGE_SIZE:
@@ -654,7 +654,7 @@ def build(args: argparse.Namespace) -> IngestPlan:
     # Only what the output depends on: the writer compares ``source`` when it resumes an interrupted
     # ingest, so nothing here may differ between a run that generated the tree and one that reused it.
     source = {
-        "generator": "ingest.demo",
+        "generator": "largeloss.ingest.demo",
         "tree": str(devkit.resolve()),
         "params": _params(args.n_train, args.n_test, args.seed, min_size, max_size),
     }

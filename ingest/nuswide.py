@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from ingest.plan import IngestPlan
-from shards.format import UNLISTED_NEGATIVE, Record
-from shards.writer import IngestError
+from largeloss.ingest.plan import IngestPlan
+from largeloss.shards.format import UNLISTED_NEGATIVE, Record
+from largeloss.shards.writer import IngestError
 
 NAME = "nuswide"
 HELP = "NUS-WIDE 81 concepts (official image lists + TrainTestLabels, or Cole et al.'s npy files)"

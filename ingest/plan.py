@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from shards.format import Record
+from largeloss.shards.format import Record
 
 
 @dataclass

@@ -38,9 +38,9 @@ from typing import Any, Iterator
 import defusedxml
 import defusedxml.ElementTree as ET
 
-from ingest.plan import IngestPlan
-from shards.format import UNLISTED_NEGATIVE, Record
-from shards.writer import IngestError
+from largeloss.ingest.plan import IngestPlan
+from largeloss.shards.format import UNLISTED_NEGATIVE, Record
+from largeloss.shards.writer import IngestError
 
 NAME = "voc"
 HELP = "Pascal VOC (or any VOC-layout dataset) classification lists -> multi-label shards, boxes kept"

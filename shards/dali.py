@@ -85,8 +85,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from shards.format import FormatError, sample_key
-from shards.loader import (
+from largeloss.shards.format import FormatError, sample_key
+from largeloss.shards.loader import (
     EpochPlan,
     SampleError,
     num_batches,

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from shards.format import NEG, POS, UNLISTED_NEGATIVE, UNLISTED_UNKNOWN, FormatError, check_label_schema
+from largeloss.shards.format import NEG, POS, UNLISTED_NEGATIVE, UNLISTED_UNKNOWN, FormatError, check_label_schema
 
 
 @dataclass(frozen=True, eq=False)

@@ -40,9 +40,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shards.format import UNLISTED_NEGATIVE, fsync_dir, write_json_atomic
-from shards.labels import SparseLabels, as_sample_ids, gather_rows, read_labels, row_ids
-from shards.protocols import DEFAULT_SEED, observe, parse_protocol
+from largeloss.shards.format import UNLISTED_NEGATIVE, fsync_dir, write_json_atomic
+from largeloss.shards.labels import SparseLabels, as_sample_ids, gather_rows, read_labels, row_ids
+from largeloss.shards.protocols import DEFAULT_SEED, observe, parse_protocol
 
 LOG_MAGIC = b"LLCPLOG1"
 _LOG_HEADER = struct.Struct("<8sII")  # magic, epoch, rank

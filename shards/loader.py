@@ -69,7 +69,7 @@ import simplejpeg
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shards.format import FormatError, read_manifest, sample_key
+from largeloss.shards.format import FormatError, read_manifest, sample_key
 
 __all__ = [
     "Piece",

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from shards.format import (
+from largeloss.shards.format import (
     LABELS_NAME,
     UNLISTED_NEGATIVE,
     FormatError,
@@ -26,7 +26,7 @@ from shards.format import (
     read_manifest,
     sample_key,
 )
-from shards.writer import MEMBER_EXTS, dali_index_text, file_sha256
+from largeloss.shards.writer import MEMBER_EXTS, dali_index_text, file_sha256
 
 #: members every sample has, by extension
 SAMPLE_EXTS = frozenset(MEMBER_EXTS)

@@ -76,8 +76,8 @@ import pyarrow.ipc as ipc
 import simplejpeg
 from tqdm import tqdm
 
-from ingest.plan import IngestPlan
-from shards.format import (
+from largeloss.ingest.plan import IngestPlan
+from largeloss.shards.format import (
     FORMAT_VERSION,
     KEY_DIGITS,
     LABELS_NAME,

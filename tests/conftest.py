@@ -1,11 +1,20 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-#: the real sample files, a sibling of the checkout (as in CI)
-SHARED = Path(os.environ.get("LARGELOSS_SHARED", ROOT.parent / "shared"))
-FIXTURES = SHARED / "fixtures"
+# The tests import the checkout they live in as the package ``largeloss`` (pyproject.toml installs the
+# folders ingest/, shards/, train/, eval/, configs/ as largeloss.*): a link named ``largeloss`` to the
+# checkout, first on sys.path and on PYTHONPATH, so subprocesses (accelerate launch, python -m ...) import
+# the same code, whatever copy of largeloss is installed.
+_LINK_DIR = Path(tempfile.mkdtemp(prefix="largeloss-checkout-"))
+(_LINK_DIR / "largeloss").symlink_to(ROOT, target_is_directory=True)
+sys.path.insert(0, str(_LINK_DIR))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(_LINK_DIR), os.environ.get("PYTHONPATH")) if p)
+for name in [m for m in sys.modules if m == "largeloss" or m.startswith("largeloss.")]:
+    del sys.modules[name]
+
+#: real sample files in the datasets' native formats (provenance and terms: tests/fixtures/README.md)
+FIXTURES = ROOT / "tests" / "fixtures"

@@ -11,8 +11,8 @@ import pyarrow.ipc as ipc
 import pytest
 import torch
 
-from eval import report
-from eval.analysis import (
+from largeloss.eval import report
+from largeloss.eval.analysis import (
     STATE_NAME,
     MemorizationTracker,
     PrecisionTracker,
@@ -20,9 +20,9 @@ from eval.analysis import (
     corrections_precision,
     entry_types,
 )
-from shards.format import label_schema, sample_key
-from shards.labelstore import LabelStore
-from train.losses import LossConfig, compute_loss
+from largeloss.shards.format import label_schema, sample_key
+from largeloss.shards.labelstore import LabelStore
+from largeloss.train.losses import LossConfig, compute_loss
 
 
 def sp(x: float) -> float:
@@ -339,7 +339,7 @@ def test_predict_logits_and_score_epoch_with_a_model(tmp_path):
               (torch.stack([torch.full((3, 2, 2), 2, dtype=torch.uint8), torch.full((3, 2, 2), 1, dtype=torch.uint8)]),
                torch.tensor([2, 1]))]
     tr = MemorizationTracker(store(), [0, 1, 2, 3], 30, seed=0, out_dir=tmp_path)
-    from eval.analysis import predict_logits
+    from largeloss.eval.analysis import predict_logits
 
     tr.score_epoch(1, lambda image_ids: predict_logits(net, loader))
     assert net.training  # restored

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES
-from ingest import coco
-from shards.format import UNLISTED_NEGATIVE
-from shards.writer import IngestError
+from largeloss.ingest import coco
+from largeloss.shards.format import UNLISTED_NEGATIVE
+from largeloss.shards.writer import IngestError
 
 COCO = FIXTURES / "coco2014"
 
@@ -179,7 +179,7 @@ def test_missing_json_and_bad_json(tmp_path: Path):
 
 
 def test_write_dataset_end_to_end(tree: Path, tmp_path: Path):
-    from shards.writer import write_dataset
+    from largeloss.shards.writer import write_dataset
     import pyarrow.ipc as ipc
 
     plan = coco.build(parse(["--root", str(tree)]))

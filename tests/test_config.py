@@ -1,8 +1,8 @@
 """Config: YAML files < key=value overrides; typos, duplicates and bad values fail naming the key and place."""
 import pytest
 
-from train.config import ConfigError, build_config, from_dict, to_dict
-from train.main import main as train_main
+from largeloss.train.config import ConfigError, build_config, from_dict, to_dict
+from largeloss.train.main import main as train_main
 
 
 def write(path, text):

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from conftest import FIXTURES
-from ingest import cub
-from shards.format import UNLISTED_NEGATIVE
-from shards.writer import IngestError
+from largeloss.ingest import cub
+from largeloss.shards.format import UNLISTED_NEGATIVE
+from largeloss.shards.writer import IngestError
 
 FIX = FIXTURES / "cub200_2011"
 IDS = [1, 2, 61, 62, 121, 122, 179, 180, 239, 240, 283, 284, 324, 325, 377, 378, 425, 426, 448, 484, 485, 1401]
@@ -201,7 +201,7 @@ def test_wrong_field_count_in_images_txt_is_fatal(tmp_path: Path):
 
 def test_write_dataset_end_to_end(tmp_path: Path):
     import pyarrow.ipc as ipc
-    from shards.writer import write_dataset
+    from largeloss.shards.writer import write_dataset
 
     root = make_tree(tmp_path)
     plan = cub.build(parse(["--root", str(root)]))

@@ -18,14 +18,14 @@ pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip ins
 
 import simplejpeg  # noqa: E402
 
-from ingest.plan import IngestPlan  # noqa: E402
-from shards import dali  # noqa: E402
-from shards.dali import DaliLoader, interleave_order, read_dali_index  # noqa: E402
-from shards.format import FormatError, Record  # noqa: E402
-from shards.labelstore import LabelStore  # noqa: E402
-from shards.loader import SampleError, ShardLoader, decode_scale, interleave  # noqa: E402
-from shards.protocols import train_val_split  # noqa: E402
-from shards.writer import write_dataset  # noqa: E402
+from largeloss.ingest.plan import IngestPlan  # noqa: E402
+from largeloss.shards import dali  # noqa: E402
+from largeloss.shards.dali import DaliLoader, interleave_order, read_dali_index  # noqa: E402
+from largeloss.shards.format import FormatError, Record  # noqa: E402
+from largeloss.shards.labelstore import LabelStore  # noqa: E402
+from largeloss.shards.loader import SampleError, ShardLoader, decode_scale, interleave  # noqa: E402
+from largeloss.shards.protocols import train_val_split  # noqa: E402
+from largeloss.shards.writer import write_dataset  # noqa: E402
 
 N_TRAIN, N_TEST, K = 45, 10, 5
 SIZES = (120, 260)  # image sides are drawn from this range
@@ -80,7 +80,7 @@ def _epoch(loader, epoch: int, start_batch: int = 0):
 
 
 def _image_sizes(root, split) -> dict[int, tuple[int, int]]:
-    from shards.reader import open_dataset
+    from largeloss.shards.reader import open_dataset
 
     return {s.sample_id: simplejpeg.decode_jpeg_header(s.jpeg)[:2] for s in open_dataset(root).iter_samples(split)}
 

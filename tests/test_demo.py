@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ingest import demo
+from largeloss.ingest import demo
 
 N_TRAIN, N_TEST = 40, 10
 ROW = re.compile(r"^(demo_\d{6}) ( 1|-1)$")  # VOC's "%s %2d": two spaces before a 1
@@ -156,7 +156,7 @@ def _arrow_positives(path: Path) -> list[list[int]]:
 
 
 def test_cli_ingests_the_generated_lists(tmp_path: Path):
-    from ingest import cli
+    from largeloss.ingest import cli
 
     out = tmp_path / "data"
     argv = ["demo", "--out", str(out), "--n-train", str(N_TRAIN), "--n-test", str(N_TEST), "--no-progress"]

@@ -11,17 +11,17 @@ import pytest
 import torch
 
 from conftest import FIXTURES
-from eval import metrics
-from eval.analysis import corrections_precision
-from ingest.plan import IngestPlan
-from shards.format import UNLISTED_NEGATIVE, Record
-from shards.labelstore import LabelStore
-from shards.loader import decode_image
-from shards.reader import open_dataset
-from shards.writer import write_dataset
-from train import features
-from train.config import build_config
-from train.features import FeaturesError, read_features, sha256_file, train_on_features
+from largeloss.eval import metrics
+from largeloss.eval.analysis import corrections_precision
+from largeloss.ingest.plan import IngestPlan
+from largeloss.shards.format import UNLISTED_NEGATIVE, Record
+from largeloss.shards.labelstore import LabelStore
+from largeloss.shards.loader import decode_image
+from largeloss.shards.reader import open_dataset
+from largeloss.shards.writer import write_dataset
+from largeloss.train import features
+from largeloss.train.config import build_config
+from largeloss.train.features import FeaturesError, read_features, sha256_file, train_on_features
 
 K = 3
 
@@ -116,7 +116,7 @@ def test_extract_rows_are_sample_ids(dataset, tmp_path):
     assert meta["manifest_sha256"] == sha256_file(data / "manifest.json")
     assert len(meta["weights_sha256"]) == 64
     # row i is the head input of sample i: GAP of the last conv map of the image as the eval loader decodes it
-    from train.model import build_model
+    from largeloss.train.model import build_model
 
     model = build_model("efficientnet_lite0", K, "IMAGENET").eval()
     samples = list(open_dataset(data).iter_samples("test"))

@@ -9,11 +9,11 @@ import pyarrow.ipc as ipc
 import pytest
 import torch
 
-import shards.labelstore as labelstore
-from shards.format import label_schema, sample_key
-from shards.labels import SparseLabels
-from shards.labelstore import LabelStore, current_generation, list_generations, log_path
-from shards.protocols import observe
+import largeloss.shards.labelstore as labelstore
+from largeloss.shards.format import label_schema, sample_key
+from largeloss.shards.labels import SparseLabels
+from largeloss.shards.labelstore import LabelStore, current_generation, list_generations, log_path
+from largeloss.shards.protocols import observe
 
 K = 5
 # 4 samples x 5 classes. As truth with unlisted=unknown (OpenImages-like), dense:

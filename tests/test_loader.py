@@ -14,8 +14,8 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shards.format import FORMAT_VERSION, UNLISTED_NEGATIVE, Manifest, Record, ShardInfo, SplitInfo, sample_key
-from shards.loader import (
+from largeloss.shards.format import FORMAT_VERSION, UNLISTED_NEGATIVE, Manifest, Record, ShardInfo, SplitInfo, sample_key
+from largeloss.shards.loader import (
     DecodeError,
     SampleError,
     ShardLoader,
@@ -114,8 +114,8 @@ def write_test_shards(root, jpegs: list[bytes], shard_size: int, *, members=None
 
 def write_real_dataset(root, jpegs: list[bytes], shard_size: int) -> None:
     """The project's writer (shards/writer.py) on records that carry their bytes."""
-    from ingest.plan import IngestPlan
-    from shards.writer import write_dataset
+    from largeloss.ingest.plan import IngestPlan
+    from largeloss.shards.writer import write_dataset
 
     records = [Record(source_id=str(i), rel_path=f"{i}.jpg", pos=[0], data=b) for i, b in enumerate(jpegs)]
     plan = IngestPlan(
@@ -198,7 +198,7 @@ def test_rank_bounds_and_take_range():
     assert [rank_bounds(10, r, 4) for r in range(4)] == [(0, 2), (2, 5), (5, 7), (7, 10)]
     per_shard = split_by_shard([(0, 5), (5, 3), (8, 4)], np.array([1, 2, 4, 5, 9, 10, 11]))
     assert [list(a) for a in per_shard] == [[1, 2, 4], [5], [9, 10, 11]]
-    from shards.loader import Piece
+    from largeloss.shards.loader import Piece
 
     pieces = [Piece(s, a) for s, a in enumerate(per_shard)]
     got = take_range(pieces, 2, 5)  # items 4 | 5 | 9
@@ -556,10 +556,10 @@ def test_truncated_shard_in_skip_mode(tmp_path):
 def test_stopping_early_releases_the_workers(real_root, monkeypatch, ring_extra):
     import time
 
-    import shards.loader
+    import largeloss.shards.loader as shards_loader
 
     # -100: one slot per worker, so a worker waits for every copy and is left waiting when we stop
-    monkeypatch.setattr(shards.loader, "_RING_EXTRA", ring_extra)
+    monkeypatch.setattr(shards_loader, "_RING_EXTRA", ring_extra)
     loader = ShardLoader(real_root, "train", batch_size=2, image_size=24, train=True, sample_ids=ALLOWED,
                          num_workers=2, shuffle_buffer=3)
     t0 = time.perf_counter()
@@ -569,9 +569,9 @@ def test_stopping_early_releases_the_workers(real_root, monkeypatch, ring_extra)
     # a worker left waiting for a free slot would hold the DataLoader's shutdown for its 5 s join timeout
     assert time.perf_counter() - t0 < 4.0
     # and a full pass through the tiny ring yields exactly the stream of the default one
-    monkeypatch.setattr(shards.loader, "_RING_EXTRA", 2)
+    monkeypatch.setattr(shards_loader, "_RING_EXTRA", 2)
     expected = list(loader)
-    monkeypatch.setattr(shards.loader, "_RING_EXTRA", ring_extra)
+    monkeypatch.setattr(shards_loader, "_RING_EXTRA", ring_extra)
     got = list(loader)
     assert len(got) == len(loader)
     for (a_img, a_ids), (b_img, b_ids) in zip(got, expected):

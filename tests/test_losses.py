@@ -22,7 +22,7 @@ import threading
 import pytest
 import torch
 
-from train.losses import (
+from largeloss.train.losses import (
     METHODS,
     LossConfig,
     abs_threshold,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from eval.metrics import (
+from largeloss.eval.metrics import (
     MapResult,
     average_precision_dense,
     average_precision_flat,

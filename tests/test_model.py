@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from train.model import WeightsError, build_model, param_groups, resolve_weights_file
+from largeloss.train.model import WeightsError, build_model, param_groups, resolve_weights_file
 
 
 def test_small_cnn_shapes_and_normalisation():

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES
-from ingest import nuswide
-from shards.format import UNLISTED_NEGATIVE
-from shards.writer import IngestError
+from largeloss.ingest import nuswide
+from largeloss.shards.format import UNLISTED_NEGATIVE
+from largeloss.shards.writer import IngestError
 
 CONCEPTS_FILE = FIXTURES / "nuswide" / "ConceptsList" / "Concepts81.txt"  # real, CRLF
 CONCEPTS = CONCEPTS_FILE.read_text(encoding="utf-8").split()
@@ -168,7 +168,7 @@ def test_needs_a_source():
 def test_write_dataset_end_to_end(tmp_path: Path):
     import cv2
     import pyarrow.ipc as ipc
-    from shards.writer import write_dataset
+    from largeloss.shards.writer import write_dataset
 
     root = make_tree(tmp_path / "nus", "\r\n")
     ok, buf = cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))

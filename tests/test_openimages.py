@@ -14,9 +14,9 @@ import pyarrow.ipc as ipc
 import pytest
 
 from conftest import FIXTURES
-from ingest import openimages
-from shards.format import UNLISTED_UNKNOWN
-from shards.writer import IngestError
+from largeloss.ingest import openimages
+from largeloss.shards.format import UNLISTED_UNKNOWN
+from largeloss.shards.writer import IngestError
 
 REL = FIXTURES / "openimages_v3" / "2017_11"
 HEADER = "ImageID,Source,LabelName,Confidence"
@@ -321,7 +321,7 @@ def test_missing_image_folder_counts_everything_not_on_disk(tmp_path: Path):
 # ------------------------------------------------------------------------------------ end to end
 
 def test_write_dataset_end_to_end(tmp_path: Path):
-    writer = pytest.importorskip("shards.writer")
+    writer = pytest.importorskip("largeloss.shards.writer")
     root = make_tree(tmp_path / "oi")
     plan = openimages.build(parse(["--root", str(root)]))
     out = tmp_path / "out"

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES, ROOT
-from ingest.cli import main as ingest_main
-from shards.labelstore import LabelStore
-from shards.reader import open_dataset
+from largeloss.ingest.cli import main as ingest_main
+from largeloss.shards.labelstore import LabelStore
+from largeloss.shards.reader import open_dataset
 from test_train import _compare_runs, _run_accelerate, read_metrics
 
 REL = FIXTURES / "openimages_v3" / "2017_11"
@@ -92,7 +92,7 @@ def test_two_process_ll_cp_merge_resume_and_groups(oi, tmp_path, capsys):
     assert res["world_size"] == 2
     # every correction proposed by either rank in any epoch is in the final generation, exactly once
     made = np.concatenate([np.load(f)["corrections"] for f in sorted((run / "debug").glob("*.npz"))])
-    from shards.protocols import train_val_split
+    from largeloss.shards.protocols import train_val_split
 
     train_ids, _ = train_val_split(80, 0.2, 1200)
     assert set(np.unique(made[:, 0]).tolist()) <= set(train_ids.tolist())  # only training samples are corrected
@@ -113,7 +113,7 @@ def test_two_process_ll_cp_merge_resume_and_groups(oi, tmp_path, capsys):
     resumed = _run_accelerate([f"resume={tmp_path / 'killed'}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _compare_runs(run, tmp_path / "killed")
-    from eval.report import main as report_main
+    from largeloss.eval.report import main as report_main
 
     capsys.readouterr()
     assert report_main([str(run), "--table", "groups"]) == 0
@@ -126,10 +126,10 @@ def test_sparse_evaluation_equals_dense(oi):
     import torch
     from accelerate import Accelerator
 
-    from eval import metrics
-    from shards.loader import ShardLoader
-    from train.loop import evaluate, labels_as_int8, predict
-    from train.model import build_model
+    from largeloss.eval import metrics
+    from largeloss.shards.loader import ShardLoader
+    from largeloss.train.loop import evaluate, labels_as_int8, predict
+    from largeloss.train.model import build_model
 
     out, _ = oi
     torch.manual_seed(0)

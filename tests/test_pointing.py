@@ -10,11 +10,11 @@ import pytest
 import torch
 import yaml
 
-from eval import pointing, report
-from eval.pointing import Tally, argmax_points, class_activation_maps, inside_any, to_original
-from ingest.plan import IngestPlan
-from shards.format import UNLISTED_NEGATIVE, Record
-from shards.writer import write_dataset
+from largeloss.eval import pointing, report
+from largeloss.eval.pointing import Tally, argmax_points, class_activation_maps, inside_any, to_original
+from largeloss.ingest.plan import IngestPlan
+from largeloss.shards.format import UNLISTED_NEGATIVE, Record
+from largeloss.shards.writer import write_dataset
 
 K = 3
 W, H, S = 64, 48, 64  # original width, height; the network input is S x S (squashed)
@@ -130,7 +130,7 @@ def test_hits_through_the_whole_path(data, tmp_path, monkeypatch):
 
 
 def test_real_models_and_shared_backbone(data, tmp_path, monkeypatch, capsys):
-    from train.model import build_model
+    from largeloss.train.model import build_model
 
     # (1) Two heads trained on cached features over EfficientNet-Lite0 at 64 px: its last map is 2 x 2. (2) A
     # full small_cnn whose head is zero: a flat CAM, hence the first pixel (0.5, 0.5) -> (0.5, 0.375) in the
@@ -153,8 +153,8 @@ def test_real_models_and_shared_backbone(data, tmp_path, monkeypatch, capsys):
     assert res["f0"]["pointing_accuracy"] == pytest.approx(1 / 3) and res["f0"]["head_only"] is False
     # each head's verdicts are its own CAM's: recompute them from the backbone's map directly
     model = build_model("efficientnet_lite0", K, "IMAGENET").eval()
-    from shards.loader import decode_image
-    from shards.reader import open_dataset
+    from largeloss.shards.loader import decode_image
+    from largeloss.shards.reader import open_dataset
 
     imgs = torch.from_numpy(np.stack([decode_image(s.jpeg, S).transpose(2, 0, 1)
                                       for s in open_dataset(data).iter_samples("test")]))

@@ -6,9 +6,9 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
 
-from shards.format import LABEL_SCHEMA, FormatError, label_schema, sample_key
-from shards.labels import SparseLabels, canonical_rows, gather_rows, read_labels, rows_sorted_unique
-from shards.protocols import Protocol, observe, parse_protocol, partial, single_positive, train_val_split
+from largeloss.shards.format import LABEL_SCHEMA, FormatError, label_schema, sample_key
+from largeloss.shards.labels import SparseLabels, canonical_rows, gather_rows, read_labels, rows_sorted_unique
+from largeloss.shards.protocols import Protocol, observe, parse_protocol, partial, single_positive, train_val_split
 
 
 def write_labels(path, pos, neg, unlisted, batch_rows=None, schema=None):

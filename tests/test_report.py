@@ -6,8 +6,8 @@ import json
 import pytest
 import yaml
 
-from eval import report
-from eval.report import ReportError, find_runs, main
+from largeloss.eval import report
+from largeloss.eval.report import ReportError, find_runs, main
 
 
 def make_run(root, name, dataset, method, seed, test_map=None, best_epoch=2, val_maps=(0.5, 0.6, 0.55),

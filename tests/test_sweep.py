@@ -8,10 +8,10 @@ import sys
 import pytest
 import yaml
 
-from eval import report
-from train import sweep
-from train.config import ConfigError
-from train.sweep import Job, parse_grid, plan_jobs
+from largeloss.eval import report
+from largeloss.train import sweep
+from largeloss.train.config import ConfigError
+from largeloss.train.sweep import Job, parse_grid, plan_jobs
 
 
 @pytest.fixture
@@ -41,11 +41,11 @@ def test_plan_names_states_and_validation(cfg_file, tmp_path):
     full = jobs[4]
     assert full.configs == [cfg_file, str(sweep.METHODS_DIR / "full.yaml")]
     cmd = full.command(None)
-    assert cmd[:3] == [sys.executable, "-m", "train.main"]
+    assert cmd[:3] == [sys.executable, "-m", "largeloss.train.main"]
     assert cmd[3:] == ["--config", cfg_file, "--config", str(sweep.METHODS_DIR / "full.yaml"), "lr=0.01",
                        "delta_rel=0.1", "train_fraction=0.5", "seed=0", f"out={out}",
                        "run_name=full-delta_rel=0.1-train_fraction=0.5-s0"]
-    assert full.command("F")[:6] == [sys.executable, "-m", "train.features", "train", "--features-dir", "F"]
+    assert full.command("F")[:6] == [sys.executable, "-m", "largeloss.train.features", "train", "--features-dir", "F"]
     # finished and interrupted runs are found again
     (out / jobs[0].name).mkdir(parents=True)
     (out / jobs[0].name / "config.yaml").write_text("x: 1\n")

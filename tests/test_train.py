@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from ingest.cli import main as ingest_main
-from train.main import main as train_main
+from largeloss.ingest.cli import main as ingest_main
+from largeloss.train.main import main as train_main
 
 # a tiny, fast setting: 64 training images (-> 51 train / 13 val), 24 test images, 64 px (small_cnn ends at
 # 2x2, so batch norm also works on the size-1 batch a rank may end an epoch with)
@@ -27,7 +27,7 @@ def demo(tmp_path_factory):
 
 def run_cmd(args, env_extra=None, timeout=300):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", "train.main", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "largeloss.train.main", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -51,13 +51,13 @@ def test_in_process_ll_cp_run_and_report(demo, tmp_path, capsys):
     assert [r["images"] for r in m] == [51, 51, 51]
     # corrections of epoch t are in generation t and used from epoch t+1
     assert [r["label_generation"] for r in m] == [1, 2, 3]
-    from shards.labelstore import LabelStore
+    from largeloss.shards.labelstore import LabelStore
 
     store = LabelStore(demo / "train" / "labels.arrow", 20, "single_positive", corrections_dir=run / "labels")
     store.use_generation(3)
     assert store.num_corrections == 14
     capsys.readouterr()
-    from eval.report import main as report_main
+    from largeloss.eval.report import main as report_main
 
     assert report_main([str(run)]) == 0
     out = capsys.readouterr().out
@@ -122,7 +122,7 @@ def test_two_processes_ll_cp(demo, tmp_path):
     run = tmp_path / "two"
     res = json.loads((run / "result.json").read_text())
     assert res["world_size"] == 2  # `--cpu --num_processes 2` would silently run one process
-    from shards.protocols import train_val_split
+    from largeloss.shards.protocols import train_val_split
 
     train_ids, _ = train_val_split(64, 0.2, 1200)
     for epoch in (1, 2):
@@ -136,7 +136,7 @@ def test_two_processes_ll_cp(demo, tmp_path):
     # 51 samples -> ranks of 26 and 25 -> 4 batches each -> 8 corrections in epoch 2, none in epoch 1
     m = read_metrics(run)
     assert [r["modified"] for r in m] == [0, 8]
-    from shards.labelstore import LabelStore
+    from largeloss.shards.labelstore import LabelStore
 
     store = LabelStore(demo / "train" / "labels.arrow", 20, "single_positive", corrections_dir=run / "labels")
     store.use_generation(2)
@@ -182,12 +182,12 @@ def test_analyses_on_the_demo(demo, tmp_path, capsys):
     # epoch 1 modifies nothing (no precision); from epoch 2 LL-Ct modifies entries whose truth is known
     assert m[0]["precision_modified"] is None
     assert all(0.0 <= r["precision_modified"] <= 1.0 for r in m[1:])
-    from eval.pointing import main as pointing_main
+    from largeloss.eval.pointing import main as pointing_main
 
     assert pointing_main([str(run), "--overlays", "2"]) == 0
     assert (run / "pointing.json").is_file() and len(list((run / "pointing").glob("*.png"))) == 2
     capsys.readouterr()
-    from eval.report import main as report_main
+    from largeloss.eval.report import main as report_main
 
     assert report_main([str(run)]) == 0
     out = capsys.readouterr().out
@@ -197,7 +197,7 @@ def test_analyses_on_the_demo(demo, tmp_path, capsys):
 def test_largeloss_demo_driver(demo, tmp_path, capsys):
     """The README's main job driver: runs each method in its own process, keeps finished runs on re-run,
     and prints the report table."""
-    from train.demo import main as demo_main
+    from largeloss.train.demo import main as demo_main
 
     sets = [x for kv in TINY + ["epochs=1"] for x in ("--set", kv)]
     args = ["--data", str(demo), "--runs", str(tmp_path), "--methods", "an", "ll_ct", *sets]

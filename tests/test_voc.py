@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import simplejpeg
 
-import ingest.cli as cli
+import largeloss.ingest.cli as cli
 from conftest import FIXTURES, ROOT
-from ingest import voc
-from ingest.voc import VOC_CLASSES, parse_annotation, plan_from_devkit
-from shards.reader import open_dataset, verify
-from shards.writer import IngestError, write_dataset
+from largeloss.ingest import voc
+from largeloss.ingest.voc import VOC_CLASSES, parse_annotation, plan_from_devkit
+from largeloss.shards.reader import open_dataset, verify
+from largeloss.shards.writer import IngestError, write_dataset
 
 VOCDEVKIT07 = FIXTURES / "voc2007-format-reference" / "VOCdevkit"
 VOCDEVKIT12 = FIXTURES / "voc2012" / "VOCdevkit"
@@ -301,19 +301,19 @@ def test_cli_verify_and_unavailable_adapter(tmp_path, capsys, monkeypatch):
     assert cli.main(["verify", str(tmp_path)]) == 1
     assert "manifest.json: not found" in capsys.readouterr().err
 
-    monkeypatch.setitem(cli.ADAPTERS, "demo", "ingest.no_such_demo_module")
+    monkeypatch.setitem(cli.ADAPTERS, "demo", "largeloss.ingest.no_such_demo_module")
     assert cli.main(["demo", "--anything"]) == 2
     assert capsys.readouterr().err == (
-        "ingest demo: the adapter module ingest.no_such_demo_module is not installed in this copy of largeloss\n")
-    monkeypatch.setitem(cli.ADAPTERS, "voc2", "ingest.no_such_module")
+        "ingest demo: the adapter module largeloss.ingest.no_such_demo_module is not installed in this copy of largeloss\n")
+    monkeypatch.setitem(cli.ADAPTERS, "voc2", "largeloss.ingest.no_such_module")
     with pytest.raises(ModuleNotFoundError):  # only "demo" may be absent; anything else is a broken install
         cli.build_parser()
 
 
 def test_python_dash_m_ingest(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "ingest", "voc", "--help"], cwd=ROOT, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "largeloss.ingest", "voc", "--help"], cwd=ROOT, capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0 and "--split-lists" in r.stdout and "--shard-size" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "ingest", "verify", str(tmp_path)], cwd=ROOT, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "largeloss.ingest", "verify", str(tmp_path)], cwd=ROOT, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 1 and "Traceback" not in r.stderr

@@ -13,12 +13,12 @@ import pyarrow.ipc as ipc
 import pytest
 import simplejpeg
 
-import shards.writer as writer
+import largeloss.shards.writer as writer
 from conftest import FIXTURES
-from ingest.plan import IngestPlan
-from shards.format import FormatError, Record, read_manifest
-from shards.reader import open_dataset, verify
-from shards.writer import (
+from largeloss.ingest.plan import IngestPlan
+from largeloss.shards.format import FormatError, Record, read_manifest
+from largeloss.shards.reader import open_dataset, verify
+from largeloss.shards.writer import (
     CorruptImage,
     IngestError,
     dali_index_text,

@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from shards.format import fsync_dir, write_json_atomic
+from largeloss.shards.format import fsync_dir, write_json_atomic
 
 STATE_NAME = "trainer_state.json"
 
@@ -134,7 +134,7 @@ def result_record(cfg, dataset_name: str, manifest, best_epoch: int, best_map: f
     per-class number of training images whose label is known."""
     import numpy as np
 
-    from eval import metrics
+    from largeloss.eval import metrics
 
     result = {
         "dataset": dataset_name,

@@ -231,7 +231,7 @@ def resolve(cfg: Config) -> Config:
 
 def loss_config(cfg: Config):
     """The loss's own typed config (train/losses.py), built from the flat run config."""
-    from train.losses import LossConfig
+    from largeloss.train.losses import LossConfig
 
     return LossConfig(
         method=cfg.method, delta_rel=cfg.delta_rel, r0=cfg.r0, delta_abs=cfg.delta_abs, ls_coef=cfg.ls_coef,

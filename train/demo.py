@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     t_start = time.time()
     data = Path(args.data)
     if not (data / "manifest.json").is_file():
-        from ingest.cli import main as ingest_main
+        from largeloss.ingest.cli import main as ingest_main
 
         rc = ingest_main(["demo", "--out", str(data), "--n-train", str(args.n_train), "--n-test", str(args.n_test), "--workers", str(args.workers)])
         if rc:
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
             if (run_dir / "result.json").is_file():
                 print(f"[demo] {name}: finished earlier, kept", flush=True)
                 continue
-            cmd = [sys.executable, "-m", "train.main"]
+            cmd = [sys.executable, "-m", "largeloss.train.main"]
             if (run_dir / "config.yaml").is_file():
                 cmd += [f"resume={run_dir}"]
             else:
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
             print(f"[demo] {name}: exit {rc} after {time.time() - t0:.0f} s", flush=True)
             if rc:
                 failed.append(name)
-    from eval.report import main as report_main
+    from largeloss.eval.report import main as report_main
 
     report_main([str(d) for d in run_dirs] + ["--plot", str(Path(args.runs) / "val_map.png"), "--csv", str(Path(args.runs) / "table.csv")])
     print(f"[demo] total wall time {time.time() - t_start:.0f} s", flush=True)

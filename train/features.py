@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ingest.cli import positive_int
+from largeloss.ingest.cli import positive_int
 
 FORMAT = "largeloss-features"
 VERSION = 1
@@ -79,9 +79,9 @@ def extract(data: str | os.PathLike, split: str, arch: str, weights: str, image_
     ``batch_size`` defaults to 64 on a GPU and 4 on the CPU, where larger batches spend more time in page
     faults of fresh activation buffers than in convolutions (1000 images at 224 px: 67 s of CPU with 16,
     40 s with 4)."""
-    from shards.loader import ShardLoader
-    from shards.reader import open_dataset
-    from train.model import build_model, resolve_weights_file
+    from largeloss.shards.loader import ShardLoader
+    from largeloss.shards.reader import open_dataset
+    from largeloss.train.model import build_model, resolve_weights_file
 
     out = Path(out)
     if out.suffix != ".npy":
@@ -154,7 +154,7 @@ def extract(data: str | os.PathLike, split: str, arch: str, weights: str, image_
         "torch": torch.__version__,
         "seconds": round(time.time() - t0, 1),
     }
-    from shards.format import write_json_atomic
+    from largeloss.shards.format import write_json_atomic
 
     write_json_atomic(sidecar_path(out), json.dumps(meta, indent=1))
     return meta
@@ -225,8 +225,8 @@ def _logits(head: torch.nn.Module, feats: np.ndarray, ids: np.ndarray, device, c
 
 
 def _evaluate(head, feats, ids, store, cfg, device):
-    from eval import metrics
-    from train.loop import labels_as_int8
+    from largeloss.eval import metrics
+    from largeloss.train.loop import labels_as_int8
 
     scores = _scores(head, feats, ids, device, cfg.eval_batch_size)
     target, unknown = store.targets(ids)
@@ -237,7 +237,7 @@ def _save_head(head: torch.nn.Module, run_dir: Path, info: dict) -> None:
     """checkpoints/best/head.safetensors (keys head.weight / head.bias: the head of a MultiLabelNet) + best.json."""
     from safetensors.torch import save_file
 
-    from shards.format import fsync_dir
+    from largeloss.shards.format import fsync_dir
 
     cdir = run_dir / "checkpoints"
     tmp = cdir / ".tmp-best"
@@ -265,13 +265,13 @@ def _clear_run_dir(run_dir: Path) -> None:
 
 def train_on_features(cfg, features_dir: str | os.PathLike) -> dict[str, Any]:
     """Train a linear head on cached features under ``cfg`` (a resolved train.config.Config); see the module docstring."""
-    from eval.analysis import MemorizationTracker, PrecisionTracker
-    from shards.format import write_json_atomic
-    from shards.labelstore import LabelStore
-    from shards.reader import open_dataset
-    from train.config import loss_config, to_yaml
-    from train.losses import compute_loss
-    from train.loop import seed_everything, split_train_val
+    from largeloss.eval.analysis import MemorizationTracker, PrecisionTracker
+    from largeloss.shards.format import write_json_atomic
+    from largeloss.shards.labelstore import LabelStore
+    from largeloss.shards.reader import open_dataset
+    from largeloss.train.config import loss_config, to_yaml
+    from largeloss.train.losses import compute_loss
+    from largeloss.train.loop import seed_everything, split_train_val
 
     features_dir = Path(features_dir)
     ds = open_dataset(cfg.data)
@@ -394,13 +394,13 @@ def train_on_features(cfg, features_dir: str | os.PathLike) -> dict[str, Any]:
 
     if memo is not None:
         memo.finish(title=f"{dataset_name} {cfg.method} seed {cfg.seed}")
-    from train.checkpoint import load_best_weights
+    from largeloss.train.checkpoint import load_best_weights
 
     state = load_best_weights(run_dir)
     head.load_state_dict({"weight": state["head.weight"], "bias": state["head.bias"]})
     head.eval()
     test_res = _evaluate(head, feats[cfg.test_split], test_ids, test_store, cfg, device)
-    from train.checkpoint import result_record
+    from largeloss.train.checkpoint import result_record
 
     result = result_record(cfg, dataset_name, ds.manifest, best_epoch, best_map, test_res, stopped_early, 1)
     result.update({"trainer": "features", "features_dir": str(features_dir.resolve())})
@@ -436,8 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from train.config import ConfigError
-    from train.model import WeightsError
+    from largeloss.train.config import ConfigError
+    from largeloss.train.model import WeightsError
 
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -451,7 +451,7 @@ def main(argv=None) -> int:
             print(f"[features] {args.out}: {meta['num_samples']} x {meta['dim']} {meta['dtype']} "
                   f"({meta['seconds']} s)")
             return 0
-        from train.main import parse_args
+        from largeloss.train.main import parse_args
 
         cfg = parse_args(rest)
         train_on_features(cfg, args.features_dir)

@@ -20,15 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from eval import metrics
-from eval.analysis import MemorizationTracker, PrecisionTracker, predict_logits
-from shards import protocols
-from shards.labelstore import LabelStore
-from shards.reader import open_dataset
-from train import checkpoint as ckpt
-from train.config import Config, loss_config, to_dict, to_yaml
-from train.losses import compute_loss
-from train.model import build_model, param_groups, resolve_weights_file
+from largeloss.eval import metrics
+from largeloss.eval.analysis import MemorizationTracker, PrecisionTracker, predict_logits
+from largeloss.shards import protocols
+from largeloss.shards.labelstore import LabelStore
+from largeloss.shards.reader import open_dataset
+from largeloss.train import checkpoint as ckpt
+from largeloss.train.config import Config, loss_config, to_dict, to_yaml
+from largeloss.train.losses import compute_loss
+from largeloss.train.model import build_model, param_groups, resolve_weights_file
 
 
 def seed_everything(seed: int) -> None:
@@ -67,11 +67,11 @@ def split_train_val(num_samples: int, cfg: Config) -> tuple[np.ndarray, np.ndarr
 
 
 def build_loader(cfg: Config, accelerator, split: str, sample_ids: np.ndarray | None, train: bool):
-    from shards.loader import ShardLoader
+    from largeloss.shards.loader import ShardLoader
 
     kind = cfg.loader
     if kind in ("auto", "dali"):
-        from shards import dali as dali_loader
+        from largeloss.shards import dali as dali_loader
 
         if kind == "dali" or dali_loader.available(accelerator.device):
             return dali_loader.DaliLoader(  # plan_workers: same batches as the CPU loader would give
@@ -217,7 +217,7 @@ def run(cfg: Config) -> dict[str, Any]:
     precision = PrecisionTracker(train_store) if analysis else None
     memo = memo_loader = None
     if analysis and accelerator.is_main_process:
-        from shards.loader import ShardLoader
+        from largeloss.shards.loader import ShardLoader
 
         memo = MemorizationTracker(train_store, train_ids, cfg.analysis_entries, cfg.seed, run_dir / "analysis",
                                    resume_after_epoch=None if resume_state is None else resume_state["epoch"])
@@ -378,7 +378,7 @@ def run(cfg: Config) -> dict[str, Any]:
     result = ckpt.result_record(cfg, dataset_name, ds.manifest, best_epoch, best_map, test_res, stopped_early,
                                 accelerator.num_processes)
     if accelerator.is_main_process:
-        from shards.format import write_json_atomic
+        from largeloss.shards.format import write_json_atomic
 
         write_json_atomic(run_dir / "result.json", json.dumps(result, indent=1))
         if tb is not None:

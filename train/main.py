@@ -16,10 +16,14 @@ import dataclasses
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python train/main.py` / `accelerate launch train/main.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a file from a checkout: its folders are the package largeloss.*
+    import types
 
-from train.config import Config, ConfigError, build_config, coerce, from_dict, parse_overrides  # noqa: E402
+    _pkg = types.ModuleType("largeloss")
+    _pkg.__path__ = [str(Path(__file__).resolve().parents[1])]
+    sys.modules["largeloss"] = _pkg
+
+from largeloss.train.config import Config, ConfigError, build_config, coerce, from_dict, parse_overrides  # noqa: E402
 
 
 def parse_args(argv=None) -> Config:
@@ -69,9 +73,9 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from shards.format import FormatError
-    from train.loop import run
-    from train.model import WeightsError
+    from largeloss.shards.format import FormatError
+    from largeloss.train.loop import run
+    from largeloss.train.model import WeightsError
 
     try:
         run(cfg)

@@ -48,9 +48,9 @@ class Job:
 
     def command(self, features_dir: str | None) -> list[str]:
         if features_dir is not None:
-            cmd = [sys.executable, "-m", "train.features", "train", "--features-dir", features_dir]
+            cmd = [sys.executable, "-m", "largeloss.train.features", "train", "--features-dir", features_dir]
         else:
-            cmd = [sys.executable, "-m", "train.main"]
+            cmd = [sys.executable, "-m", "largeloss.train.main"]
         if self.state == "resume":
             return cmd + [f"resume={self.run_dir}", "progress=false"]
         for c in self.configs:
@@ -94,7 +94,7 @@ def _safe(value: str) -> str:
 def plan_jobs(configs: list[str], methods: list[str], grid: list[tuple[str, list[str]]], seeds: list[int],
               overrides: list[str], out: Path) -> list[Job]:
     """Every combination as a Job, validated by the trainer's config parser; marks done/resumable runs."""
-    from train.config import build_config
+    from largeloss.train.config import build_config
 
     fixed = {o.split("=", 1)[0] for o in overrides}
     clash = fixed & ({k for k, _ in grid} | {"seed", "out", "run_name", "resume"})
@@ -196,7 +196,7 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state, start nothing")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     args = p.parse_args(argv)
-    from train.config import ConfigError
+    from largeloss.train.config import ConfigError
 
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
@@ -215,7 +215,7 @@ def main(argv=None) -> int:
             print(f"{j.state:6s} {j.run_dir}  {' '.join(j.command(args.features_dir)[1:])}")
         return 0
     failed = run_jobs(jobs, out, args.jobs, args.features_dir)
-    from eval.report import ReportError, datasets_table, find_runs, render_markdown, sweep_table
+    from largeloss.eval.report import ReportError, datasets_table, find_runs, render_markdown, sweep_table
 
     try:
         runs = [r for r in find_runs([out]) if r.path.resolve() in {j.run_dir.resolve() for j in jobs}]

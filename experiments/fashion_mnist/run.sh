@@ -19,26 +19,26 @@ CONFIG=experiments/fashion_mnist/fmnist.yaml
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # the heads are tiny; one thread is the most efficient
 
 [ -f "$VOC/classes.txt" ] || python experiments/fashion_mnist/build_voc.py --out "$VOC" --n-train 4000 --n-test 1000 --seed 0
-[ -f "$DATA/manifest.json" ] || python -m ingest voc --root "$VOC/VOCdevkit" --folder FMNIST --classes "$VOC/classes.txt" \
+[ -f "$DATA/manifest.json" ] || python -m largeloss.ingest voc --root "$VOC/VOCdevkit" --folder FMNIST --classes "$VOC/classes.txt" \
     --dataset fashion_mnist_ml --out "$DATA" --workers 2 --no-progress
 for split in train test; do
     # batches of 4 on CPU: larger ones spend more time in page faults than in convolutions
-    [ -f "$FEATS/$split.json" ] || python -m train.features extract --data "$DATA" --split "$split" \
+    [ -f "$FEATS/$split.json" ] || python -m largeloss.train.features extract --data "$DATA" --split "$split" \
         --arch efficientnet_lite0 --weights IMAGENET --image-size 224 --batch-size 4 --out "$FEATS/$split.npy" --no-progress
 done
 
 # Figure 5: LL-Ct against delta_rel (the value used below was chosen on its validation mAP)
-python -m train.sweep --features-dir "$FEATS" --config "$CONFIG" --methods ll_ct --grid delta_rel=0.2,0.5,1,2,4 \
+python -m largeloss.train.sweep --features-dir "$FEATS" --config "$CONFIG" --methods ll_ct --grid delta_rel=0.2,0.5,1,2,4 \
     --seeds 0 1 2 --out "$RUNS/fig5" data="$DATA"
 # Tables 1 and 2, Figure 4: the methods, 3 seeds, analyses on
-python -m train.sweep --features-dir "$FEATS" --config "$CONFIG" --methods full an ll_r ll_ct ll_cp \
+python -m largeloss.train.sweep --features-dir "$FEATS" --config "$CONFIG" --methods full an ll_r ll_ct ll_cp \
     --seeds 0 1 2 --out "$RUNS/table2" data="$DATA" analysis_entries=3000
 # Figure 6: fewer training images
-python -m train.sweep --features-dir "$FEATS" --config "$CONFIG" --methods full an ll_ct --grid train_fraction=0.1,0.2,0.5,1.0 \
+python -m largeloss.train.sweep --features-dir "$FEATS" --config "$CONFIG" --methods full an ll_ct --grid train_fraction=0.1,0.2,0.5,1.0 \
     --seeds 0 1 2 --out "$RUNS/fig6" data="$DATA"
 # Table 4: pointing game of the Table 2 runs (one backbone pass serves every head)
-python -m eval.pointing "$RUNS/table2" --batch-size 4 --overlays 6
+python -m largeloss.eval.pointing "$RUNS/table2" --batch-size 4 --overlays 6
 
-python -m eval.report "$RUNS/table2" --plot-precision "$RUNS/precision.png" --plot "$RUNS/val_map.png" --json "$RUNS/table2.json"
-python -m eval.report "$RUNS/fig5" --sweep delta_rel --plot-sweep "$RUNS/fig5.png"
-python -m eval.report "$RUNS/fig6" --sweep train_fraction --plot-sweep "$RUNS/fig6.png"
+python -m largeloss.eval.report "$RUNS/table2" --plot-precision "$RUNS/precision.png" --plot "$RUNS/val_map.png" --json "$RUNS/table2.json"
+python -m largeloss.eval.report "$RUNS/fig5" --sweep delta_rel --plot-sweep "$RUNS/fig5.png"
+python -m largeloss.eval.report "$RUNS/fig6" --sweep train_fraction --plot-sweep "$RUNS/fig6.png"

@@ -41,8 +41,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if "largeloss" not in sys.modules:  # run as a file from a checkout: its folders are the package largeloss.*
+    import types
+
+    _pkg = types.ModuleType("largeloss")
+    _pkg.__path__ = [str(ROOT)]
+    sys.modules["largeloss"] = _pkg
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -122,9 +126,9 @@ def photo_jpeg(seed: int) -> bytes:
 
 def make_dataset(root: Path, n: int, classes: int) -> float:
     """Write ``n`` generated images as split ``train``; return the mean JPEG size in KiB."""
-    from ingest.plan import IngestPlan
-    from shards.format import Record
-    from shards.writer import write_dataset
+    from largeloss.ingest.plan import IngestPlan
+    from largeloss.shards.format import Record
+    from largeloss.shards.writer import write_dataset
 
     _noise()  # drawn once, before the threads share it
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # cv2 releases the GIL
@@ -197,7 +201,7 @@ class Trainer:
     """One training step as train/loop.py takes it (autocast, compute_loss, backward, SGD)."""
 
     def __init__(self, arch: str, classes: int, device: torch.device):
-        from train.model import build_model
+        from largeloss.train.model import build_model
 
         self.device = device
         self.model = build_model(arch, classes, "none").to(device).to(memory_format=torch.channels_last)
@@ -206,7 +210,7 @@ class Trainer:
         self.amp = device.type == "cuda"
 
     def step(self, images: torch.Tensor, target: torch.Tensor, unknown: torch.Tensor, epoch: int, cfg) -> None:
-        from train.losses import compute_loss
+        from largeloss.train.losses import compute_loss
 
         images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
@@ -257,10 +261,10 @@ def endless(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from shards import dali
-    from shards.labelstore import LabelStore
-    from shards.loader import ShardLoader, decode_scale
-    from train.losses import LossConfig, num_to_modify
+    from largeloss.shards import dali
+    from largeloss.shards.labelstore import LabelStore
+    from largeloss.shards.loader import ShardLoader, decode_scale
+    from largeloss.train.losses import LossConfig, num_to_modify
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda", 0) if gpu else torch.device("cpu")
@@ -382,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dali_imports() -> bool:
     try:
-        from shards.dali import _import_dali
+        from largeloss.shards.dali import _import_dali
 
         _import_dali()
     except ImportError:

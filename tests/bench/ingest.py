@@ -31,12 +31,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if "largeloss" not in sys.modules:  # run as a file from a checkout: its folders are the package largeloss.*
+    import types
+
+    _pkg = types.ModuleType("largeloss")
+    _pkg.__path__ = [str(ROOT)]
+    sys.modules["largeloss"] = _pkg
 
 import numpy as np  # noqa: E402
 
-FIXTURES = Path(os.environ.get("LARGELOSS_SHARED", ROOT.parent / "shared")) / "fixtures"
+FIXTURES = ROOT / "tests" / "fixtures"
 TRAINABLE = FIXTURES / "openimages_v3" / "2017_11" / "classes-trainable.txt"
 
 REAL_ROWS = 20_868_755
@@ -73,9 +77,9 @@ def make_jpegs(folder: Path, n: int, seed: int = 0) -> list[Path]:
 
 
 def bench_write(tmp: Path, n: int, workers: int) -> None:
-    from ingest.plan import IngestPlan
-    from shards.format import UNLISTED_NEGATIVE, Record
-    from shards.writer import write_dataset
+    from largeloss.ingest.plan import IngestPlan
+    from largeloss.shards.format import UNLISTED_NEGATIVE, Record
+    from largeloss.shards.writer import write_dataset
 
     src = tmp / "jpegs"
     paths = make_jpegs(src, n)
@@ -174,7 +178,7 @@ def _write_rows(sink, schema, per_image, ids, rng, mids, sources, n_trainable, e
 def child_openimages(csv_path: str) -> None:
     import pyarrow as pa
 
-    from ingest.openimages import SplitRecords, parse_annotations, read_trainable
+    from largeloss.ingest.openimages import SplitRecords, parse_annotations, read_trainable
 
     mids = read_trainable(TRAINABLE)
     t0 = time.perf_counter()
@@ -262,7 +266,7 @@ def generate_coco_json(path: Path, images: int, annotations: int, seed: int = 0)
 
 
 def child_coco(json_path: str) -> None:
-    from ingest import coco
+    from largeloss.ingest import coco
 
     t0 = time.perf_counter()
     data = coco.load_instances(Path(json_path))

@@ -27,8 +27,12 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if "largeloss" not in sys.modules:  # run as a file from a checkout: its folders are the package largeloss.*
+    import types
+
+    _pkg = types.ModuleType("largeloss")
+    _pkg.__path__ = [str(ROOT)]
+    sys.modules["largeloss"] = _pkg
 
 GB = 1 << 30
 MB = 1 << 20
@@ -71,7 +75,7 @@ def build(args) -> dict:
     import pyarrow as pa
     import pyarrow.ipc as ipc
 
-    from shards.format import KEY_DIGITS, LABELS_NAME, label_schema
+    from largeloss.shards.format import KEY_DIGITS, LABELS_NAME, label_schema
 
     t0 = time.perf_counter()
     n, k = args.images, args.classes
@@ -150,8 +154,8 @@ def time_targets(store, rng, args) -> dict:
 
 
 def measure(args) -> dict:
-    from shards.format import LABELS_NAME
-    from shards.labelstore import LabelStore, generation_dir, log_path
+    from largeloss.shards.format import LABELS_NAME
+    from largeloss.shards.labelstore import LabelStore, generation_dir, log_path
 
     out = {"rss_start": current_rss(), "loadavg_start": os.getloadavg()[0]}
     rng = np.random.default_rng(args.seed + 1)

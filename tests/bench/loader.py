@@ -34,12 +34,17 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
+if "largeloss" not in sys.modules:  # run as a file from a checkout: its folders are the package largeloss.*
+    import types
 
-from ingest.plan import IngestPlan  # noqa: E402
-from shards.format import UNLISTED_NEGATIVE, Record  # noqa: E402
-from shards.loader import ShardLoader  # noqa: E402
-from shards.writer import write_dataset  # noqa: E402
+    _pkg = types.ModuleType("largeloss")
+    _pkg.__path__ = [str(Path(__file__).resolve().parents[2])]
+    sys.modules["largeloss"] = _pkg
+
+from largeloss.ingest.plan import IngestPlan  # noqa: E402
+from largeloss.shards.format import UNLISTED_NEGATIVE, Record  # noqa: E402
+from largeloss.shards.loader import ShardLoader  # noqa: E402
+from largeloss.shards.writer import write_dataset  # noqa: E402
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -27,9 +27,14 @@ from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
+if "largeloss" not in sys.modules:  # run as a file from a checkout: its folders are the package largeloss.*
+    import types
 
-from train.losses import LossConfig, compute_loss  # noqa: E402
+    _pkg = types.ModuleType("largeloss")
+    _pkg.__path__ = [str(Path(__file__).resolve().parents[2])]
+    sys.modules["largeloss"] = _pkg
+
+from largeloss.train.losses import LossConfig, compute_loss  # noqa: E402
 
 #: (label, method, epoch) of the loss variants timed against AN; delta_rel = 0.2 % throughout
 VARIANTS = (

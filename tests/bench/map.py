@@ -28,9 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+if "largeloss" not in sys.modules:  # run as a file from a checkout: its folders are the package largeloss.*
+    import types
 
-from eval.metrics import (  # noqa: E402
+    _pkg = types.ModuleType("largeloss")
+    _pkg.__path__ = [str(Path(__file__).resolve().parents[2])]
+    sys.modules["largeloss"] = _pkg
+
+from largeloss.eval.metrics import (  # noqa: E402
     class_groups,
     group_map,
     mean_average_precision,
