@@ -1,43 +1,40 @@
 """The ``ingest`` command: ``ingest <dataset> --out DIR [options]`` and ``ingest verify DIR``.
 
-Each dataset is an adapter module (see ``ingest/plan.py``) registered in ``ADAPTERS``; the CLI adds
-the options common to all of them and hands the adapter's plan to ``shards.writer.write_dataset``.
+Each dataset is an adapter module registered in ``ADAPTERS``. An adapter module exposes:
+
+- ``NAME`` (the sub-command), ``HELP`` (one line) and ``DESCRIPTION`` (the ``--help`` text: the folder
+  layout it expects);
+- ``add_arguments(parser)``: its own options (``--root`` ...);
+- ``plan(root, *, ...) -> IngestPlan`` (``ingest/plan.py``): a plain function that parses the native
+  files and yields ``Record``s, never reading image bytes. The CLI calls it with every option of
+  ``add_arguments`` as a keyword named by its dest, plus those of ``out``, ``workers``, ``strict`` and
+  ``progress`` (``not --no-progress``) that it names as parameters.
+
+The CLI adds the options common to all adapters and hands the plan to ``shards.writer.write_dataset``.
 Bad input ends the run with a one-line message and exit status 1 (2 for a bad command line, 130 when
 interrupted); an interrupted ingest is resumed by running the same command again.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
+import inspect
 import os
 import sys
+from pathlib import Path
 from types import ModuleType
+from typing import Any
 
+from largeloss.ingest import coco, cub, demo, nuswide, openimages, voc
+from largeloss.ingest.argtypes import positive_int
+from largeloss.ingest.plan import IngestPlan
 from largeloss.shards.format import FormatError
 from largeloss.shards.reader import open_dataset, verify
 from largeloss.shards.writer import CHECK_MODES, IngestError, summary_table, write_dataset
 
-#: sub-command -> adapter module, imported when the parser is built
-ADAPTERS = {
-    "voc": "largeloss.ingest.voc",
-    "coco": "largeloss.ingest.coco",
-    "nuswide": "largeloss.ingest.nuswide",
-    "cub": "largeloss.ingest.cub",
-    "openimages": "largeloss.ingest.openimages",
-    "demo": "largeloss.ingest.demo",
-}
-#: adapters that may be absent from an installation; any other import failure is a bug and raises
-OPTIONAL_ADAPTERS = frozenset({"demo"})
-
-
-def positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+#: sub-command -> adapter module, in the order of ``ingest --help``
+ADAPTERS: dict[str, ModuleType] = {m.NAME: m for m in (voc, coco, nuswide, cub, openimages, demo)}
+#: the dests of the options ``_add_common`` adds to every adapter's sub-command
+COMMON_OPTIONS = ("out", "shard_size", "workers", "check", "strict", "overwrite", "no_progress")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -59,16 +56,6 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _import_adapter(name: str, module: str) -> ModuleType | str:
-    """The adapter module, or for an optional one that is not installed, the reason as a string."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if name in OPTIONAL_ADAPTERS and e.name == module:
-            return f"the adapter module {module} is not installed in this copy of largeloss"
-        raise
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ingest",
@@ -76,23 +63,27 @@ def build_parser() -> argparse.ArgumentParser:
                     "(docs/FORMAT.md), or verify such a directory.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module in ADAPTERS.items():
-        mod = _import_adapter(name, module)
-        if isinstance(mod, str):
-            # listed in --help and answered with the reason, whatever options follow it
-            p = sub.add_parser(name, help=f"(unavailable: {mod})", add_help=False)
-            p.set_defaults(unavailable=f"ingest {name}: {mod}")
-            continue
+    for name, mod in ADAPTERS.items():
         p = sub.add_parser(name, help=mod.HELP, description=mod.DESCRIPTION,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)
         _add_common(p)
-        p.set_defaults(adapter=mod)
     p = sub.add_parser("verify", help="re-read a dataset directory and report every problem (sha256, ids, labels)",
                        description="Read every shard and labels.arrow of DIR and check them against manifest.json.")
     p.add_argument("dir", metavar="DIR", help="dataset directory written by ingest")
-    p.set_defaults(adapter=None)
     return parser
+
+
+def adapter_plan(command: str, options: dict[str, Any], common: dict[str, Any]) -> IngestPlan:
+    """Call adapter ``command``'s ``plan`` with its own ``options`` and the common ones it names.
+
+    ``options`` and ``common`` are the parsed command line by dest (``common`` holds ``COMMON_OPTIONS``).
+    """
+    mod = ADAPTERS[command]
+    passed = {"out": Path(common["out"]), "workers": common["workers"], "strict": common["strict"],
+              "progress": not common["no_progress"]}
+    wanted = inspect.signature(mod.plan).parameters
+    return mod.plan(**options, **{k: v for k, v in passed.items() if k in wanted})
 
 
 def _verify(path: str) -> int:
@@ -111,24 +102,24 @@ def _verify(path: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if getattr(args, "unavailable", None):
-        print(args.unavailable, file=sys.stderr)
-        return 2
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    options = vars(args)
+    command = options.pop("command")
     try:
-        if args.command == "verify":
-            return _verify(args.dir)
-        plan = args.adapter.build(args)
-        manifest = write_dataset(args.out, plan, shard_size=args.shard_size, workers=args.workers,
-                                 strict=args.strict, check=args.check, overwrite=args.overwrite,
-                                 progress=not args.no_progress)
+        if command == "verify":
+            return _verify(options["dir"])
+        common = {k: options.pop(k) for k in COMMON_OPTIONS}  # what is left are the adapter's own options
+        plan = adapter_plan(command, options, common)
+        manifest = write_dataset(common["out"], plan, shard_size=common["shard_size"], workers=common["workers"],
+                                 strict=common["strict"], check=common["check"], overwrite=common["overwrite"],
+                                 progress=not common["no_progress"])
     except (IngestError, FormatError, OSError) as e:
-        print(f"ingest {args.command}: error: {e}", file=sys.stderr)
+        print(f"ingest {command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"ingest {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        print(f"ingest {command}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     print(summary_table(manifest))
-    print(f"ingest {args.command}: wrote {args.out}")
+    print(f"ingest {command}: wrote {common['out']}")
     return 0

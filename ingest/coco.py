@@ -209,10 +209,14 @@ def split_records(data: dict[str, Any], where: Path, image_dir: Path, rel_dir: s
     return records, counts
 
 
-def build(args: argparse.Namespace) -> IngestPlan:
-    root = Path(args.root)
-    year = str(args.year)
-    strict = bool(getattr(args, "strict", False))
+def plan(root: Path, *, year: str = "2014", keep_empty: bool = False, strict: bool = False) -> IngestPlan:
+    """The plan for the COCO folder ``root`` (annotations/ and the image folders) of release ``year``.
+
+    ``keep_empty`` keeps images without annotations (as all-negative samples); ``strict`` makes an
+    annotation of an image that ``images`` does not list an error instead of a skipped, counted row.
+    """
+    root = Path(root)
+    year = str(year)
     if not root.is_dir():
         raise FileNotFoundError(f"--root {root}: not a folder; pass the folder that holds annotations/ and "
                                 f"train{year}/ val{year}/")
@@ -238,7 +242,7 @@ def build(args: argparse.Namespace) -> IngestPlan:
             log.warning("%s: image folder not found; every image of split %r will be counted missing",
                         image_dir, split)
         splits[split], counts[split] = split_records(
-            data, path, image_dir, folder, cat_index, keep_empty=args.keep_empty, strict=strict)
+            data, path, image_dir, folder, cat_index, keep_empty=keep_empty, strict=strict)
         del data  # free the parsed json before the next file is read
         files.append(os.fspath(path))
     assert classes is not None
@@ -252,7 +256,7 @@ def build(args: argparse.Namespace) -> IngestPlan:
             "root": os.fspath(root.resolve()),
             "year": year,
             "files": files,
-            "keep_empty": bool(args.keep_empty),
+            "keep_empty": bool(keep_empty),
             "order": "image id compared as decimal strings (Cole et al. format_coco.py)",
         },
         counts=counts,

@@ -257,9 +257,13 @@ def _first_non_integer_line(path: Path) -> tuple[int, str]:
     return 0, ""
 
 
-def build(args: argparse.Namespace) -> IngestPlan:
-    root = Path(args.root)
-    strict = bool(getattr(args, "strict", False))
+def plan(root: Path, *, strict: bool = False) -> IngestPlan:
+    """The plan for the extracted CUB_200_2011 archive under ``root`` (or that folder itself).
+
+    ``strict`` makes malformed lines, repeated (image, attribute) rows and rows of unknown images of
+    image_attribute_labels.txt errors instead of skipped, counted rows.
+    """
+    root = Path(root)
     cub, attributes_path = locate(root)
     classes = read_attributes(attributes_path)
     k = len(classes)

@@ -249,23 +249,29 @@ def _from_npy(npy_dir: Path, root: Path | None, image_dir: Path, keep_no_positiv
     return classes, splits, counts, source
 
 
-def build(args: argparse.Namespace) -> IngestPlan:
-    keep = bool(args.keep_no_positive)
-    if args.from_npy is not None:
-        npy_dir = Path(args.from_npy)
+def plan(root: Path | None = None, *, from_npy: Path | None = None, images: Path | None = None,
+         keep_no_positive: bool = False) -> IngestPlan:
+    """The plan for the official NUS-WIDE folder ``root``, or for Cole et al.'s npy files in ``from_npy``.
+
+    ``images`` is the folder the image paths are relative to (default ``root/Flickr``, or
+    ``from_npy/Flickr``); ``keep_no_positive`` keeps images without any positive label.
+    """
+    keep = bool(keep_no_positive)
+    root = Path(root) if root is not None else None
+    if from_npy is not None:
+        npy_dir = Path(from_npy)
         if not npy_dir.is_dir():
             raise FileNotFoundError(f"--from-npy {npy_dir}: not a folder")
-        image_dir = Path(args.images) if args.images is not None else npy_dir / "Flickr"
-        classes, splits, counts, source = _from_npy(npy_dir, args.root, image_dir, keep)
-    elif args.root is not None:
-        root = Path(args.root)
+        image_dir = Path(images) if images is not None else npy_dir / "Flickr"
+        classes, splits, counts, source = _from_npy(npy_dir, root, image_dir, keep)
+    elif root is not None:
         if not root.is_dir():
             raise FileNotFoundError(f"--root {root}: not a folder; pass the NUS-WIDE folder that holds ImageList/")
-        image_dir = Path(args.images) if args.images is not None else root / "Flickr"
+        image_dir = Path(images) if images is not None else root / "Flickr"
         classes, splits, counts, source = _official(root, image_dir, keep)
     else:
         raise SystemExit("ingest nuswide: pass --root DIR (official lists) or --from-npy DIR (Cole et al.'s files)")
-    source.update({"adapter": NAME, "root": os.fspath(Path(args.root).resolve()) if args.root else None,
+    source.update({"adapter": NAME, "root": os.fspath(root.resolve()) if root else None,
                    "images": os.fspath(image_dir.resolve()), "keep_no_positive": keep})
     return IngestPlan(dataset="nuswide", classes=classes, splits=splits, unlisted=UNLISTED_NEGATIVE,
                       source=source, counts=counts)

@@ -67,7 +67,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -487,8 +487,10 @@ class SplitRecords:
 
 # --------------------------------------------------------------------------------------------- build
 
-def parse_splits(value: str) -> list[str]:
-    out = [s.strip() for s in value.split(",") if s.strip()]
+def parse_splits(value: str | Sequence[str]) -> list[str]:
+    """``"train,test"`` (the command line's form) or a sequence of split names -> the checked list."""
+    names = value.split(",") if isinstance(value, str) else value
+    out = [s.strip() for s in names if s.strip()]
     bad = [s for s in out if s not in SPLITS]
     if not out or bad or len(set(out)) != len(out):
         raise SystemExit(f"ingest openimages: --splits must be a comma-separated subset of {','.join(SPLITS)}, "
@@ -496,15 +498,21 @@ def parse_splits(value: str) -> list[str]:
     return out
 
 
-def build(args: argparse.Namespace) -> IngestPlan:
-    root = Path(args.root)
-    strict = bool(getattr(args, "strict", False))
-    splits = parse_splits(args.splits)
+def plan(root: Path, *, images: Path | None = None, splits: str | Sequence[str] = SPLITS,
+         strict: bool = False) -> IngestPlan:
+    """The plan for the OpenImages V3 annotation folder ``root``.
+
+    ``images`` holds the images (``<split>/<ImageID>.jpg`` or flat; default ``root/<split>/``);
+    ``splits`` picks splits (names, or the command line's comma-separated string); ``strict`` makes a
+    row with a wrong field count an error instead of a skipped, counted row.
+    """
+    root = Path(root)
+    splits = parse_splits(splits)
     if not root.is_dir():
         raise FileNotFoundError(f"--root {root}: not a folder")
     classes, class_files = read_classes(root)
     mids = [c["id"] for c in classes]
-    layout, folders = image_layout(root, args.images, splits)
+    layout, folders = image_layout(root, images, splits)
     on_disk: dict[Path, pa.Array] = {}  # a flat folder is listed once for all splits
 
     plan_splits: dict[str, SplitRecords] = {}

@@ -1,12 +1,7 @@
-"""The contract between a dataset adapter (``ingest/<name>.py``) and the shard writer.
+"""The contract between a dataset adapter (``ingest/<name>.py``) and the shard writer: ``IngestPlan``.
 
-Every adapter module exposes:
-
-- ``NAME`` (the sub-command), ``HELP`` (one line) and ``DESCRIPTION`` (the ``--help`` text: the folder
-  layout it expects);
-- ``add_arguments(parser)``: its own options (``--root`` ...). The CLI adds the common ones: ``--out``,
-  ``--shard-size``, ``--workers``, ``--strict``, ``--no-progress``;
-- ``build(args) -> IngestPlan``: parse the native files, yield ``Record``s; never read image bytes.
+An adapter's ``plan(root, *, ...)`` returns one (``ingest/cli.py`` lists what an adapter module
+exposes); ``shards.writer.write_dataset`` consumes it.
 """
 from __future__ import annotations
 

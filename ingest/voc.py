@@ -290,7 +290,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--year", type=int, default=2012, choices=range(2007, 2013), metavar="YEAR",
                         help="picks the folder VOC<YEAR> under --root (2007..2012; default 2012)")
     parser.add_argument("--folder", metavar="NAME", help="the folder under --root instead of VOC<YEAR>")
-    parser.add_argument("--classes", type=Path, metavar="FILE",
+    parser.add_argument("--classes", dest="classes_file", type=Path, metavar="FILE",
                         help="class names, one per line, replacing the 20 VOC classes")
     parser.add_argument("--split-lists", type=parse_split_lists, default=dict(DEFAULT_SPLIT_LISTS),
                         metavar="SPLIT=LIST,...",
@@ -301,22 +301,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "with --folder or --classes)")
 
 
-def build(args: argparse.Namespace) -> IngestPlan:
-    root = Path(args.root)
+def plan(root: Path, *, year: int = 2012, folder: str | None = None, classes_file: Path | None = None,
+         split_lists: dict[str, str] | None = None, dataset: str | None = None) -> IngestPlan:
+    """The plan for ``root/<folder>`` (default ``VOC<year>``) of a VOCdevkit folder ``root``.
+
+    ``classes_file`` replaces the 20 VOC classes (one name per line); ``split_lists`` maps output split ->
+    VOC list (default ``{"train": "train", "test": "val"}``); ``dataset`` names the manifest's dataset
+    (default ``voc<year>``, or the folder name in lower case with ``folder`` or ``classes_file``).
+    """
+    root = Path(root)
     if not root.is_dir():
-        raise IngestError(f"{root}: --root folder not found; pass the VOCdevkit folder that holds VOC{args.year}/")
-    folder = args.folder or f"VOC{args.year}"
-    voc_root = root / folder
+        raise IngestError(f"{root}: --root folder not found; pass the VOCdevkit folder that holds VOC{year}/")
+    name = folder or f"VOC{year}"
+    voc_root = root / name
     if not voc_root.is_dir():
-        raise IngestError(f"{voc_root}: not found; --root must be the VOCdevkit folder that holds {folder}/ "
+        raise IngestError(f"{voc_root}: not found; --root must be the VOCdevkit folder that holds {name}/ "
                           "(use --year or --folder to pick another folder)")
-    classes = read_class_file(args.classes) if args.classes else list(VOC_CLASSES)
-    custom = args.folder is not None or args.classes is not None
-    dataset = args.dataset or (folder.lower() if custom else f"voc{args.year}")
+    classes = read_class_file(classes_file) if classes_file else list(VOC_CLASSES)
+    custom = folder is not None or classes_file is not None
+    dataset = dataset or (name.lower() if custom else f"voc{year}")
     source = {
         "adapter": NAME,
         "root": str(root.resolve()),
-        "folder": folder,
-        "classes_file": str(Path(args.classes).resolve()) if args.classes else None,
+        "folder": name,
+        "classes_file": str(Path(classes_file).resolve()) if classes_file else None,
     }
-    return plan_from_devkit(voc_root, classes, dataset, source, args.split_lists)
+    return plan_from_devkit(voc_root, classes, dataset, source, split_lists)

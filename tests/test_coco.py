@@ -1,7 +1,6 @@
 """ingest/coco.py: class order and parse of the real (subset) jsons, exact records of a generated tree."""
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -15,12 +14,6 @@ from largeloss.shards.format import UNLISTED_NEGATIVE
 from largeloss.shards.writer import IngestError
 
 COCO = FIXTURES / "coco2014"
-
-
-def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    coco.add_arguments(p)
-    return p.parse_args(argv)
 
 
 def real_categories() -> list[dict]:
@@ -78,7 +71,7 @@ def tree(tmp_path: Path) -> Path:
 
 
 def test_fixture_class_order_and_parse():
-    plan = coco.build(parse(["--root", str(COCO)]))
+    plan = coco.plan(COCO)
     assert plan.dataset == "coco2014" and plan.unlisted == UNLISTED_NEGATIVE
     assert len(plan.classes) == 80
     assert [c["index"] for c in plan.classes] == list(range(80))
@@ -107,7 +100,7 @@ def test_fixture_segmentations_are_dropped_while_parsing():
 
 
 def test_generated_tree_exact_records(tree: Path):
-    plan = coco.build(parse(["--root", str(tree)]))
+    plan = coco.plan(tree)
     train = plan.splits["train"]
     # string order of the ids: "100" < "1000" < "25" < "9"; image 7 (no annotation) dropped
     assert [r.source_id for r in train] == ["100", "1000", "25", "9"]
@@ -133,7 +126,7 @@ def test_generated_tree_exact_records(tree: Path):
 
 
 def test_keep_empty(tree: Path):
-    plan = coco.build(parse(["--root", str(tree), "--keep-empty"]))
+    plan = coco.plan(tree, keep_empty=True)
     train = plan.splits["train"]
     assert [r.source_id for r in train] == ["100", "1000", "25", "7", "9"]
     assert train[3].pos == [] and train[3].meta == {"width": 32, "height": 24, "boxes": []}
@@ -144,19 +137,17 @@ def test_keep_empty(tree: Path):
 def test_unknown_category_is_an_error(tmp_path: Path):
     root = make_tree(tmp_path, [image(1, "train2014")], [ann(5, 1, 12, [0, 0, 1, 1])], [image(2, "val2014")], [])
     with pytest.raises(IngestError, match=r"instances_train2014\.json: annotations\[0\] \(id 5\) has category_id 12"):
-        coco.build(parse(["--root", str(root)]))
+        coco.plan(root)
 
 
 def test_annotation_of_unlisted_image_skipped_or_fatal_under_strict(tmp_path: Path):
     root = make_tree(tmp_path, [image(1, "train2014")], [ann(5, 1, 1, [0, 0, 1, 1]), ann(6, 99, 3, [0, 0, 1, 1])],
                      [image(2, "val2014")], [ann(7, 2, 1, [0, 0, 1, 1])])
-    plan = coco.build(parse(["--root", str(root)]))
+    plan = coco.plan(root)
     assert [(r.source_id, r.pos) for r in plan.splits["train"]] == [("1", [0])]
     assert plan.counts["train"] == {"listed": 1, "skipped": {"no_annotations": 0}, "annotations_unknown_image": 1}
-    args = parse(["--root", str(root)])
-    args.strict = True  # the CLI's common --strict
     with pytest.raises(IngestError, match=r"annotations\[1\] \(id 6\) refers to image_id 99"):
-        coco.build(args)
+        coco.plan(root, strict=True)
 
 
 def test_category_lists_must_agree(tmp_path: Path):
@@ -166,23 +157,23 @@ def test_category_lists_must_agree(tmp_path: Path):
     d["categories"] = d["categories"][1:] + d["categories"][:1]
     val.write_text(json.dumps(d))
     with pytest.raises(IngestError, match="instances_val2014.json: 'categories' differ"):
-        coco.build(parse(["--root", str(root)]))
+        coco.plan(root)
 
 
 def test_missing_json_and_bad_json(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match=r"instances_train2014\.json: not found"):
-        coco.build(parse(["--root", str(tmp_path)]))
+        coco.plan(tmp_path)
     (tmp_path / "annotations").mkdir()
     (tmp_path / "annotations" / "instances_train2014.json").write_text('{"images": [\n{"id": 1,}')
     with pytest.raises(IngestError, match=r"instances_train2014\.json:2:\d+: invalid JSON"):
-        coco.build(parse(["--root", str(tmp_path)]))
+        coco.plan(tmp_path)
 
 
 def test_write_dataset_end_to_end(tree: Path, tmp_path: Path):
     from largeloss.shards.writer import write_dataset
     import pyarrow.ipc as ipc
 
-    plan = coco.build(parse(["--root", str(tree)]))
+    plan = coco.plan(tree)
     manifest = write_dataset(tmp_path / "out", plan, shard_size=3, progress=False)
     with ipc.open_file(tmp_path / "out" / "train" / "labels.arrow") as f:
         table = f.read_all()

@@ -2,7 +2,6 @@
 generated image_attribute_labels.txt for those 22 ids, malformed lines included."""
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
@@ -16,14 +15,6 @@ from largeloss.shards.writer import IngestError
 FIX = FIXTURES / "cub200_2011"
 IDS = [1, 2, 61, 62, 121, 122, 179, 180, 239, 240, 283, 284, 324, 325, 377, 378, 425, 426, 448, 484, 485, 1401]
 TRAIN_IDS = [2, 62, 121, 122, 283, 284, 324, 377, 378, 426, 484, 485, 1401]  # the real train_test_split.txt
-
-
-def parse(argv: list[str], strict: bool = False) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    cub.add_arguments(p)
-    args = p.parse_args(argv)
-    args.strict = strict  # the CLI's common option
-    return args
 
 
 def present(iid: int, a: int) -> int:
@@ -96,7 +87,7 @@ def test_fixture_attribute_names():
 @pytest.mark.parametrize("attributes_at,eol", [("archive", "\n"), ("cub", "\r\n"), ("attributes", "\n")])
 def test_exact_labels(tmp_path: Path, attributes_at: str, eol: str):
     root = make_tree(tmp_path, attributes_at, eol)
-    plan = cub.build(parse(["--root", str(root)]))
+    plan = cub.plan(root)
     assert plan.dataset == "cub" and plan.unlisted == UNLISTED_NEGATIVE and len(plan.classes) == 312
     train, test = plan.splits["train"], plan.splits["test"]
     assert [int(r.source_id) for r in train] == TRAIN_IDS
@@ -134,7 +125,7 @@ def test_exact_labels(tmp_path: Path, attributes_at: str, eol: str):
 def test_strict_makes_malformed_line_fatal(tmp_path: Path):
     root = make_tree(tmp_path)
     with pytest.raises(IngestError, match=rf"image_attribute_labels\.txt:{line_of(2, 6)}: expected 5 fields .* got 6"):
-        cub.build(parse(["--root", str(root)], strict=True))
+        cub.plan(root, strict=True)
 
 
 def test_bad_values_fatal_with_line(tmp_path: Path):
@@ -142,13 +133,13 @@ def test_bad_values_fatal_with_line(tmp_path: Path):
     f = root / "CUB_200_2011" / "attributes" / "image_attribute_labels.txt"
     f.write_text(labels_text(override={(121, 5): "121 5 2 3 1.0"}))
     with pytest.raises(IngestError, match=rf"labels\.txt:{line_of(121, 5)}: is_present 2 is outside 0\.\.1"):
-        cub.build(parse(["--root", str(root)]))
+        cub.plan(root)
     f.write_text(labels_text(override={(179, 1): "179 313 0 3 1.0"}))
     with pytest.raises(IngestError, match=rf":{line_of(179, 1)}: attribute_id 313 is outside 1\.\.312"):
-        cub.build(parse(["--root", str(root)]))
+        cub.plan(root)
     f.write_text(labels_text(override={(179, 1): "179 x 0 3 1.0"}))
     with pytest.raises(IngestError, match=rf":{line_of(179, 1)}: expected 5 space-separated fields"):
-        cub.build(parse(["--root", str(root)]))
+        cub.plan(root)
 
 
 def test_blank_lines_and_extra_blanks_are_accepted(tmp_path: Path):
@@ -157,7 +148,7 @@ def test_blank_lines_and_extra_blanks_are_accepted(tmp_path: Path):
     # (122, 10) with a doubled and a trailing blank, then a blank line; (122, 11) with a tab
     text = labels_text(malformed=False, override={(122, 10): "122  10 1 2 5.0 \n", (122, 11): "122\t11 1 1 5.0"})
     f.write_text(text)
-    plan = cub.build(parse(["--root", str(root)]))
+    plan = cub.plan(root)
     (r,) = [r for r in plan.splits["train"] if r.source_id == "122"]
     assert 9 in r.pos and 10 in r.pos
     assert r.meta["certainty"][9:11] == [2, 1]
@@ -168,27 +159,27 @@ def test_unknown_image_rows_skipped_or_fatal(tmp_path: Path):
     root = make_tree(tmp_path)
     f = root / "CUB_200_2011" / "attributes" / "image_attribute_labels.txt"
     f.write_text(labels_text(malformed=False) + "9999 1 1 4 1.0\n\n")  # plus a trailing blank line
-    plan = cub.build(parse(["--root", str(root)]))
+    plan = cub.plan(root)
     assert plan.source["rows_unknown_image"] == 1
     assert sum(len(v) for v in plan.splits.values()) == 22
     with pytest.raises(IngestError, match=r"image_attribute_labels\.txt:\d+: image_id 9999 is not in"):
-        cub.build(parse(["--root", str(root)], strict=True))
+        cub.plan(root, strict=True)
 
 
 def test_root_may_be_the_cub_folder(tmp_path: Path):
     root = make_tree(tmp_path)
-    plan = cub.build(parse(["--root", str(root / "CUB_200_2011")]))
+    plan = cub.plan(root / "CUB_200_2011")
     assert Path(plan.source["attributes"]).resolve() == (root / "attributes.txt").resolve()
     assert len(plan.splits["train"]) == 13
 
 
 def test_missing_files(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="images.txt"):
-        cub.build(parse(["--root", str(tmp_path)]))
+        cub.plan(tmp_path)
     root = make_tree(tmp_path)
     (root / "attributes.txt").unlink()
     with pytest.raises(FileNotFoundError, match="attributes.txt not found"):
-        cub.build(parse(["--root", str(root)]))
+        cub.plan(root)
 
 
 def test_wrong_field_count_in_images_txt_is_fatal(tmp_path: Path):
@@ -196,7 +187,7 @@ def test_wrong_field_count_in_images_txt_is_fatal(tmp_path: Path):
     p = root / "CUB_200_2011" / "train_test_split.txt"
     p.write_text(p.read_text().replace("61 0", "61 2"))
     with pytest.raises(IngestError, match=r"train_test_split\.txt:3: is_training_image must be 0 or 1, got '2'"):
-        cub.build(parse(["--root", str(root)]))
+        cub.plan(root)
 
 
 def test_write_dataset_end_to_end(tmp_path: Path):
@@ -204,7 +195,7 @@ def test_write_dataset_end_to_end(tmp_path: Path):
     from largeloss.shards.writer import write_dataset
 
     root = make_tree(tmp_path)
-    plan = cub.build(parse(["--root", str(root)]))
+    plan = cub.plan(root)
     manifest = write_dataset(tmp_path / "out", plan, shard_size=5, progress=False)
     with ipc.open_file(tmp_path / "out" / "test" / "labels.arrow") as f:
         table = f.read_all()

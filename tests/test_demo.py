@@ -1,4 +1,5 @@
-"""The embedded demo dataset (ingest/demo.py): a deterministic, well-formed VOC tree, and `ingest demo`."""
+"""The embedded demo dataset: a deterministic, well-formed VOC tree (ingest/demo_images.py), and `ingest demo`
+(ingest/demo.py)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from largeloss.ingest import demo
+from largeloss.ingest import demo, demo_images
 
 N_TRAIN, N_TEST = 40, 10
 ROW = re.compile(r"^(demo_\d{6}) ( 1|-1)$")  # VOC's "%s %2d": two spaces before a 1
@@ -19,7 +20,7 @@ ROW = re.compile(r"^(demo_\d{6}) ( 1|-1)$")  # VOC's "%s %2d": two spaces before
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> Path:
-    return demo.write_voc_tree(tmp_path_factory.mktemp("demo_a"), n_train=N_TRAIN, n_test=N_TEST, seed=3)
+    return demo_images.write_voc_tree(tmp_path_factory.mktemp("demo_a"), n_train=N_TRAIN, n_test=N_TEST, seed=3)
 
 
 def read_list(path: Path) -> list[tuple[str, int]]:
@@ -36,7 +37,7 @@ def read_list(path: Path) -> list[tuple[str, int]]:
 def positives(devkit: Path, list_name: str) -> dict[str, set[str]]:
     """image id -> names of the classes whose list row is 1"""
     out: dict[str, set[str]] = {}
-    for name in demo.CLASSES:
+    for name in demo_images.CLASSES:
         for image_id, label in read_list(devkit / "ImageSets" / "Main" / f"{name}_{list_name}.txt"):
             out.setdefault(image_id, set())
             if label == 1:
@@ -50,8 +51,8 @@ def all_files(devkit: Path) -> dict[str, bytes]:
 
 def test_layout_and_counts(tree: Path):
     assert tree.name == "VOCDEMO" and tree.parent.name == "VOCdevkit"
-    assert (tree / "classes.txt").read_text(encoding="utf-8").split("\n") == [*demo.CLASSES, ""]
-    assert len(demo.CLASSES) == len(set(demo.CLASSES)) == 20
+    assert (tree / "classes.txt").read_text(encoding="utf-8").split("\n") == [*demo_images.CLASSES, ""]
+    assert len(demo_images.CLASSES) == len(set(demo_images.CLASSES)) == 20
     ids = [f"demo_{i:06d}" for i in range(N_TRAIN + N_TEST)]
     assert sorted(p.stem for p in (tree / "JPEGImages").glob("*.jpg")) == ids
     assert sorted(p.stem for p in (tree / "Annotations").glob("*.xml")) == ids
@@ -59,7 +60,7 @@ def test_layout_and_counts(tree: Path):
     expected = {"train": ids[:N_TRAIN], "val": ids[N_TRAIN:], "trainval": ids}
     for list_name, want in expected.items():
         assert (main / f"{list_name}.txt").read_text(encoding="utf-8").split() == want
-        for name in demo.CLASSES:  # every class list names every image of the split, in sorted order
+        for name in demo_images.CLASSES:  # every class list names every image of the split, in sorted order
             assert [i for i, _ in read_list(main / f"{name}_{list_name}.txt")] == want
     params = json.loads((tree / "params.json").read_text(encoding="utf-8"))
     assert params["params"]["n_train"] == N_TRAIN and params["params"]["seed"] == 3
@@ -96,54 +97,54 @@ def test_lists_annotations_and_images_agree(tree: Path):
 
 
 def test_deterministic_across_runs_and_workers(tree: Path, tmp_path: Path):
-    again = demo.write_voc_tree(tmp_path / "b", n_train=N_TRAIN, n_test=N_TEST, seed=3, workers=2)
+    again = demo_images.write_voc_tree(tmp_path / "b", n_train=N_TRAIN, n_test=N_TEST, seed=3, workers=2)
     a, b = all_files(tree), all_files(again)
     assert a.keys() == b.keys()
     assert [k for k in a if a[k] != b[k]] == []
-    other = demo.write_voc_tree(tmp_path / "c", n_train=N_TRAIN, n_test=N_TEST, seed=4)
+    other = demo_images.write_voc_tree(tmp_path / "c", n_train=N_TRAIN, n_test=N_TEST, seed=4)
     assert (other / "JPEGImages" / "demo_000000.jpg").read_bytes() != a["JPEGImages/demo_000000.jpg"]
 
 
 def test_test_images_do_not_depend_on_n_train(tmp_path: Path):
-    small = demo.write_voc_tree(tmp_path / "s", n_train=2, n_test=2)
-    large = demo.write_voc_tree(tmp_path / "l", n_train=5, n_test=2)
+    small = demo_images.write_voc_tree(tmp_path / "s", n_train=2, n_test=2)
+    large = demo_images.write_voc_tree(tmp_path / "l", n_train=5, n_test=2)
     for j in range(2):  # test image j is demo_{n_train + j}
         assert (small / "JPEGImages" / f"demo_{2 + j:06d}.jpg").read_bytes() == \
             (large / "JPEGImages" / f"demo_{5 + j:06d}.jpg").read_bytes()
-    img, objects = demo.render_image(0, 1, 0)
-    img2, objects2 = demo.render_image(0, 1, 0)
+    img, objects = demo_images.render_image(0, 1, 0)
+    img2, objects2 = demo_images.render_image(0, 1, 0)
     assert np.array_equal(img, img2) and objects == objects2
 
 
 def test_size_range(tmp_path: Path):
-    devkit = demo.write_voc_tree(tmp_path, n_train=6, n_test=2, min_size=96, max_size=100)
+    devkit = demo_images.write_voc_tree(tmp_path, n_train=6, n_test=2, min_size=96, max_size=100)
     for p in (devkit / "JPEGImages").glob("*.jpg"):
         h, w = cv2.imread(str(p)).shape[:2]
         assert 96 <= h <= 100 and 96 <= w <= 100
     with pytest.raises(ValueError, match="size range"):
-        demo.write_voc_tree(tmp_path, n_train=1, n_test=1, min_size=200, max_size=100)
+        demo_images.write_voc_tree(tmp_path, n_train=1, n_test=1, min_size=200, max_size=100)
     with pytest.raises(ValueError, match="n_train"):
-        demo.write_voc_tree(tmp_path, n_train=0, n_test=1)
+        demo_images.write_voc_tree(tmp_path, n_train=0, n_test=1)
 
 
 def test_reuse_regenerate_and_refuse_foreign_tree(tmp_path: Path):
-    devkit, reused = demo.ensure_voc_tree(tmp_path, n_train=3, n_test=1, verbose=False)
+    devkit, reused = demo_images.ensure_voc_tree(tmp_path, n_train=3, n_test=1, verbose=False)
     assert not reused
     stamp = (devkit / "params.json").stat().st_mtime_ns
-    again, reused = demo.ensure_voc_tree(tmp_path, n_train=3, n_test=1, verbose=False)
+    again, reused = demo_images.ensure_voc_tree(tmp_path, n_train=3, n_test=1, verbose=False)
     assert reused and again == devkit and (devkit / "params.json").stat().st_mtime_ns == stamp
     # other arguments, or a damaged tree: regenerated in place
-    _, reused = demo.ensure_voc_tree(tmp_path, n_train=4, n_test=1, verbose=False)
+    _, reused = demo_images.ensure_voc_tree(tmp_path, n_train=4, n_test=1, verbose=False)
     assert not reused and len(list((devkit / "JPEGImages").glob("*.jpg"))) == 5
     (devkit / "JPEGImages" / "demo_000000.jpg").unlink()
-    _, reused = demo.ensure_voc_tree(tmp_path, n_train=4, n_test=1, verbose=False)
+    _, reused = demo_images.ensure_voc_tree(tmp_path, n_train=4, n_test=1, verbose=False)
     assert not reused and (devkit / "JPEGImages" / "demo_000000.jpg").is_file()
     # a VOCDEMO folder this generator did not write is never deleted
     foreign = tmp_path / "x" / "VOCdevkit" / "VOCDEMO"
     foreign.mkdir(parents=True)
     (foreign / "mine.txt").write_text("keep")
     with pytest.raises(FileExistsError, match="not a demo tree"):
-        demo.write_voc_tree(tmp_path / "x", n_train=1, n_test=1)
+        demo_images.write_voc_tree(tmp_path / "x", n_train=1, n_test=1)
     assert (foreign / "mine.txt").read_text() == "keep"
 
 
@@ -155,6 +156,17 @@ def _arrow_positives(path: Path) -> list[list[int]]:
     return [sorted(p) for p in table.column("pos").to_pylist()]
 
 
+def test_plan_puts_the_tree_under_out_or_tree(tmp_path: Path):
+    plan = demo.plan(out=tmp_path / "data", n_train=3, n_test=1, progress=False)
+    devkit = tmp_path / "data" / "_source_voc" / "VOCdevkit" / "VOCDEMO"
+    assert plan.dataset == "demo" and plan.source["tree"] == str(devkit.resolve())
+    assert [c["name"] for c in plan.classes] == list(demo_images.CLASSES) and len(plan.splits["test"]) == 1
+    plan = demo.plan(tmp_path / "tree", out=tmp_path / "data", n_train=3, n_test=1, progress=False)
+    assert plan.source["tree"] == str((tmp_path / "tree" / "VOCdevkit" / "VOCDEMO").resolve())
+    with pytest.raises(ValueError, match="pass tree"):
+        demo.plan(n_train=3, n_test=1)
+
+
 def test_cli_ingests_the_generated_lists(tmp_path: Path):
     from largeloss.ingest import cli
 
@@ -164,8 +176,8 @@ def test_cli_ingests_the_generated_lists(tmp_path: Path):
     devkit = out / "_source_voc" / "VOCdevkit" / "VOCDEMO"
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["dataset"] == "demo"
-    assert [c["name"] for c in manifest["classes"]] == list(demo.CLASSES)
-    index = {name: c for c, name in enumerate(demo.CLASSES)}
+    assert [c["name"] for c in manifest["classes"]] == list(demo_images.CLASSES)
+    index = {name: c for c, name in enumerate(demo_images.CLASSES)}
     for split, list_name in (("train", "train"), ("test", "val")):
         truth = positives(devkit, list_name)
         want = [sorted(index[n] for n in truth[i]) for i in sorted(truth)]

@@ -1,7 +1,6 @@
 """ingest/nuswide.py: generated official trees (CRLF and LF), the npy source, and every error path."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +13,6 @@ from largeloss.shards.writer import IngestError
 
 CONCEPTS_FILE = FIXTURES / "nuswide" / "ConceptsList" / "Concepts81.txt"  # real, CRLF
 CONCEPTS = CONCEPTS_FILE.read_text(encoding="utf-8").split()
-
-
-def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    nuswide.add_arguments(p)
-    return p.parse_args(argv)
 
 
 # train: 4 images; positives by concept name (everything else 0)
@@ -67,7 +60,7 @@ def test_real_concepts_crlf():
 @pytest.mark.parametrize("eol,at_root", [("\r\n", False), ("\n", True)])
 def test_official_tree_exact(tmp_path: Path, eol: str, at_root: bool):
     root = make_tree(tmp_path / "nus", eol, concepts_at_root=at_root)
-    plan = nuswide.build(parse(["--root", str(root)]))
+    plan = nuswide.plan(root)
     assert plan.dataset == "nuswide" and plan.unlisted == UNLISTED_NEGATIVE
     assert [c["name"] for c in plan.classes] == CONCEPTS
     train = plan.splits["train"]
@@ -88,7 +81,7 @@ def test_official_tree_exact(tmp_path: Path, eol: str, at_root: bool):
 
 def test_keep_no_positive_and_images_dir(tmp_path: Path):
     root = make_tree(tmp_path / "nus", "\n")
-    plan = nuswide.build(parse(["--root", str(root), "--keep-no-positive", "--images", str(tmp_path / "img")]))
+    plan = nuswide.plan(root, keep_no_positive=True, images=tmp_path / "img")
     train = plan.splits["train"]
     assert [r.pos for r in train] == [[0, 80], [], [1, 55, 75], [55]]
     assert train[1].path == str(tmp_path / "img" / "actor" / "0002_174174086.jpg")
@@ -102,7 +95,7 @@ def test_length_mismatch_names_file_and_both_lengths(tmp_path: Path):
     f = root / "Groundtruth" / "TrainTestLabels" / "Labels_sky_Train.txt"
     f.write_bytes(b"0\r\n1\r\n0\r\n")
     with pytest.raises(IngestError, match=r"Labels_sky_Train\.txt: 3 labels but the image list has 4 lines"):
-        nuswide.build(parse(["--root", str(root)]))
+        nuswide.plan(root)
 
 
 def test_bad_value_names_file_and_line(tmp_path: Path):
@@ -110,17 +103,17 @@ def test_bad_value_names_file_and_line(tmp_path: Path):
     f = root / "Groundtruth" / "TrainTestLabels" / "Labels_water_Test.txt"
     f.write_bytes(b"0\r\n2\r\n")
     with pytest.raises(IngestError, match=r"Labels_water_Test\.txt:2: label '2' is not 0 or 1"):
-        nuswide.build(parse(["--root", str(root)]))
+        nuswide.plan(root)
 
 
 def test_missing_label_file_and_concepts(tmp_path: Path):
     root = make_tree(tmp_path / "nus", "\n")
     (root / "Groundtruth" / "TrainTestLabels" / "Labels_zebra_Test.txt").unlink()
     with pytest.raises(FileNotFoundError, match=r"Labels_zebra_Test\.txt: label file not found"):
-        nuswide.build(parse(["--root", str(root)]))
+        nuswide.plan(root)
     (root / "ConceptsList" / "Concepts81.txt").unlink()
     with pytest.raises(FileNotFoundError, match="Concepts81.txt not found"):
-        nuswide.build(parse(["--root", str(root)]))
+        nuswide.plan(root)
 
 
 def test_duplicate_concept_is_an_error(tmp_path: Path):
@@ -143,7 +136,7 @@ def test_from_npy(tmp_path: Path):
     va_labels[0, 0] = 1
     np.save(npy / "formatted_val_images.npy", np.array(["c\\4_4.jpg"]))
     np.save(npy / "formatted_val_labels.npy", va_labels)
-    plan = nuswide.build(parse(["--from-npy", str(npy)]))
+    plan = nuswide.plan(from_npy=npy)
     assert plan.source["labels_from"] == "cole-npy"
     assert [(r.source_id, r.pos, r.meta) for r in plan.splits["train"]] == [
         ("a/1_1.jpg", [3, 10], {"npy_row": 0}), ("b/3_3.jpg", [80], {"npy_row": 2})]
@@ -154,15 +147,15 @@ def test_from_npy(tmp_path: Path):
     tr_labels[1, 5] = 0.5
     np.save(npy / "formatted_train_labels.npy", tr_labels)
     with pytest.raises(IngestError, match=r"formatted_train_labels\.npy: row 1 \(0-based\), column 5 .* not 0 or 1"):
-        nuswide.build(parse(["--from-npy", str(npy)]))
+        nuswide.plan(from_npy=npy)
     np.save(npy / "formatted_train_labels.npy", np.zeros((2, 81)))
     with pytest.raises(IngestError, match=r"expected a 3 x 81 matrix"):
-        nuswide.build(parse(["--from-npy", str(npy)]))
+        nuswide.plan(from_npy=npy)
 
 
 def test_needs_a_source():
     with pytest.raises(SystemExit, match="--root DIR .* or --from-npy DIR"):
-        nuswide.build(parse([]))
+        nuswide.plan()
 
 
 def test_write_dataset_end_to_end(tmp_path: Path):
@@ -177,7 +170,7 @@ def test_write_dataset_end_to_end(tmp_path: Path):
             path = root / "Flickr" / entry.replace("\\", "/")
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(buf.tobytes())
-    plan = nuswide.build(parse(["--root", str(root)]))
+    plan = nuswide.plan(root)
     manifest = write_dataset(tmp_path / "out", plan, shard_size=2, progress=False)
     with ipc.open_file(tmp_path / "out" / "train" / "labels.arrow") as f:
         table = f.read_all()

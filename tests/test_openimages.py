@@ -64,14 +64,6 @@ TEST_ROWS = [("bbbb000000000001", "verification", TRIVIA, "0"), ("bbbb0000000000
 ON_DISK = {"train": TRAIN_ON_DISK, "validation": ["aaaa000000000001"], "test": ["bbbb000000000000", "bbbb000000000001"]}
 
 
-def parse(argv: list[str], strict: bool = False) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    openimages.add_arguments(p)
-    args = p.parse_args(argv)
-    args.strict = strict  # the CLI's common option
-    return args
-
-
 def write_csv(path: Path, rows: list[tuple[str, ...]], eol: str = "\n", header: str = HEADER) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes((header + eol + "".join(",".join(r) + eol for r in rows)).encode())
@@ -138,7 +130,7 @@ def test_trainable_mid_without_name_is_an_error(tmp_path: Path):
     desc.write_text("".join(ln for ln in desc.read_text(encoding="utf-8").splitlines(keepends=True)
                             if not ln.startswith(SKY + ",")), encoding="utf-8")
     with pytest.raises(IngestError, match=r"class-descriptions\.csv: no display name for 1 trainable MIDs .*/m/01bqvp"):
-        openimages.build(parse(["--root", str(root)]))
+        openimages.plan(root)
 
 
 # ---------------------------------------------------------------------------------- annotations
@@ -159,20 +151,20 @@ def test_exact_records_and_counts(tmp_path: Path, layout: str):
     root = tmp_path / "oi"
     if layout == "release-dir":
         make_tree(root)
-        argv = ["--root", str(root)]
+        options = {}
         folder = {s: root / s for s in ON_DISK}
         prefix = {s: f"{s}/" for s in ON_DISK}
     elif layout == "root-files-flat-images":
         make_tree(root, release_dir=False, images=tmp_path / "flat", flat=True)
-        argv = ["--root", str(root), "--images", str(tmp_path / "flat")]
+        options = {"images": tmp_path / "flat"}
         folder = {s: tmp_path / "flat" for s in ON_DISK}
         prefix = {s: "" for s in ON_DISK}
     else:
         make_tree(root, images=tmp_path / "imgs")
-        argv = ["--root", str(root), "--images", str(tmp_path / "imgs")]
+        options = {"images": tmp_path / "imgs"}
         folder = {s: tmp_path / "imgs" / s for s in ON_DISK}
         prefix = {s: f"{s}/" for s in ON_DISK}
-    plan = openimages.build(parse(argv))
+    plan = openimages.plan(root, **options)
     assert plan.dataset == "openimages_v3" and plan.unlisted == UNLISTED_UNKNOWN
     assert list(plan.splits) == ["train", "validation", "test"]
     assert records(plan, "train") == TRAIN_WANT
@@ -194,7 +186,7 @@ def test_streaming_across_many_small_batches(tmp_path: Path, monkeypatch: pytest
     root = make_tree(tmp_path / "oi")
     monkeypatch.setattr(openimages, "_BLOCK", 128)  # ~2 rows per record batch: images span batches
     monkeypatch.setattr(openimages, "_YIELD_CHUNK", 2)  # several chunks while yielding
-    plan = openimages.build(parse(["--root", str(root), "--splits", "train"]))
+    plan = openimages.plan(root, splits=["train"])
     assert list(plan.splits) == ["train"]
     assert records(plan, "train") == TRAIN_WANT
     assert plan.counts["train"] == TRAIN_COUNTS
@@ -234,7 +226,7 @@ def test_confidence_other_than_0_or_1_names_line(tmp_path: Path):
     rows[2] = ("00000000000e1234", "machine", TREE, "0.5")
     write_csv(root / "2017_11" / "train" / "annotations-human.csv", rows, eol="\r\n")
     with pytest.raises(IngestError, match=r"train/annotations-human\.csv:4: Confidence 0\.5 is neither 1"):
-        openimages.build(parse(["--root", str(root)]))
+        openimages.plan(root)
 
 
 def test_non_numeric_confidence_names_line(tmp_path: Path):
@@ -243,7 +235,7 @@ def test_non_numeric_confidence_names_line(tmp_path: Path):
     rows = [VAL_ROWS[0], ("x", "y"), ("aaaa000000000001", "verification", TREE, "yes")]
     write_csv(root / "2017_11" / "validation" / "annotations-human.csv", rows)
     with pytest.raises(IngestError, match=r"validation/annotations-human\.csv:4: Confidence 'yes' is not a number"):
-        openimages.build(parse(["--root", str(root)]))
+        openimages.plan(root)
 
 
 def test_bad_confidence_after_a_malformed_row_names_the_right_line(tmp_path: Path):
@@ -251,7 +243,7 @@ def test_bad_confidence_after_a_malformed_row_names_the_right_line(tmp_path: Pat
     rows = [VAL_ROWS[0], ("x", "y"), ("aaaa000000000001", "verification", TREE, "2")]
     write_csv(root / "2017_11" / "validation" / "annotations-human.csv", rows)
     with pytest.raises(IngestError, match=r"validation/annotations-human\.csv:4: Confidence 2 is neither"):
-        openimages.build(parse(["--root", str(root)]))
+        openimages.plan(root)
 
 
 def test_empty_field_names_line(tmp_path: Path):
@@ -259,42 +251,42 @@ def test_empty_field_names_line(tmp_path: Path):
     path = root / "2017_11" / "validation" / "annotations-human.csv"
     write_csv(path, VAL_ROWS + [("", "verification", SKY, "1")])
     with pytest.raises(IngestError, match=r"validation/annotations-human\.csv:4: empty ImageID, LabelName or "):
-        openimages.build(parse(["--root", str(root)]))
+        openimages.plan(root)
 
 
 def test_malformed_row_skipped_and_counted_or_fatal_under_strict(tmp_path: Path):
     root = make_tree(tmp_path / "oi")
     path = root / "2017_11" / "validation" / "annotations-human.csv"
     write_csv(path, VAL_ROWS[:1] + [("aaaa000000000001", "verification", TREE, "1", "extra")] + VAL_ROWS[1:])
-    plan = openimages.build(parse(["--root", str(root)]))
+    plan = openimages.plan(root)
     assert records(plan, "validation") == [("aaaa000000000001", [I_SKY, I_HELMET], [])]
     assert plan.counts["validation"]["malformed_rows"] == 1 and plan.counts["validation"]["rows"] == 2
     with pytest.raises(IngestError, match=r"validation/annotations-human\.csv:3: expected 4 fields, got 5"):
-        openimages.build(parse(["--root", str(root)], strict=True))
+        openimages.plan(root, strict=True)
 
 
 def test_bad_header(tmp_path: Path):
     root = make_tree(tmp_path / "oi")
     write_csv(root / "2017_11" / "test" / "annotations-human.csv", TEST_ROWS, header="ImageID,Source,Label,Confidence")
     with pytest.raises(IngestError, match=r"test/annotations-human\.csv:1: header must name ImageID, LabelName"):
-        openimages.build(parse(["--root", str(root)]))
+        openimages.plan(root)
 
 
 def test_missing_split_file_and_splits_option(tmp_path: Path):
     root = make_tree(tmp_path / "oi")
     (root / "2017_11" / "validation" / "annotations-human.csv").unlink()
     with pytest.raises(FileNotFoundError, match=r"validation/annotations-human\.csv not found"):
-        openimages.build(parse(["--root", str(root)]))
-    plan = openimages.build(parse(["--root", str(root), "--splits", "test,train"]))
+        openimages.plan(root)
+    plan = openimages.plan(root, splits="test,train")
     assert list(plan.splits) == ["test", "train"] and records(plan, "train") == TRAIN_WANT
     with pytest.raises(SystemExit, match="--splits must be"):
-        openimages.build(parse(["--root", str(root), "--splits", "train,val"]))
+        openimages.plan(root, splits="train,val")
 
 
 def test_header_only_csv_gives_an_empty_split(tmp_path: Path):
     root = make_tree(tmp_path / "oi")
     write_csv(root / "2017_11" / "validation" / "annotations-human.csv", [])
-    plan = openimages.build(parse(["--root", str(root)]))
+    plan = openimages.plan(root)
     assert records(plan, "validation") == [] and len(plan.splits["validation"]) == 0
     assert plan.counts["validation"]["listed"] == 0 and plan.counts["validation"]["rows"] == 0
 
@@ -307,13 +299,13 @@ def test_help_explains_the_layout():
     for needle in ("classes-trainable.txt", "class-descriptions.csv", "2017_11/", "annotations-human.csv",
                    "<ImageID>.jpg", "--images", "--splits"):
         assert needle in text
-    assert parse([]).root == Path(".")
+    assert p.parse_args([]).root == Path(".")  # the command line's default
 
 
 def test_missing_image_folder_counts_everything_not_on_disk(tmp_path: Path):
     root = make_tree(tmp_path / "oi")
     shutil.rmtree(root / "test")
-    plan = openimages.build(parse(["--root", str(root)]))
+    plan = openimages.plan(root)
     assert records(plan, "test") == []
     assert plan.counts["test"]["skipped"] == {"no_trainable_label": 0, "not_on_disk": 2}
 
@@ -323,7 +315,7 @@ def test_missing_image_folder_counts_everything_not_on_disk(tmp_path: Path):
 def test_write_dataset_end_to_end(tmp_path: Path):
     writer = pytest.importorskip("largeloss.shards.writer")
     root = make_tree(tmp_path / "oi")
-    plan = openimages.build(parse(["--root", str(root)]))
+    plan = openimages.plan(root)
     out = tmp_path / "out"
     manifest = writer.write_dataset(out, plan, shard_size=2, progress=False)
     with ipc.open_file(out / "train" / "labels.arrow") as f:

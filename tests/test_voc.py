@@ -223,9 +223,9 @@ def test_generated_tree_quirks(tmp_path):
     assert ds.manifest.splits["train"].positives_per_class == [2, 1, 1]
     assert ds.manifest.splits["train"].known_per_class == [3, 3, 3]
 
+    plan = voc.plan(root.parent, folder="MYSET", classes_file=tmp_path / "classes.txt")
     with pytest.raises(IngestError, match=rf"^{root / 'JPEGImages' / 'c.jpg'}: missing image"):
-        write_dataset(tmp_path / "strict", voc.build(cli.build_parser().parse_args(argv)), strict=True,
-                          progress=False)
+        write_dataset(tmp_path / "strict", plan, strict=True, progress=False)
 
 
 def _replace_in(path: Path, old: str, new: str) -> None:
@@ -284,7 +284,7 @@ def test_class_file_errors(tmp_path):
 
 # ------------------------------------------------------------------------------------------------- CLI
 
-def test_cli_verify_and_unavailable_adapter(tmp_path, capsys, monkeypatch):
+def test_cli_verify(tmp_path, capsys):
     root = _make_tree(tmp_path)
     out = tmp_path / "out"
     assert cli.main(["voc", "--root", str(root.parent), "--folder", "MYSET", "--classes", str(tmp_path / "classes.txt"),
@@ -301,13 +301,6 @@ def test_cli_verify_and_unavailable_adapter(tmp_path, capsys, monkeypatch):
     assert cli.main(["verify", str(tmp_path)]) == 1
     assert "manifest.json: not found" in capsys.readouterr().err
 
-    monkeypatch.setitem(cli.ADAPTERS, "demo", "largeloss.ingest.no_such_demo_module")
-    assert cli.main(["demo", "--anything"]) == 2
-    assert capsys.readouterr().err == (
-        "ingest demo: the adapter module largeloss.ingest.no_such_demo_module is not installed in this copy of largeloss\n")
-    monkeypatch.setitem(cli.ADAPTERS, "voc2", "largeloss.ingest.no_such_module")
-    with pytest.raises(ModuleNotFoundError):  # only "demo" may be absent; anything else is a broken install
-        cli.build_parser()
 
 
 def test_python_dash_m_ingest(tmp_path):

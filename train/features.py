@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from largeloss.ingest.cli import positive_int
+from largeloss.ingest.argtypes import positive_int
 
 FORMAT = "largeloss-features"
 VERSION = 1
