@@ -349,7 +349,7 @@ def plan(root: Path, *, strict: bool = False) -> IngestPlan:
     for i in dup_img.tolist():
         counts[split_of[ids[i]]]["duplicate_rows"] += 1
     unattributed = 0
-    for n, t in rows.malformed:
+    for _, t in rows.malformed:
         f = t.split()
         if f and f[0].isdigit() and int(f[0]) in split_of:
             counts[split_of[int(f[0])]]["malformed_lines"] += 1

@@ -23,8 +23,8 @@ Every image is drawn from scratch with numpy and OpenCV; nothing is downloaded.
   narrows a class down to itself and its two hue neighbours and the shape decides among them, much as
   colour is a cue but not the answer in photos. The colour is resampled (same class hue range, up to
   30 times, keeping the best) until it differs from the mean background under the object by
-  ``MIN_CONTRAST`` (RGB distance), so that every labelled object stands out. Shape parameters vary too (ring and stroke thickness, star depth,
-  arrow proportions, font, glyph stroke width).
+  ``MIN_CONTRAST`` (RGB distance), so that every labelled object stands out. Shape parameters vary
+  too (ring and stroke thickness, star depth, arrow proportions, font, glyph stroke width).
 - **Objects per image.** 1, 2, 3 or 4 objects with probabilities ``N_OBJECTS_P`` = 0.30 / 0.35 / 0.25
   / 0.10 (mean 2.15). The first object's class is drawn with weights ``CLASS_DECAY ** index``
   (0.95^c: mild imbalance, the most frequent class ``circle`` is about 2.6x as frequent as the least
@@ -295,7 +295,8 @@ def _clutter(rng: np.random.Generator) -> tuple[float, float, float]:
 
 
 def _object_colour(rng: np.random.Generator, cls: int) -> tuple[float, float, float]:
-    return _hsv(CLASS_HUES[cls] + rng.uniform(-HUE_JITTER, HUE_JITTER), rng.uniform(*OBJECT_SAT), rng.uniform(*OBJECT_VAL))
+    return _hsv(CLASS_HUES[cls] + rng.uniform(-HUE_JITTER, HUE_JITTER), rng.uniform(*OBJECT_SAT),
+                rng.uniform(*OBJECT_VAL))
 
 
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:

@@ -124,7 +124,7 @@ def read_split_lists(voc_root: Path, classes: list[str], list_name: str) -> tupl
     """Parse ``<class>_<list_name>.txt`` for every class: (sorted image ids, positive class indices per id)."""
     main = voc_root / "ImageSets" / "Main"
     tables = []
-    for c, name in enumerate(classes):
+    for name in classes:
         path = main / f"{name}_{list_name}.txt"
         if not path.is_file():
             raise IngestError(f"{path}: list for class {name!r} not found; ImageSets/Main must hold "

@@ -91,9 +91,9 @@ def imports_of(path: Path, root: Path) -> Iterator[tuple[int, str]]:
             for alias in node.names:
                 # ``from largeloss import ingest`` / ``from largeloss.ingest import coco`` name modules
                 sub = f"{base}.{alias.name}"
-                sub_path = root.joinpath(*sub.split(".")[1:])
-                is_module = sub.startswith(PACKAGE + ".") and (sub_path.is_dir() or sub_path.with_suffix(".py").is_file())
-                module = sub if is_module else base
+                path_of_sub = root.joinpath(*sub.split(".")[1:])
+                is_module = path_of_sub.is_dir() or path_of_sub.with_suffix(".py").is_file()
+                module = sub if sub.startswith(PACKAGE + ".") and is_module else base
                 if module not in seen:
                     seen.add(module)
                     yield node.lineno, module
