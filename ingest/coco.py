@@ -32,9 +32,8 @@ Memory
 The loader drops ``segmentation`` and the unused image fields while the parser builds each object
 (``object_pairs_hook``), so each polygon is freed right after it is parsed, and then packs what is
 left into numpy arrays before the next file is read. Peak memory is the text of one file plus the
-slimmed objects of that file. Measured with ``tests/bench/ingest.py --part coco`` on a generated
-434 MB json of the real size (82,783 images, 604,907 annotations): load 9 s + records 5 s, peak RSS
-0.93 GB, against 2.7 GB (and 16 s) for a plain ``json.load`` of the same file.
+slimmed objects of that file. ``tests/bench/ingest.py --part coco`` measures it on a generated json of
+the real size (the README's benchmark table).
 """
 from __future__ import annotations
 

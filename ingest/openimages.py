@@ -52,11 +52,8 @@ once (rank of each distinct ImageID), and the rows are sorted in place as one ui
 ``(image rank << 17) | (class << 1) | value``: a repeated pair is a run of equal ``key >> 1``, whose
 first and last rows give its smallest and largest value (a conflict when they differ). The result
 is CSR (per-image offsets into uint16 class arrays); records are built from it lazily, one Python
-step per image.
-
-Measured by ``tests/bench/ingest.py --part openimages`` on a generated CSV of the real size (20.9M
-rows, 9.0M images, 2 shared cores): parse 22 s, building all 8.6M records 20 s, peak RSS 1.0 GB
-(target: <= 2 GB, <= 3 minutes).
+step per image. ``tests/bench/ingest.py --part openimages`` measures it on a generated CSV of the real
+size (the README's benchmark table; target: <= 2 GB, <= 3 minutes).
 """
 from __future__ import annotations
 
