@@ -1,6 +1,6 @@
 """The ``ingest`` command: ``ingest <dataset> --out DIR [options]`` and ``ingest verify DIR``.
 
-Each dataset is an adapter module (see ``ingest/plan.py``) registered in ``ADAPTERS``; the CLI adds
+Each dataset is an adapter module (see ``shards.format.IngestPlan``) registered in ``ADAPTERS``; the CLI adds
 the options common to all of them and hands the adapter's plan to ``shards.writer.write_dataset``.
 Bad input ends the run with a one-line message and exit status 1 (2 for a bad command line, 130 when
 interrupted); an interrupted ingest is resumed by running the same command again.
@@ -13,9 +13,9 @@ import os
 import sys
 from types import ModuleType
 
-from largeloss.shards.format import FormatError
+from largeloss.shards.format import FormatError, IngestError
 from largeloss.shards.reader import open_dataset, verify
-from largeloss.shards.writer import CHECK_MODES, IngestError, summary_table, write_dataset
+from largeloss.shards.writer import CHECK_MODES, summary_table, write_dataset
 
 #: sub-command -> adapter module, imported when the parser is built
 ADAPTERS = {

@@ -83,7 +83,7 @@ import cv2
 import numpy as np
 
 from largeloss.ingest.cli import positive_int
-from largeloss.ingest.plan import IngestPlan
+from largeloss.shards.format import IngestPlan
 
 NAME = "demo"
 HELP = "generate the built-in synthetic demo dataset (20 shape/glyph classes, VOC layout) and ingest it"
@@ -638,7 +638,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build(args: argparse.Namespace) -> IngestPlan:
     from largeloss.ingest import voc  # the VOC adapter parses the generated tree exactly as it parses VOC 2012
-    from largeloss.shards.writer import IngestError
+    from largeloss.shards.format import IngestError
 
     min_size, max_size = args.size
     if not MIN_IMAGE_SIZE <= min_size <= max_size <= MAX_IMAGE_SIZE:

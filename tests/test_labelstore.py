@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import largeloss.shards.labelstore as labelstore
-from largeloss.shards.format import label_schema, sample_key
-from largeloss.shards.labels import SparseLabels
+from largeloss.shards.format import sample_key
+from largeloss.shards.labels import SparseLabels, label_schema
 from largeloss.shards.labelstore import LabelStore, current_generation, list_generations, log_path
 from largeloss.shards.protocols import observe
 

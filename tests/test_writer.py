@@ -1,4 +1,5 @@
-"""The shard writer (shards/writer.py) and reader (shards/reader.py): layout, exact bytes, skips, resume, verify."""
+"""The shard writer (shards/writer.py) and reader (shards/reader.py): layout, exact bytes, skips, resume, verify;
+JPEG validation (shards/jpeg.py) and the DALI index (shards/tar.py)."""
 from __future__ import annotations
 
 import json
@@ -13,20 +14,14 @@ import pyarrow.ipc as ipc
 import pytest
 import simplejpeg
 
+import largeloss.shards.jpeg as jpeg
 import largeloss.shards.writer as writer
 from conftest import FIXTURES
-from largeloss.ingest.plan import IngestPlan
-from largeloss.shards.format import FormatError, Record, read_manifest
+from largeloss.shards.format import FormatError, IngestError, IngestPlan, Record, read_manifest
+from largeloss.shards.jpeg import CorruptImage, validate_jpeg
 from largeloss.shards.reader import open_dataset, verify
-from largeloss.shards.writer import (
-    CorruptImage,
-    IngestError,
-    dali_index_text,
-    summary_table,
-    validate_jpeg,
-    write_dali_index,
-    write_dataset,
-)
+from largeloss.shards.tar import dali_index_text, write_dali_index
+from largeloss.shards.writer import summary_table, write_dataset
 
 FIXTURES_VOC07 = FIXTURES / "voc2007-format-reference" / "VOCdevkit" / "VOC2007"
 
@@ -91,7 +86,7 @@ def test_validate_jpeg_fast_and_full():
         validate_jpeg(with_thumb[:-300])
 
     # a restart marker inside the entropy-coded data: the structure is intact, only a strict decode sees it
-    scan = writer._first_scan_offset(d)
+    scan = jpeg._first_scan_offset(d)
     damaged = d[: scan + 50] + b"\xff\xd0" + d[scan + 50:]
     assert validate_jpeg(damaged) == (48, 32)
     with pytest.raises(CorruptImage, match="does not decode cleanly"):

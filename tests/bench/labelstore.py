@@ -75,7 +75,8 @@ def build(args) -> dict:
     import pyarrow as pa
     import pyarrow.ipc as ipc
 
-    from largeloss.shards.format import KEY_DIGITS, LABELS_NAME, label_schema
+    from largeloss.shards.format import KEY_DIGITS, LABELS_NAME
+    from largeloss.shards.labels import label_schema
 
     t0 = time.perf_counter()
     n, k = args.images, args.classes
