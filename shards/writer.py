@@ -427,7 +427,8 @@ def _write_split(run: _Run, split: str, records: Iterable[Record]) -> _SplitResu
             sid = len(labels)
             if sid >= 10**KEY_DIGITS:
                 raise IngestError(f"split {split!r} has more than 10^{KEY_DIGITS} samples, the most a key can number")
-            sink.put("add", shard.tar.sample(sample_members(sid, res.data, _sample_json(rec, res.width, res.height, where))))
+            meta_json = _sample_json(rec, res.width, res.height, where)
+            sink.put("add", shard.tar.sample(sample_members(sid, res.data, meta_json)))
             labels.add(pos, neg)
             shard.num_samples += 1
             shard.last_record = i
