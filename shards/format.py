@@ -6,6 +6,7 @@ Declared once in ``shards`` and validated on read (docs/FORMAT.md is the prose v
     DIR/<split>/NNNNNN.tar     WebDataset shard: <key>.idx, <key>.jpg (source bytes), <key>.json (``shards.tar``)
     DIR/<split>/NNNNNN.idx     DALI index of the shard (``shards.tar``)
     DIR/<split>/labels.arrow   Arrow IPC file, one row per sample in sample-id order (``shards.labels``)
+    DIR/.ingest/               the writer's fingerprint, per-shard sidecars and lock (``shards.ingest_state``)
 
 The input side of the contract is here too: what a dataset adapter (``ingest/<name>.py``) hands to the
 writer (``IngestPlan`` of ``Record``s) and the error it raises for bad input (``IngestError``).

@@ -1,11 +1,12 @@
 """The tar and DALI-index contract of a shard: how a sample is laid out, written, indexed and read.
 
 A shard ``<split>/NNNNNN.tar`` is a POSIX ustar archive. Each sample is three consecutive members, in
-this order (``MEMBER_EXTS``): ``<key>.idx`` (the sample id, 4 bytes little-endian int32: ``encode_sample_id``
-/ ``decode_sample_id``), ``<key>.jpg`` (the source bytes) and ``<key>.json`` (the sample's metadata).
-The bytes depend only on the samples: members have mtime 0, uid/gid 0, empty user/group names and mode
-0644, data is zero-padded to 512-byte blocks, and the archive ends with two zero blocks (no padding to
-a 10 KiB record) (``TarBytes``).
+this order (``MEMBER_EXTS``): ``<key>.idx`` (the sample id, 4 bytes little-endian int32:
+``encode_sample_id`` / ``decode_sample_id``), ``<key>.jpg`` (the source bytes) and ``<key>.json`` (the
+sample's metadata, at least ``SAMPLE_JSON_FIELDS``). The bytes depend only on the samples
+(``TarBytes``): members have mtime 0, uid/gid 0, empty user/group names and mode 0644, data is
+zero-padded to 512-byte blocks, and the archive ends with two zero blocks (no padding to a 10 KiB
+record).
 
 Its DALI index ``<split>/NNNNNN.idx`` is the text format of DALI's ``wds2idx`` tool, v1.2
 (``DALI_INDEX_VERSION``): written by ``write_dali_index`` (from the tar) or ``format_dali_index`` (from
@@ -34,6 +35,8 @@ from largeloss.shards.format import FormatError, IngestError, ShardInfo, file_sh
 
 #: members of one sample, in tar order
 MEMBER_EXTS = ("idx", "jpg", "json")
+#: what every ``<key>.json`` holds (the writer adds them to the adapter's ``Record.meta``)
+SAMPLE_JSON_FIELDS = ("source_id", "rel_path", "width", "height")
 #: the ``<key>.idx`` member: the sample id as a little-endian int32
 SAMPLE_ID = struct.Struct("<i")
 DALI_INDEX_VERSION = "v1.2"
@@ -377,7 +380,7 @@ def verify_shard(path: Path, sh: ShardInfo) -> list[str]:
             if sample.sample_id != want:
                 problems.append(f"{path}: sample {n} of the shard has id {sample.sample_id}, expected {want}")
                 break
-            for field in ("source_id", "rel_path", "width", "height"):
+            for field in SAMPLE_JSON_FIELDS:
                 if field not in sample.meta:
                     problems.append(f"{path}: {sample.key}.json lacks {field!r}")
             n += 1

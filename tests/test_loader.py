@@ -467,6 +467,22 @@ def test_real_shards_resume_mid_epoch(real_root):
             assert torch.equal(a_ids, b_ids) and torch.equal(a_img, b_img)
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_schedule_batches_are_the_loaders_stream(real_root, num_workers):
+    """``EpochSchedule.batches()`` (what the DALI loader feeds) predicts ShardLoader's ids and flips, batch by batch."""
+    loader = ShardLoader(real_root, "train", batch_size=3, image_size=24, train=True, sample_ids=ALLOWED,
+                         rank=1, world_size=2, num_workers=num_workers, seed=5, shuffle_buffer=4)
+    loader.set_epoch(1, start_batch=1)
+    planned = loader.schedule.batches()
+    got = list(loader)
+    assert len(got) == len(planned) == len(loader) - 1
+    for (images, ids), (want_ids, want_flips) in zip(got, planned):
+        assert ids.tolist() == want_ids.tolist()
+        assert [orientation(img, int(sid)) for img, sid in zip(images, ids)] == [
+            "flipped" if f else "plain" for f in want_flips
+        ]
+
+
 def test_loader_rejects_bad_arguments(real_root):
     with pytest.raises(ValueError, match="strictly increasing"):
         ShardLoader(real_root, "train", batch_size=2, image_size=8, train=True, sample_ids=[3, 2])
