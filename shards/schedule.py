@@ -33,7 +33,7 @@ arguments and the current epoch, and is what ``ShardLoader`` and ``DaliLoader`` 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -344,6 +344,7 @@ def rank_stream(
 # ----------------------------------------------------------------------------------------------
 
 
+@dataclass(eq=False)
 class EpochSchedule:
     """One rank's batches of a selected split, epoch by epoch (the loaders' ``len``/``set_epoch``/``plan``).
 
@@ -354,29 +355,20 @@ class EpochSchedule:
     the sample-shuffle window; the stream, and so every batch, depends on both.
     """
 
-    def __init__(
-        self,
-        selection: SplitSelection,
-        *,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        num_workers: int,
-        seed: int,
-        train: bool,
-        window: float,
-    ):
-        self.selection = selection
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.num_workers = num_workers
-        self.seed = seed
-        self.train = train
-        self.window = window
-        self.epoch = 0
-        self.start_batch = 0
-        self._len = num_batches(selection.total, world_size, batch_size)
+    selection: SplitSelection = field(repr=False)
+    _: KW_ONLY
+    batch_size: int
+    rank: int
+    world_size: int
+    num_workers: int
+    seed: int
+    train: bool
+    window: float
+    epoch: int = field(default=0, init=False)
+    start_batch: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self._len = num_batches(self.selection.total, self.world_size, self.batch_size)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch (shard and sample order) and the first batch the next iteration yields."""
