@@ -5,7 +5,7 @@ Each dataset is an adapter module registered in ``ADAPTERS``. An adapter module 
 - ``NAME`` (the sub-command), ``HELP`` (one line) and ``DESCRIPTION`` (the ``--help`` text: the folder
   layout it expects);
 - ``add_arguments(parser)``: its own options (``--root`` ...);
-- ``plan(root, *, ...) -> IngestPlan`` (``ingest/plan.py``): a plain function that parses the native
+- ``plan(root, *, ...) -> IngestPlan`` (``shards.format.IngestPlan``): a plain function that parses the native
   files and yields ``Record``s, never reading image bytes. The CLI calls it with every option of
   ``add_arguments`` as a keyword named by its dest, plus those of ``out``, ``workers``, ``strict`` and
   ``progress`` (``not --no-progress``) that it names as parameters.
@@ -26,10 +26,9 @@ from typing import Any
 
 from largeloss.ingest import coco, cub, demo, nuswide, openimages, voc
 from largeloss.ingest.argtypes import positive_int
-from largeloss.ingest.plan import IngestPlan
-from largeloss.shards.format import FormatError
+from largeloss.shards.format import FormatError, IngestError, IngestPlan
 from largeloss.shards.reader import open_dataset, verify
-from largeloss.shards.writer import CHECK_MODES, IngestError, summary_table, write_dataset
+from largeloss.shards.writer import CHECK_MODES, summary_table, write_dataset
 
 #: sub-command -> adapter module, in the order of ``ingest --help``
 ADAPTERS: dict[str, ModuleType] = {m.NAME: m for m in (voc, coco, nuswide, cub, openimages, demo)}

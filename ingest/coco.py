@@ -46,9 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from largeloss.ingest.plan import IngestPlan
-from largeloss.shards.format import UNLISTED_NEGATIVE, Record
-from largeloss.shards.writer import IngestError
+from largeloss.shards.format import UNLISTED_NEGATIVE, IngestError, IngestPlan, Record
 
 NAME = "coco"
 HELP = "MS COCO 2014 instances json -> 80-class multi-label shards (boxes kept in the sample json)"

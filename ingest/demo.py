@@ -21,8 +21,7 @@ from largeloss.ingest.demo_images import (
     ensure_voc_tree,
     tree_params,
 )
-from largeloss.ingest.plan import IngestPlan
-from largeloss.shards.writer import IngestError
+from largeloss.shards.format import IngestError, IngestPlan
 
 NAME = "demo"
 HELP = "generate the built-in synthetic demo dataset (20 shape/glyph classes, VOC layout) and ingest it"

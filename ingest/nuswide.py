@@ -33,9 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from largeloss.ingest.plan import IngestPlan
-from largeloss.shards.format import UNLISTED_NEGATIVE, Record
-from largeloss.shards.writer import IngestError
+from largeloss.shards.format import UNLISTED_NEGATIVE, IngestError, IngestPlan, Record
 
 NAME = "nuswide"
 HELP = "NUS-WIDE 81 concepts (official image lists + TrainTestLabels, or Cole et al.'s npy files)"

@@ -71,9 +71,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from largeloss.ingest.plan import IngestPlan
-from largeloss.shards.format import MAX_CLASSES, UNLISTED_UNKNOWN, Record
-from largeloss.shards.writer import IngestError
+from largeloss.shards.format import MAX_CLASSES, UNLISTED_UNKNOWN, IngestError, IngestPlan, Record
 
 NAME = "openimages"
 HELP = "OpenImages V3 (2017_11) human-verified labels over the 5,000 trainable classes"

@@ -38,9 +38,7 @@ from typing import Any, Iterator
 import defusedxml
 import defusedxml.ElementTree as ET
 
-from largeloss.ingest.plan import IngestPlan
-from largeloss.shards.format import UNLISTED_NEGATIVE, Record
-from largeloss.shards.writer import IngestError
+from largeloss.shards.format import UNLISTED_NEGATIVE, IngestError, IngestPlan, Record
 
 NAME = "voc"
 HELP = "Pascal VOC (or any VOC-layout dataset) classification lists -> multi-label shards, boxes kept"

@@ -6,14 +6,14 @@ and ``ids`` int64 ``[B]`` on the CPU. Images are on the loader's CUDA device, or
 pipeline runs with CPU operators (``device=None`` or a CPU device: ``device_id=None``, how CI tests
 this path without a GPU).
 
-Which samples, in which order: the CPU loader's plan, fed through ``fn.external_source``
-=====================================================================================
+Which samples, in which order: the CPU loader's schedule, fed through ``fn.external_source``
+============================================================================================
 
-The samples of an epoch come from ``shards.loader.plan_epoch`` and ``worker_order``, the pure planning
-functions of the CPU loader, called with the same arguments. ``rank_stream`` turns that plan into the
-rank's output sequence (sample id, horizontal flip) exactly as ``ShardLoader`` emits it (including the
-DataLoader's round robin over workers and the resume point), and cuts it with the plan's batch sizes.
-Consequences, each tested against ``ShardLoader`` itself in tests/test_dali.py:
+A ``DaliLoader`` holds the same ``shards.schedule.EpochSchedule`` as ``ShardLoader`` (with
+``num_workers=plan_workers``): its ``batches()`` turn the epoch's plan into the rank's output sequence
+(sample id, horizontal flip) exactly as ``ShardLoader`` emits it (including the DataLoader's round
+robin over workers and the resume point), cut with the plan's batch sizes. Consequences, each tested
+against ``ShardLoader`` itself in tests/test_dali.py:
 
 - every allowed sample exactly once per epoch across ranks, the same number of batches on every rank
   (``num_batches``), a sample-id subset (the 80/20 cut) costs no reads of the other samples;
@@ -26,7 +26,7 @@ Consequences, each tested against ``ShardLoader`` itself in tests/test_dali.py:
   the order inside the rank differs.
 
 The encoded bytes are read in Python with ``os.pread`` at the offsets of the shard's DALI index
-(``<split>/NNNNNN.idx``, the ``wds2idx`` v1.2 format that ``shards.writer.write_dali_index`` writes), and
+(``<split>/NNNNNN.idx``, the ``wds2idx`` v1.2 format of ``shards.tar``, parsed by ``read_dali_index``), and
 fed to the pipeline with the ids and flips. The ``<key>.idx`` member (the sample id, 4 bytes
 little-endian int32) is read as well and must equal the planned id: a stale or mismatched index is an
 error naming the shard, never a silently wrong label.
@@ -39,8 +39,8 @@ it, (c) it cannot skip the samples outside a sample-id subset (the 20 % validati
 100 % of the bytes and discard 80 % after decoding), and (d) equal batch counts per rank come from
 padding with duplicated samples (``pad_last_batch``), which evaluation would see twice. Reading with
 the index offsets keeps DALI's benefit (decode, resize, flip and layout on the GPU, nvJPEG and the
-hardware JPEG decoder where present) and costs one ``pread`` per member on the host (a few
-microseconds per sample from the page cache; measured in tests/bench/gpu.py).
+hardware JPEG decoder where present) and costs one ``pread`` per member on the host (tests/bench/gpu.py
+measures it).
 
 The pipeline
 ============
@@ -77,38 +77,19 @@ dataset, or re-run ``ingest``.
 from __future__ import annotations
 
 import os
-import struct
 from collections import OrderedDict, deque
-from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from largeloss.shards.format import FormatError, sample_key
-from largeloss.shards.loader import (
-    EpochPlan,
-    SampleError,
-    num_batches,
-    plan_epoch,
-    select_split,
-    worker_order,
-)
+from largeloss.shards.loader import SampleError
+from largeloss.shards.schedule import EpochPlan, EpochSchedule, select_split
+from largeloss.shards.tar import FIX_SHARD, SAMPLE_ID, ShardIndex, decode_sample_id, read_dali_index
 
-__all__ = [
-    "DALI_INDEX_VERSION",
-    "DEFAULT_SHUFFLE_BUFFER",
-    "ShardIndex",
-    "DaliLoader",
-    "available",
-    "decode_sample_id",
-    "interleave_order",
-    "rank_stream",
-    "read_dali_index",
-]
+__all__ = ["DEFAULT_SHUFFLE_BUFFER", "DaliLoader", "available"]
 
-#: the index format written by shards.writer.write_dali_index (DALI's wds2idx)
-DALI_INDEX_VERSION = "v1.2"
 #: the CPU loader's default window; must be equal for the two loaders to yield identical batches
 DEFAULT_SHUFFLE_BUFFER = 1000
 #: open shard files kept per loader (least recently used are closed): bounded file descriptors
@@ -118,7 +99,6 @@ _INSTALL_HINT = (
     "install NVIDIA DALI for your CUDA version (pip install 'largeloss[dali]', i.e. nvidia-dali-cuda130), "
     "or train with loader=cpu"
 )
-_FIX_INDEX = "re-run `ingest` for this split (it rebuilds a shard and its index together)"
 
 
 def _import_dali():
@@ -142,123 +122,9 @@ def available(device: Any) -> bool:
     return True
 
 
-def decode_sample_id(data: bytes) -> int:
-    """The ``<key>.idx`` member: the sample id as 4 bytes, little-endian int32."""
-    if len(data) != 4:
-        raise ValueError(f"an .idx member holds 4 bytes (little-endian int32), got {len(data)}")
-    return struct.unpack("<i", data)[0]
-
-
 # ----------------------------------------------------------------------------------------------
-# Planning: the CPU loader's stream of one rank, as arrays
+# Reading encoded bytes at the offsets of the DALI indexes
 # ----------------------------------------------------------------------------------------------
-
-
-def interleave_order(counts: Sequence[int]) -> np.ndarray:
-    """Vectorised ``shards.loader.interleave``: positions in the concatenation of the workers' items.
-
-    The DataLoader yields item k of every still-running worker 0..W-1 for k = 0, 1, ...; that is the
-    items sorted by (k, worker). Returns indices into ``concatenate(items of worker 0, 1, ...)``.
-    """
-    w_count = len(counts)
-    if w_count == 0:
-        return np.zeros(0, dtype=np.int64)
-    keys = np.concatenate([np.arange(c, dtype=np.int64) * w_count + w for w, c in enumerate(counts)])
-    return np.argsort(keys, kind="stable")
-
-
-def rank_stream(
-    plan: EpochPlan, *, train: bool, window: float, seed: int, epoch: int, rank: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(sample ids int64, flips bool) of one rank in ``ShardLoader``'s output order, from ``plan.start_batch``.
-
-    Mirrors ``ShardLoader``: logical worker w reads its pieces in order, emits them in ``worker_order``
-    (output position j carries ``flips[j]``) after dropping its first ``plan.skips[w]`` outputs;
-    physical DataLoader worker p plays logical worker ``(p + plan.rotation) % W``; the DataLoader
-    interleaves the physical workers round robin.
-    """
-    n_workers = len(plan.workers)
-    per_logical: list[tuple[np.ndarray, np.ndarray]] = []
-    for logical, pieces in enumerate(plan.workers):
-        ids = np.concatenate([p.ids for p in pieces]).astype(np.int64) if pieces else np.zeros(0, np.int64)
-        order, flips = worker_order(
-            len(ids), train=train, window=window, seed=seed, epoch=epoch, rank=rank, worker=logical
-        )
-        skip = plan.skips[logical]
-        per_logical.append((ids[order[skip:]], np.asarray(flips[skip:], dtype=bool)))
-    physical = [per_logical[(p + plan.rotation) % n_workers] for p in range(n_workers)]
-    take = interleave_order([len(ids) for ids, _ in physical])
-    all_ids = np.concatenate([ids for ids, _ in physical]) if physical else np.zeros(0, np.int64)
-    all_flips = np.concatenate([f for _, f in physical]) if physical else np.zeros(0, bool)
-    return all_ids[take], all_flips[take]
-
-
-# ----------------------------------------------------------------------------------------------
-# DALI index files and reading encoded bytes
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, eq=False)
-class ShardIndex:
-    """Byte ranges of one shard's members, row i = sample ``first_sample + i`` (the tar order)."""
-
-    first_sample: int
-    jpg_offset: np.ndarray  # int64, offset of the .jpg member's data in the tar
-    jpg_size: np.ndarray  # int64
-    idx_offset: np.ndarray  # int64, offset of the 4-byte .idx member's data
-
-
-def read_dali_index(path: str | os.PathLike, first_sample: int, num_samples: int) -> ShardIndex:
-    """Parse a v1.2 DALI webdataset index and check it describes samples ``first_sample ..`` in order.
-
-    Line 1 is ``v1.2 <samples>``; line 2 + i lists sample i's members as ``<ext> <offset> <size>
-    <name>`` groups. Only the ``jpg`` and ``idx`` members are used; their names must be the sample's key.
-    """
-    path = os.fspath(path)
-    try:
-        with open(path, "r", encoding="ascii") as f:
-            lines = f.read().split("\n")
-    except FileNotFoundError:
-        raise FormatError(f"{path}: DALI index not found; {_FIX_INDEX}") from None
-    except UnicodeDecodeError as e:
-        raise FormatError(f"{path}: not a DALI index (non-ASCII bytes: {e}); {_FIX_INDEX}") from e
-    head = lines[0].split()
-    if len(head) != 2 or head[0] != DALI_INDEX_VERSION or not head[1].isdigit():
-        raise FormatError(f"{path}:1: expected '{DALI_INDEX_VERSION} <samples>', got {lines[0][:80]!r}; {_FIX_INDEX}")
-    if int(head[1]) != num_samples:
-        raise FormatError(
-            f"{path}:1: index lists {head[1]} samples but manifest.json says the shard holds {num_samples}; {_FIX_INDEX}"
-        )
-    body = lines[1 : 1 + num_samples]
-    if len(body) < num_samples or any(line.strip() for line in lines[1 + num_samples :]):
-        raise FormatError(f"{path}: expected exactly {num_samples} sample lines after the header; {_FIX_INDEX}")
-    jpg_offset = np.empty(num_samples, np.int64)
-    jpg_size = np.empty(num_samples, np.int64)
-    idx_offset = np.empty(num_samples, np.int64)
-    for i, line in enumerate(body):
-        tok = line.split()
-        where = f"{path}:{i + 2}"
-        if not tok or len(tok) % 4:
-            raise FormatError(
-                f"{where}: expected groups of '<ext> <offset> <size> <name>', got {line[:120]!r}; {_FIX_INDEX}"
-            )
-        key = sample_key(first_sample + i)
-        members = {tok[k]: tok[k + 1 : k + 4] for k in range(0, len(tok), 4)}
-        for ext in ("jpg", "idx"):
-            if ext not in members:
-                raise FormatError(f"{where}: sample {key} has no .{ext} member in the index; {_FIX_INDEX}")
-            offset, size, name = members[ext]
-            if os.path.basename(name) != f"{key}.{ext}" or not offset.isdigit() or not size.isdigit():
-                raise FormatError(
-                    f"{where}: expected member {key}.{ext} with numeric offset and size, got {' '.join(members[ext])!r}; "
-                    f"{_FIX_INDEX}"
-                )
-        if int(members["idx"][1]) != 4:
-            raise FormatError(f"{where}: {key}.idx has {members['idx'][1]} bytes, expected 4; {_FIX_INDEX}")
-        jpg_offset[i] = int(members["jpg"][0])
-        jpg_size[i] = int(members["jpg"][1])
-        idx_offset[i] = int(members["idx"][0])
-    return ShardIndex(first_sample, jpg_offset, jpg_size, idx_offset)
 
 
 class _ShardFiles:
@@ -290,7 +156,7 @@ class _ShardFiles:
         try:
             fd = os.open(self.tar_paths[shard], os.O_RDONLY)
         except OSError as e:
-            raise SampleError(f"{self.tar_paths[shard]}: cannot open the shard ({e}); {_FIX_INDEX}") from e
+            raise SampleError(f"{self.tar_paths[shard]}: cannot open the shard ({e}); {FIX_SHARD}") from e
         self._fds[shard] = fd
         return fd
 
@@ -306,18 +172,18 @@ class _ShardFiles:
             fd = self._fd(shard)
             path = self.tar_paths[shard]
             try:
-                head = os.pread(fd, 4, int(index.idx_offset[row]))
+                head = os.pread(fd, SAMPLE_ID.size, int(index.idx_offset[row]))
                 size = int(index.jpg_size[row])
                 data = os.pread(fd, size, int(index.jpg_offset[row]))
             except OSError as e:
-                raise SampleError(f"{path}: sample {sample_key(sid)}: read failed ({e}); {_FIX_INDEX}") from e
-            if len(head) != 4 or len(data) != size:
+                raise SampleError(f"{path}: sample {sample_key(sid)}: read failed ({e}); {FIX_SHARD}") from e
+            if len(head) != SAMPLE_ID.size or len(data) != size:
                 raise SampleError(f"{path}: sample {sample_key(sid)}: the shard ends before the bytes its DALI index "
-                                  f"names (truncated shard or stale index); {_FIX_INDEX}")
+                                  f"names (truncated shard or stale index); {FIX_SHARD}")
             stored = decode_sample_id(head)
             if stored != sid:
                 raise SampleError(f"{path}: sample {sample_key(sid)}: the .idx member at the indexed offset says "
-                                  f"sample {stored} (the DALI index does not match the shard); {_FIX_INDEX}")
+                                  f"sample {stored} (the DALI index does not match the shard); {FIX_SHARD}")
             out.append(np.frombuffer(data, dtype=np.uint8))
         return out
 
@@ -422,73 +288,42 @@ class DaliLoader:
             raise ValueError(f"DaliLoader: device must be a CUDA device, a CPU device or None, got {dev}")
 
         sel = select_split(dataset_root, split, sample_ids)
-        self.root, self._per_shard, info, tar_paths = sel.root, sel.per_shard, sel.info, sel.tar_paths
+        #: which samples, in which order and batches: ``ShardLoader``'s schedule with num_workers=plan_workers
+        self.schedule = EpochSchedule(sel, batch_size=batch_size, rank=rank, world_size=world_size,
+                                      num_workers=plan_workers, seed=seed, train=train, window=shuffle_buffer)
+        self.root, tar_paths = sel.root, sel.tar_paths
         idx_paths = [p[: -len(".tar")] + ".idx" for p in tar_paths]
-        for tar, idx, allowed in zip(tar_paths, idx_paths, self._per_shard):
+        for tar, idx, allowed in zip(tar_paths, idx_paths, sel.per_shard):
             if len(allowed) and not os.path.isfile(idx):
-                raise FormatError(f"{idx}: DALI index of {os.path.basename(tar)} is missing; {_FIX_INDEX}")
+                raise FormatError(f"{idx}: DALI index of {os.path.basename(tar)} is missing; {FIX_SHARD}")
         self._files = _ShardFiles(
             tar_paths,
             idx_paths,
-            np.array([s.first_sample for s in info.shards], dtype=np.int64),
-            np.array([s.num_samples for s in info.shards], dtype=np.int64),
+            np.array([s.first_sample for s in sel.info.shards], dtype=np.int64),
+            np.array([s.num_samples for s in sel.info.shards], dtype=np.int64),
         )
         self.split = split
-        self.batch_size = batch_size
         self.image_size = image_size
-        self.train = train
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
-        self.plan_workers = plan_workers
-        self.shuffle_buffer = shuffle_buffer
         self.num_threads = num_threads or (4 if self.device_id is not None else max(1, min(8, os.cpu_count() or 1)))
         self.prefetch = prefetch
         self.hw_decoder_load = hw_decoder_load
-        self.epoch = 0
-        self.start_batch = 0
-        self._len = num_batches(sum(len(a) for a in self._per_shard), world_size, batch_size)
         self._pipe = None
         self._feed = _Feed(self._files)
         self._generation = 0  # bumped by every __iter__; an older, abandoned iteration stops
         self._in_flight = False  # the pipeline may hold batches of an iteration that was not finished
 
-    # -------------------------------------------------------------- planning (same as ShardLoader)
+    # -------------------------------------------------------------- the schedule (shared with ShardLoader)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch (shard and sample order) and the first batch the next iteration yields."""
-        if epoch < 0 or not 0 <= start_batch <= self._len:
-            raise ValueError(f"epoch must be >= 0 and start_batch in 0..{self._len}, got {epoch}, {start_batch}")
-        self.epoch = epoch
-        self.start_batch = start_batch
+        self.schedule.set_epoch(epoch, start_batch)
 
     def __len__(self) -> int:
-        return self._len
+        return len(self.schedule)
 
     def plan(self) -> EpochPlan:
         """This rank's plan of the current epoch; ``ShardLoader.plan()`` with num_workers=plan_workers."""
-        return plan_epoch(
-            self._per_shard,
-            rank=self.rank,
-            world_size=self.world_size,
-            num_workers=self.plan_workers,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            epoch=self.epoch,
-            shuffle=self.train,
-            start_batch=self.start_batch,
-        )
-
-    def epoch_batches(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(ids, flips) of each batch this rank yields in the current epoch (from ``start_batch``)."""
-        plan = self.plan()
-        ids, flips = rank_stream(
-            plan, train=self.train, window=self.shuffle_buffer, seed=self.seed, epoch=self.epoch, rank=self.rank
-        )
-        sizes = plan.batch_sizes[plan.start_batch :]
-        bounds = np.cumsum([0] + sizes)
-        assert bounds[-1] == len(ids), "the plan's batch sizes must cover the rank's stream"
-        return [(ids[a:b], flips[a:b]) for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+        return self.schedule.plan()
 
     # -------------------------------------------------------------- the pipeline
 
@@ -501,12 +336,12 @@ class DaliLoader:
             if self.hw_decoder_load is not None:
                 decoder_options["hw_decoder_load"] = self.hw_decoder_load
         pipe = self._Pipeline(
-            batch_size=self.batch_size,
+            batch_size=self.schedule.batch_size,
             num_threads=self.num_threads,
             device_id=self.device_id,
             prefetch_queue_depth=self.prefetch,
             exec_dynamic=True,
-            seed=self.seed,  # no random operator: flips come from the plan; set for completeness
+            seed=self.schedule.seed,  # no random operator: flips come from the plan; set for completeness
         )
         with pipe:
             jpegs, ids, flips = fn.external_source(
@@ -566,7 +401,7 @@ class DaliLoader:
         self._in_flight = False
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        batches = self.epoch_batches()
+        batches = self.schedule.batches()
         self._generation += 1
         return self._run(batches, self._generation)
 
@@ -590,7 +425,7 @@ class DaliLoader:
             except StopIteration:
                 self._discard_pipeline()
                 raise RuntimeError(
-                    f"internal error: DALI ended rank {self.rank}'s epoch before its planned batches"
+                    f"internal error: DALI ended rank {self.schedule.rank}'s epoch before its planned batches"
                 ) from None
             except SampleError:
                 self._discard_pipeline()
@@ -611,7 +446,7 @@ class DaliLoader:
             pipe.reset()
         else:
             self._discard_pipeline()
-            raise RuntimeError(f"internal error: DALI has more batches than rank {self.rank}'s plan")
+            raise RuntimeError(f"internal error: DALI has more batches than rank {self.schedule.rank}'s plan")
         self._in_flight = False
 
     def _to_torch(self, images) -> torch.Tensor:

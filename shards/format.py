@@ -1,11 +1,15 @@
 """The on-disk contract between ``ingest`` and everything that reads a dataset directory.
 
-Declared once here and validated on read (docs/FORMAT.md is the prose version)::
+Declared once in ``shards`` and validated on read (docs/FORMAT.md is the prose version)::
 
-    DIR/manifest.json          see ``Manifest``
-    DIR/<split>/NNNNNN.tar     WebDataset shard: <key>.jpg (source bytes), <key>.json, <key>.idx
-    DIR/<split>/NNNNNN.idx     DALI index of the shard
-    DIR/<split>/labels.arrow   Arrow IPC file, ``LABEL_SCHEMA``, one row per sample in sample-id order
+    DIR/manifest.json          ``Manifest`` (here)
+    DIR/<split>/NNNNNN.tar     WebDataset shard: <key>.idx, <key>.jpg (source bytes), <key>.json (``shards.tar``)
+    DIR/<split>/NNNNNN.idx     DALI index of the shard (``shards.tar``)
+    DIR/<split>/labels.arrow   Arrow IPC file, one row per sample in sample-id order (``shards.labels``)
+    DIR/.ingest/               the writer's fingerprint, per-shard sidecars and lock (``shards.ingest_state``)
+
+The input side of the contract is here too: what a dataset adapter (``ingest/<name>.py``) hands to the
+writer (``IngestPlan`` of ``Record``s) and the error it raises for bad input (``IngestError``).
 
 Label encoding (everywhere in memory): +1 observed positive, -1 observed negative, 0 unknown.
 Class indices are dense 0..K-1 in the order of ``Manifest.classes``.
@@ -13,33 +17,26 @@ Sample ids are dense 0..N-1 per split; a sample's WebDataset key is its zero-pad
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import pyarrow as pa
+from typing import Any, Iterable
 
 FORMAT_VERSION = 1
+#: bump whenever the bytes written for the same plan change (tar layout, json fields, labels layout)
+WRITER_VERSION = 1
 
 POS, NEG, UNK = 1, -1, 0
 
 #: ``unlisted`` metadata: what a class that is in neither ``pos`` nor ``neg`` means for that row.
 UNLISTED_NEGATIVE = "negative"  # complete annotation (VOC, COCO, NUS-WIDE, CUB)
 UNLISTED_UNKNOWN = "unknown"  # partial annotation (OpenImages)
+UNLISTED_VALUES = (UNLISTED_NEGATIVE, UNLISTED_UNKNOWN)
 
 MAX_CLASSES = 65535  # class indices are stored as uint16
 KEY_DIGITS = 9  # enough for 10^9 samples per split
-
-LABEL_SCHEMA = pa.schema(
-    [
-        pa.field("sample", pa.uint32(), nullable=False),
-        pa.field("key", pa.string(), nullable=False),
-        pa.field("pos", pa.list_(pa.uint16()), nullable=False),
-        pa.field("neg", pa.list_(pa.uint16()), nullable=False),
-    ]
-)
 
 MANIFEST_NAME = "manifest.json"
 LABELS_NAME = "labels.arrow"
@@ -49,18 +46,16 @@ class FormatError(ValueError):
     """A dataset directory that does not follow this contract; the message names the file."""
 
 
+class IngestError(ValueError):
+    """Bad input to an ingest (source files, plan, output folder); the message names the file and the fix."""
+
+
 def sample_key(sample_id: int) -> str:
     return f"{int(sample_id):0{KEY_DIGITS}d}"
 
 
 def shard_name(index: int) -> str:
     return f"{int(index):06d}.tar"
-
-
-def label_schema(unlisted: str) -> pa.Schema:
-    if unlisted not in (UNLISTED_NEGATIVE, UNLISTED_UNKNOWN):
-        raise ValueError(f"unlisted must be 'negative' or 'unknown', got {unlisted!r}")
-    return LABEL_SCHEMA.with_metadata({b"unlisted": unlisted.encode(), b"format_version": str(FORMAT_VERSION).encode()})
 
 
 @dataclass
@@ -177,16 +172,13 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def check_label_schema(schema: pa.Schema, where: str) -> str:
-    """Validate a labels.arrow schema; return its ``unlisted`` value."""
-    for f in LABEL_SCHEMA:
-        if schema.get_field_index(f.name) < 0 or not schema.field(f.name).type.equals(f.type):
-            raise FormatError(f"{where}: column {f.name!r} must be {f.type}, schema is {schema}")
-    meta = schema.metadata or {}
-    unlisted = meta.get(b"unlisted", b"").decode()
-    if unlisted not in (UNLISTED_NEGATIVE, UNLISTED_UNKNOWN):
-        raise FormatError(f"{where}: schema metadata 'unlisted' must be negative|unknown, got {unlisted!r}")
-    return unlisted
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 @dataclass
@@ -208,3 +200,26 @@ class Record:
     #: extra metadata for <key>.json: width/height from the source when it has them, and
     #: boxes as [{"class": index, "bbox": [xmin, ymin, xmax, ymax]}] in absolute pixels (floats)
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class IngestPlan:
+    """What a dataset adapter hands to the writer (``shards.writer.write_dataset``).
+
+    Every adapter module (``ingest/<name>.py``) exposes ``NAME`` (the sub-command), ``HELP`` (one line),
+    ``DESCRIPTION`` (the ``--help`` text: the folder layout it expects), ``add_arguments(parser)`` (its
+    own options; the CLI adds the common ones: ``--out``, ``--shard-size``, ``--workers``, ``--strict``,
+    ``--no-progress``) and ``build(args) -> IngestPlan``, which parses the native files and yields
+    ``Record``s without reading image bytes.
+    """
+
+    dataset: str  # "voc2012", "coco2014", "nuswide", "cub", "openimages_v3", "demo", ...
+    classes: list[dict[str, Any]]  # [{"index": i, "id": source id, "name": display name}]
+    #: split name -> records in sample-id order ("train" = official train list, "test" = official val/test)
+    splits: dict[str, Iterable[Record]]
+    unlisted: str  # UNLISTED_NEGATIVE or UNLISTED_UNKNOWN
+    source: dict[str, Any] = field(default_factory=dict)  # provenance: root, files read, options
+    #: what the adapter itself left out before any image was looked at, per split:
+    #: {"train": {"skipped": {"no_positive": 12, "non_trainable_rows": 40}}}; the writer merges these
+    #: with its own counts (written / missing / corrupt) into the manifest
+    counts: dict[str, dict[str, Any]] = field(default_factory=dict)

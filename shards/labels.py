@@ -1,4 +1,10 @@
-"""``<split>/labels.arrow`` as sparse, memory-mapped CSR label matrices.
+"""``<split>/labels.arrow``: its schema, how the writer writes it, how it is read and verified.
+
+The file is an Arrow IPC file, uncompressed, with one record batch and one row per sample in sample-id
+order (``LABEL_SCHEMA``: ``sample`` uint32, ``key`` string, ``pos`` and ``neg`` list<uint16>; schema
+metadata ``unlisted`` and ``format_version``). ``LabelsBuilder`` collects the rows while an ingest runs
+and ``write_labels`` writes them; ``read_labels`` maps the file as sparse CSR label matrices;
+``verify_labels`` checks every row against the manifest.
 
 A label matrix has ``num_samples`` rows (sample ids 0..N-1) and ``num_classes`` columns (class indices
 0..K-1, manifest order). Each row holds two sorted-by-the-writer lists of class indices, ``pos`` and
@@ -14,6 +20,7 @@ had to be built; code here accepts either. Values are uint16 (``format.MAX_CLASS
 from __future__ import annotations
 
 import os
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +28,48 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from largeloss.shards.format import NEG, POS, UNLISTED_NEGATIVE, UNLISTED_UNKNOWN, FormatError, check_label_schema
+from largeloss.shards.format import (
+    FORMAT_VERSION,
+    KEY_DIGITS,
+    MAX_CLASSES,
+    NEG,
+    POS,
+    UNLISTED_NEGATIVE,
+    UNLISTED_UNKNOWN,
+    UNLISTED_VALUES,
+    FormatError,
+    SplitInfo,
+    sample_key,
+)
+
+LABEL_SCHEMA = pa.schema(
+    [
+        pa.field("sample", pa.uint32(), nullable=False),
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("pos", pa.list_(pa.uint16()), nullable=False),
+        pa.field("neg", pa.list_(pa.uint16()), nullable=False),
+    ]
+)
+
+
+def label_schema(unlisted: str) -> pa.Schema:
+    if unlisted not in UNLISTED_VALUES:
+        raise ValueError(f"unlisted must be {UNLISTED_NEGATIVE!r} or {UNLISTED_UNKNOWN!r}, got {unlisted!r}")
+    return LABEL_SCHEMA.with_metadata({b"unlisted": unlisted.encode(), b"format_version": str(FORMAT_VERSION).encode()})
+
+
+def check_label_schema(schema: pa.Schema, where: str) -> str:
+    """Validate a labels.arrow schema; return its ``unlisted`` value."""
+    for f in LABEL_SCHEMA:
+        if schema.get_field_index(f.name) < 0 or not schema.field(f.name).type.equals(f.type):
+            raise FormatError(f"{where}: column {f.name!r} must be {f.type}, schema is {schema}")
+    meta = schema.metadata or {}
+    unlisted = meta.get(b"unlisted", b"").decode()
+    if unlisted not in UNLISTED_VALUES:
+        raise FormatError(
+            f"{where}: schema metadata 'unlisted' must be {UNLISTED_NEGATIVE}|{UNLISTED_UNKNOWN}, got {unlisted!r}"
+        )
+    return unlisted
 
 
 @dataclass(frozen=True, eq=False)
@@ -41,7 +89,7 @@ class SparseLabels:
     source: str = "<memory>"
 
     def __post_init__(self) -> None:
-        assert self.unlisted in (UNLISTED_NEGATIVE, UNLISTED_UNKNOWN), self.unlisted
+        assert self.unlisted in UNLISTED_VALUES, self.unlisted
         assert len(self.pos_offsets) == len(self.neg_offsets) >= 1
         assert int(self.pos_offsets[0]) == 0 and int(self.neg_offsets[0]) == 0
         assert int(self.pos_offsets[-1]) == len(self.pos_values) and int(self.neg_offsets[-1]) == len(self.neg_values)
@@ -98,7 +146,9 @@ class SparseLabels:
         if not np.isin(m, (POS, NEG, 0)).all():
             raise ValueError(f"{source}: labels must be +1, -1 or 0")
         if unlisted == UNLISTED_NEGATIVE and (m == 0).any():
-            raise ValueError(f"{source}: unlisted='negative' cannot express unknown (0) entries; use 'unknown'")
+            raise ValueError(
+                f"{source}: unlisted={UNLISTED_NEGATIVE!r} cannot express unknown (0) entries; use {UNLISTED_UNKNOWN!r}"
+            )
         n, k = m.shape
         pos_r, pos_c = np.nonzero(m == POS)
         pos_off = csr_offsets(pos_r, n)
@@ -185,7 +235,7 @@ def read_labels(path: str | os.PathLike, num_classes: int) -> SparseLabels:
     where = str(path)
     if not path.is_file():
         raise FormatError(f"{where}: not found; run `ingest` for this split or check the dataset directory")
-    if not 1 <= num_classes <= 65535:
+    if not 1 <= num_classes <= MAX_CLASSES:
         raise ValueError(f"{where}: num_classes must be 1..65535 (from the manifest), got {num_classes}")
     source = pa.memory_map(str(path), "r")
     try:
@@ -243,3 +293,140 @@ def _combine(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np
     offsets = np.concatenate([o[:-1].astype(np.int64) + base for (o, _), base in zip(parts, bases)] + [[sizes.sum()]])
     values = np.concatenate([v for _, v in parts])
     return offsets, values
+
+
+def class_counts(
+    pos_values: np.ndarray, neg_values: np.ndarray, num_samples: int, num_classes: int, unlisted: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(positives, known) per class [K] of a split: the manifest's ``positives_per_class`` and
+    ``known_per_class`` (listed positives + listed negatives; every sample when unlisted = negative)."""
+    positives = np.bincount(pos_values, minlength=num_classes)
+    if unlisted == UNLISTED_NEGATIVE:
+        return positives, np.full(num_classes, num_samples, dtype=np.int64)
+    return positives, positives + np.bincount(neg_values, minlength=num_classes)
+
+
+# ----------------------------------------------------------------------------------------------- write
+
+
+class LabelsBuilder:
+    """Labels of the written samples of one split, row by row, as flat CSR arrays (not Python lists per row)."""
+
+    def __init__(self) -> None:
+        self.pos_values = array("H")
+        self.neg_values = array("H")
+        self.pos_offsets = array("q", [0])
+        self.neg_offsets = array("q", [0])
+
+    def __len__(self) -> int:
+        return len(self.pos_offsets) - 1
+
+    def add(self, pos: tuple[int, ...], neg: tuple[int, ...]) -> None:
+        self.pos_values.extend(pos)
+        self.neg_values.extend(neg)
+        self.pos_offsets.append(len(self.pos_values))
+        self.neg_offsets.append(len(self.neg_values))
+
+    def class_counts(self, num_classes: int, unlisted: str) -> tuple[np.ndarray, np.ndarray]:
+        """(positives, known) per class, see ``class_counts``."""
+        return class_counts(np.frombuffer(self.pos_values, dtype=np.uint16),
+                            np.frombuffer(self.neg_values, dtype=np.uint16), len(self), num_classes, unlisted)
+
+
+def write_labels(path: Path, labels: LabelsBuilder, unlisted: str) -> None:
+    """Write ``labels`` as ``path`` (temporary name, fsync, rename); the caller fsyncs the folder."""
+    n = len(labels)
+    assert n * KEY_DIGITS < 2**31 and len(labels.pos_values) < 2**31 and len(labels.neg_values) < 2**31
+    keys = pa.StringArray.from_buffers(
+        n,
+        pa.py_buffer(np.arange(n + 1, dtype=np.int32) * np.int32(KEY_DIGITS)),
+        pa.py_buffer("".join(sample_key(i) for i in range(n)).encode("ascii")),
+    )
+
+    def lists(offsets: array, values: array) -> pa.ListArray:
+        return pa.ListArray.from_arrays(
+            pa.array(np.frombuffer(offsets, dtype=np.int64).astype(np.int32)),
+            pa.array(np.frombuffer(values, dtype=np.uint16), type=pa.uint16()),
+        )
+
+    schema = label_schema(unlisted)
+    batch = pa.RecordBatch.from_arrays(
+        [pa.array(np.arange(n, dtype=np.uint32)), keys, lists(labels.pos_offsets, labels.pos_values),
+         lists(labels.neg_offsets, labels.neg_values)],
+        schema=schema,
+    )
+    tmp = path.with_name(f".{path.name}.tmp")
+    # one record batch, uncompressed: readers map the file and use the list columns as CSR views
+    with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, schema) as w:
+        w.write_batch(batch)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- verify
+
+
+def check_labels_file(path: Path, split: str) -> str:
+    """Open ``labels.arrow`` of ``split`` and validate its schema (not its rows); return its ``unlisted``."""
+    try:
+        schema = ipc.open_file(pa.memory_map(str(path), "r")).schema
+    except FileNotFoundError:
+        raise FormatError(f"{path}: not found; re-run ingest for split {split!r}") from None
+    except pa.ArrowInvalid as e:
+        raise FormatError(f"{path}: not an Arrow IPC file ({e}); re-run ingest for split {split!r}") from e
+    return check_label_schema(schema, str(path))
+
+
+def read_labels_table(path: Path) -> pa.Table:
+    """``labels.arrow`` as a memory-mapped Arrow table (zero-copy)."""
+    return ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+
+
+def verify_labels(path: Path, info: SplitInfo, num_classes: int) -> list[str]:
+    """Every problem of a split's ``labels.arrow`` against its manifest entry, one line each: row count,
+    ``sample`` == 0..N-1, keys, class range, sorted unique disjoint lists, per-class counts."""
+    k = num_classes
+    try:
+        table = read_labels_table(path)
+    except (OSError, pa.ArrowInvalid) as e:
+        return [f"{path}: unreadable ({e})"]
+    n = info.num_samples
+    if table.num_rows != n:
+        return [f"{path}: {table.num_rows} rows, manifest.json says {n} samples"]
+    problems = []
+    ids = table.column("sample").to_numpy()
+    if not np.array_equal(ids, np.arange(n, dtype=ids.dtype)):
+        bad = int(np.flatnonzero(ids != np.arange(n))[0])
+        problems.append(f"{path}: row {bad} has sample {int(ids[bad])}; the sample column must be 0..N-1")
+    keys = table.column("key").to_pylist()
+    bad_keys = [i for i, key in enumerate(keys) if key != sample_key(i)]
+    if bad_keys:
+        row = bad_keys[0]
+        problems.append(f"{path}: row {row} has key {keys[row]!r}, expected {sample_key(row)!r}")
+    columns, cells = {}, {}
+    for name in ("pos", "neg"):
+        col = table.column(name).combine_chunks()
+        offsets = col.offsets.to_numpy().astype(np.int64)
+        values = col.values.to_numpy()[offsets[0]:offsets[-1]].astype(np.int64)
+        if len(values) and int(values.max()) >= k:
+            problems.append(f"{path}: column {name!r} holds class {int(values.max())}, the manifest has {k} classes")
+            return problems
+        # (row, class) as one int64; the lists are sorted unique per row iff these strictly increase
+        cells[name] = np.repeat(np.arange(n, dtype=np.int64), np.diff(offsets)) * k + values
+        bad = np.flatnonzero(np.diff(cells[name]) <= 0)
+        if len(bad):
+            problems.append(f"{path}: row {int(cells[name][bad[0]] // k)} column {name!r} is not sorted unique")
+        columns[name] = values
+    both = np.intersect1d(cells["pos"], cells["neg"])
+    if len(both):
+        problems.append(f"{path}: row {int(both[0] // k)} lists class {int(both[0] % k)} as both positive and negative")
+    positives, known = class_counts(columns["pos"], columns["neg"], n, k, info.unlisted)
+    if [int(x) for x in positives] != info.positives_per_class:
+        problems.append(f"{path}: positives per class differ from manifest.json positives_per_class")
+    if [int(x) for x in known] != info.known_per_class:
+        problems.append(f"{path}: known labels per class differ from manifest.json known_per_class")
+    return problems

@@ -24,16 +24,18 @@ from largeloss.shards.labels import SparseLabels, canonical_rows, csr_offsets, r
 
 #: Cole et al.'s seed, used for both the observation generator and the train/val cut
 DEFAULT_SEED = 1200
-PROTOCOL_FORMS = ("full", "single_positive", "partial:<fraction>", "given")
+#: protocol names (``Protocol.name``); ``partial`` is written ``partial:<fraction>``
+FULL, SINGLE_POSITIVE, PARTIAL, GIVEN = "full", "single_positive", "partial", "given"
+PROTOCOL_FORMS = (FULL, SINGLE_POSITIVE, f"{PARTIAL}:<fraction>", GIVEN)
 
 
 @dataclass(frozen=True)
 class Protocol:
-    name: str  # "full" | "single_positive" | "partial" | "given"
+    name: str  # FULL | SINGLE_POSITIVE | PARTIAL | GIVEN
     fraction: float | None = None  # partial only, 0 < fraction <= 1
 
     def __str__(self) -> str:
-        return f"partial:{self.fraction:g}" if self.name == "partial" else self.name
+        return f"{PARTIAL}:{self.fraction:g}" if self.name == PARTIAL else self.name
 
 
 def parse_protocol(text: str | Protocol) -> Protocol:
@@ -43,11 +45,11 @@ def parse_protocol(text: str | Protocol) -> Protocol:
     if not isinstance(text, str):
         raise TypeError(f"protocol must be a string such as 'partial:0.1', got {type(text).__name__}")
     s = text.strip()
-    if s in ("full", "single_positive", "given"):
+    if s in (FULL, SINGLE_POSITIVE, GIVEN):
         return Protocol(s)
-    if s.startswith("partial"):
+    if s.startswith(PARTIAL):
         head, sep, tail = s.partition(":")
-        if head != "partial" or not sep or not tail.strip():
+        if head != PARTIAL or not sep or not tail.strip():
             raise ValueError(f"protocol {text!r}: write the observed fraction after a colon, e.g. 'partial:0.1'")
         try:
             fraction = float(tail)
@@ -55,25 +57,25 @@ def parse_protocol(text: str | Protocol) -> Protocol:
             raise ValueError(f"protocol {text!r}: fraction {tail!r} is not a number; e.g. 'partial:0.1'") from None
         if not (0.0 < fraction <= 1.0) or math.isnan(fraction):
             raise ValueError(f"protocol {text!r}: fraction must be in (0, 1], got {fraction}")
-        return Protocol("partial", fraction)
+        return Protocol(PARTIAL, fraction)
     raise ValueError(f"unknown protocol {text!r}; expected one of {', '.join(PROTOCOL_FORMS)}")
 
 
 def observe(truth: SparseLabels, protocol: str | Protocol, seed: int = DEFAULT_SEED) -> SparseLabels:
     """Observed labels of a whole split file under ``protocol``; ``seed`` drives the random protocols."""
     p = parse_protocol(protocol)
-    if p.name == "given":
+    if p.name == GIVEN:
         return truth
-    if p.name == "full":
+    if p.name == FULL:
         if truth.unlisted != UNLISTED_NEGATIVE:
             raise ValueError(
                 f"{truth.source}: protocol 'full' needs complete labels but this file has unlisted=unknown "
                 "(partial annotation); use protocol 'given'"
             )
         return truth
-    if p.name == "single_positive":
+    if p.name == SINGLE_POSITIVE:
         return single_positive(truth, seed)
-    assert p.name == "partial", p
+    assert p.name == PARTIAL, p
     return partial(truth, p.fraction, seed)
 
 

@@ -3,67 +3,34 @@
 What it writes (docs/FORMAT.md is the full description)::
 
     OUT/manifest.json             written last, atomically: its presence means the ingest is complete
-    OUT/<split>/NNNNNN.tar        WebDataset shard; per sample <key>.idx, <key>.jpg, <key>.json, in that order
-    OUT/<split>/NNNNNN.idx        DALI index of the shard (the format of DALI's ``wds2idx``, v1.2)
-    OUT/<split>/labels.arrow      Arrow IPC file, one record batch, one row per sample in sample-id order
-    OUT/.ingest/state.json        the plan/argument fingerprint a resumed run must match
-    OUT/.ingest/<split>/NNNNNN.json   per-shard sidecar: proof that the shard is complete (see below)
+    OUT/<split>/NNNNNN.tar        WebDataset shard (``shards.tar``: member layout, ustar bytes)
+    OUT/<split>/NNNNNN.idx        DALI index of the shard (``shards.tar``)
+    OUT/<split>/labels.arrow      one row per sample in sample-id order (``shards.labels``)
+    OUT/.ingest/...               fingerprint, per-shard sidecars, lock (``shards.ingest_state``)
 
 Conventions
 ===========
 
 - Sample ids are dense 0..N-1 per split in record order, counting only the records whose image was
   written; a missing or corrupt image takes no id (it is counted, and named in the sidecar).
-- Images are stored as the source bytes, never re-encoded. ``check="fast"`` (default) validates the
-  JPEG header with libjpeg-turbo (``simplejpeg.decode_jpeg_header``) and the marker structure: the
-  segments up to the first scan must be well formed and an end-of-image marker must follow the first
-  scan, which catches truncated files. ``check="full"`` decodes every image in strict mode (libjpeg
-  warnings such as "Premature end of JPEG file" are errors). Measured on 1,500 VOC/CUB/COCO JPEGs
-  (137 MB) on a shared 2-core machine, against ``tar -cf`` of the same files (best of 3 runs, two
-  sessions): ``fast`` runs at 0.53-0.58x tar's speed with 1 worker and 0.49-0.65x with 2; ``full`` at
-  0.13-0.17x (about 1.3 ms of decoding per 500x375 image per core, against ~20 us for ``fast``), so
-  ``full`` is opt-in.
+- Images are stored as the source bytes, never re-encoded; each is validated first
+  (``shards.jpeg.validate_jpeg``: ``check="fast"``, the default, checks the header and the marker
+  structure; ``check="full"`` also decodes it in strict mode).
 - Work is spread over threads: ``workers`` loader threads read and validate images, the main thread
   orders samples and builds the tar bytes, one thread hashes them (sha256) and one writes, fsyncs and
-  commits shards (see ``_ShardSink``).
-- Tar members have mtime 0, uid/gid 0, empty user/group names and mode 0644, and the archive ends with
-  two zero blocks (no padding to a 10 KiB record): the bytes depend only on the samples.
-
-Crash safety and resume
-=======================
-
-Shards are written one after the other. Shard ``k`` goes to ``<split>/.NNNNNN.tar.tmp``, is fsynced,
-its DALI index goes to ``.NNNNNN.idx.tmp`` (fsynced), both are renamed into place (index first) and
-the directory is fsynced; only then is the sidecar ``.ingest/<split>/NNNNNN.json`` written atomically.
-The sidecar records the shard's size and sha256 (and the index's), its first sample id, the range of
-source records it consumed (including the skipped ones before each of its samples, with their
-reasons) and a sha256 over those records' contents.
-
-A re-run into the same folder first checks ``.ingest/state.json``: the dataset, classes, ``unlisted``,
-split names, ``plan.source`` and the arguments that change the output (shard size, strict, check, the
-format and writer versions) must equal the interrupted run's, or the run stops with an error naming
-each difference (``overwrite=True`` discards the old output instead). Then, per split, it keeps the
-longest prefix of shards whose sidecar exists and whose files still have the recorded size and
-sha256, deletes every later shard file and sidecar, replays the kept shards' record ranges from the
-plan without reading any image (checking the records' digest, so a changed source is an error rather
-than a silent mix), and continues writing with the next shard. ``labels.arrow`` and the manifest are
-rebuilt from the full record stream, so the result is byte-identical to an uninterrupted run.
+  commits shards (see ``_ShardSink``). The output does not depend on ``workers``.
+- Shards are committed one after the other and an interrupted run resumes after the last committed
+  one, byte-identical to an uninterrupted run (``shards.ingest_state`` describes how).
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import json
 import os
 import queue
 import re
-import shutil
 import statistics
-import struct
-import tarfile
 import threading
-from array import array
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -71,12 +38,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.ipc as ipc
-import simplejpeg
 from tqdm import tqdm
 
-from largeloss.ingest.plan import IngestPlan
 from largeloss.shards.format import (
     FORMAT_VERSION,
     KEY_DIGITS,
@@ -84,235 +47,36 @@ from largeloss.shards.format import (
     MANIFEST_NAME,
     MAX_CLASSES,
     UNLISTED_NEGATIVE,
+    WRITER_VERSION,
+    IngestError,
+    IngestPlan,
     Manifest,
     Record,
     ShardInfo,
     SplitInfo,
     fsync_dir,
-    label_schema,
-    sample_key,
     shard_name,
     write_json_atomic,
 )
+from largeloss.shards.ingest_state import (
+    STATE_DIR,
+    OutputLock,
+    fingerprint,
+    kept_shards,
+    prepare_output,
+    record_digest,
+    sidecar_path,
+    write_sidecar,
+)
+from largeloss.shards.jpeg import CorruptImage, validate_jpeg
+from largeloss.shards.labels import LabelsBuilder, label_schema, write_labels
+from largeloss.shards.tar import TarBytes, format_dali_index, sample_members, write_synced_text
 
-#: bump whenever the bytes written for the same plan change (tar layout, json fields, labels layout)
-WRITER_VERSION = 1
 CHECK_MODES = ("fast", "full")
-STATE_DIR = ".ingest"
-STATE_NAME = "state.json"
 #: at most this many missing/corrupt files are named per split in the manifest counts ("problems")
 MAX_PROBLEMS_LISTED = 20
-#: members of one sample, in tar order
-MEMBER_EXTS = ("idx", "jpg", "json")
 
 _SPLIT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-_SHARD_FILE_RE = re.compile(r"^(\d{6})\.(tar|idx)$")
-_SIDECAR_RE = re.compile(r"^(\d{6})\.json$")
-_WHITESPACE_RE = re.compile(r"\s")
-_TAR_BLOCK = 512
-_MAX_MEMBER_SIZE = 8**11 - 1  # 11 octal digits in a ustar size field
-
-
-class IngestError(ValueError):
-    """Bad input to an ingest (source files, plan, output folder); the message names the file and the fix."""
-
-
-class CorruptImage(ValueError):
-    """Image bytes that are not a decodable JPEG; the message says what is wrong."""
-
-
-# ----------------------------------------------------------------------------------------- validation
-
-_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RST0-7: no length field
-
-
-def _first_scan_offset(data: bytes) -> int:
-    """Offset just past the first SOS segment header; walks the marker segments after SOI by their lengths.
-
-    Walking (instead of searching for FFDA) skips APP segments, whose payload may hold an EXIF thumbnail
-    with its own SOI/EOI markers.
-    """
-    pos, n = 2, len(data)
-    while True:
-        if pos >= n or data[pos] != 0xFF:
-            raise CorruptImage(f"malformed marker structure at byte {pos} before the first scan")
-        while pos < n and data[pos] == 0xFF:  # fill bytes may precede a marker
-            pos += 1
-        if pos >= n:
-            raise CorruptImage("truncated before the first scan")
-        marker = data[pos]
-        pos += 1
-        if marker in _STANDALONE_MARKERS:
-            continue
-        if marker in (0xD8, 0xD9):
-            raise CorruptImage(f"unexpected marker FF{marker:02X} before the first scan")
-        if pos + 2 > n:
-            raise CorruptImage("truncated before the first scan")
-        length = (data[pos] << 8) | data[pos + 1]
-        if length < 2 or pos + length > n:
-            raise CorruptImage(f"segment FF{marker:02X} at byte {pos - 2} runs past the end of the file (truncated)")
-        pos += length
-        if marker == 0xDA:
-            return pos
-
-
-def validate_jpeg(data: bytes, *, full: bool = False) -> tuple[int, int]:
-    """Check that ``data`` is a complete JPEG and return its (width, height) from the header.
-
-    Raises ``CorruptImage`` naming the problem. ``full=False``: header + marker structure + an EOI
-    marker after the first scan (a truncated file has none: inside entropy-coded data 0xFF is always
-    followed by 0x00 or a restart marker). ``full=True``: additionally decode the whole image in strict
-    mode, which also rejects corrupt entropy-coded data that libjpeg would only warn about.
-    """
-    if len(data) == 0:
-        raise CorruptImage("empty file")
-    if not data.startswith(b"\xff\xd8"):
-        kind = (
-            "PNG" if data.startswith(b"\x89PNG") else "GIF" if data.startswith(b"GIF8")
-            else "WebP" if data[:4] == b"RIFF" and data[8:12] == b"WEBP" else "unknown"
-        )
-        raise CorruptImage(f"not a JPEG (no SOI marker; looks like {kind} data, first bytes {data[:4].hex()})")
-    try:
-        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-    except ValueError as e:
-        raise CorruptImage(f"unreadable JPEG header: {e}") from None
-    if width <= 0 or height <= 0:
-        raise CorruptImage(f"JPEG header gives size {width}x{height}")
-    scan = _first_scan_offset(data)
-    if data.rfind(b"\xff\xd9", scan) < 0:  # rfind: the marker is normally in the last bytes
-        raise CorruptImage("truncated: no end-of-image marker after the scan data")
-    if full:
-        # Decoding to GRAY (CMYK stays CMYK: libjpeg cannot convert it) at 1/8 scale still entropy-decodes
-        # every block, which is what finds corrupt data, at ~15 % less cost than full-size RGB.
-        try:
-            simplejpeg.decode_jpeg(data, colorspace="CMYK" if colorspace == "CMYK" else "GRAY", min_factor=8,
-                                   strict=True)
-        except ValueError as e:
-            raise CorruptImage(f"JPEG does not decode cleanly: {e}") from None
-    return width, height
-
-
-# -------------------------------------------------------------------------------------------- tar bytes
-
-def _ustar_template() -> bytearray:
-    h = bytearray(_TAR_BLOCK)
-    h[100:108] = b"0000644\x00"  # mode
-    h[108:116] = b"0000000\x00"  # uid
-    h[116:124] = b"0000000\x00"  # gid
-    h[136:148] = b"00000000000\x00"  # mtime 0: tar bytes must not depend on when they were written
-    h[156:157] = b"0"  # regular file
-    h[257:265] = b"ustar\x0000"  # POSIX ustar magic + version
-    return h
-
-
-_USTAR = bytes(_ustar_template())
-_ZEROS = bytes(_TAR_BLOCK)
-
-
-def _tar_header(name: str, size: int) -> bytes:
-    raw = name.encode("ascii")
-    assert len(raw) <= 100, name  # member names are "<9 digits>.<ext>"
-    if size > _MAX_MEMBER_SIZE:
-        raise IngestError(f"member {name} is {size} bytes; a ustar member holds at most {_MAX_MEMBER_SIZE}")
-    h = bytearray(_USTAR)
-    h[0:len(raw)] = raw
-    h[124:136] = b"%011o\x00" % size
-    h[148:156] = b"        "  # the checksum is computed with its own field as spaces
-    h[148:156] = b"%06o\x00 " % sum(h)
-    return bytes(h)
-
-
-class _TarBytes:
-    """The bytes of a tar being built, sample by sample: their size and member offsets (main thread), and
-    their sha256 (updated by ``_ShardSink``'s hash thread, read once the shard is committed)."""
-
-    def __init__(self) -> None:
-        self.sha = hashlib.sha256()
-        self.size = 0
-        self.members: list[tuple[str, int, int]] = []  # (name, data offset, size), for the DALI index
-
-    def _take(self, b: bytes) -> bytes:
-        self.size += len(b)
-        return b
-
-    def sample(self, members: list[tuple[str, bytes]]) -> bytes:
-        """Header, data and padding of each member of one sample, as one block of bytes."""
-        parts = []
-        offset = self.size
-        for name, data in members:
-            parts.append(_tar_header(name, len(data)))
-            offset += _TAR_BLOCK
-            self.members.append((name, offset, len(data)))
-            parts.append(data)
-            pad = -len(data) % _TAR_BLOCK
-            if pad:
-                parts.append(_ZEROS[:pad])
-            offset += len(data) + pad
-        out = self._take(b"".join(parts))
-        assert self.size == offset
-        return out
-
-    def end(self) -> bytes:
-        return self._take(_ZEROS * 2)  # end-of-archive marker
-
-
-# ------------------------------------------------------------------------------------------- DALI index
-
-DALI_INDEX_VERSION = "v1.2"
-
-
-def _format_dali_index(members: Iterable[tuple[str, int, int]], where: str) -> str:
-    """DALI index text for regular-file members given as (name, data offset, size) in tar order."""
-    samples: list[list[str]] = []
-    last = None
-    for name, offset, size in members:
-        slash = name.rfind("/") + 1
-        dot = name.find(".", slash)
-        base, ext = (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
-        if base == "" or base.endswith("/"):
-            continue
-        if _WHITESPACE_RE.search(name):
-            raise ValueError(f"{where}: member {name!r} has whitespace; a DALI index cannot describe it")
-        component = f"{ext} {offset} {size} {name}"
-        if base != last:
-            samples.append([component])
-            last = base
-        else:
-            samples[-1].append(component)
-    if not samples:
-        raise ValueError(f"{where}: no samples; DALI cannot index an empty archive")
-    return "".join([f"{DALI_INDEX_VERSION} {len(samples)}\n"] + [" ".join(s) + "\n" for s in samples])
-
-
-def dali_index_text(tar_path: str | os.PathLike) -> str:
-    """The DALI webdataset index of ``tar_path`` as text, in the format of DALI's ``wds2idx`` tool.
-
-    Format v1.2: a first line ``v1.2 <number of samples>``, then one line per sample listing each of its
-    components as ``<ext> <data offset> <size> <member name>``, space separated, in tar order. Offsets
-    point at the member data (header offset + 512). Samples are runs of regular-file members with the
-    same basename (the name up to the first dot after the last slash), as DALI groups them; members
-    whose basename is empty (hidden files) are left out, as DALI does.
-    """
-    with tarfile.open(tar_path, mode="r:") as tf:
-        members = [(m.name, m.offset_data, m.size) for m in tf if m.isreg()]
-    return _format_dali_index(members, str(tar_path))
-
-
-def write_dali_index(tar_path: str | os.PathLike, idx_path: str | os.PathLike) -> int:
-    """Write the DALI index of ``tar_path`` to ``idx_path`` (fsynced) and return its number of samples.
-
-    Use with ``nvidia.dali.fn.readers.webdataset(paths=[tar], index_paths=[idx], ext=[...])``.
-    """
-    text = dali_index_text(tar_path)
-    _write_synced(idx_path, text)
-    return int(text.split("\n", 1)[0].split(" ")[1])
-
-
-def _write_synced(path: str | os.PathLike, text: str) -> None:
-    with open(path, "w", encoding="ascii", newline="\n") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # ------------------------------------------------------------------------------------------ the writer
@@ -403,17 +167,6 @@ def _record_labels(rec: Record, k: int, where: str) -> tuple[tuple[int, ...], tu
     return pos, neg
 
 
-def _record_digest(rec: Record, pos: tuple[int, ...], neg: tuple[int, ...], where: str) -> bytes:
-    data_sha = hashlib.sha256(rec.data).hexdigest() if rec.data is not None else None
-    try:
-        text = json.dumps([rec.source_id, rec.rel_path, pos, neg, rec.path, data_sha, rec.meta],
-                          sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise IngestError(f"{where}: meta is not plain JSON ({e}); "
-                          "the adapter must store plain ints/floats/strings") from e
-    return hashlib.sha256(text.encode()).digest()
-
-
 def _sample_json(rec: Record, width: int, height: int, where: str) -> bytes:
     d = dict(rec.meta)
     # width/height from the JPEG header override any the source states: they are what a decoder returns
@@ -422,67 +175,6 @@ def _sample_json(rec: Record, width: int, height: int, where: str) -> bytes:
         return json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
     except (TypeError, ValueError) as e:
         raise IngestError(f"{where}: meta is not plain JSON ({e})") from e
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 4 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-class _Labels:
-    """Labels of the written samples of one split, as flat CSR arrays (not Python lists per row)."""
-
-    def __init__(self) -> None:
-        self.pos_values = array("H")
-        self.neg_values = array("H")
-        self.pos_offsets = array("q", [0])
-        self.neg_offsets = array("q", [0])
-
-    def __len__(self) -> int:
-        return len(self.pos_offsets) - 1
-
-    def add(self, pos: tuple[int, ...], neg: tuple[int, ...]) -> None:
-        self.pos_values.extend(pos)
-        self.neg_values.extend(neg)
-        self.pos_offsets.append(len(self.pos_values))
-        self.neg_offsets.append(len(self.neg_values))
-
-
-def _write_labels(path: Path, labels: _Labels, unlisted: str) -> None:
-    n = len(labels)
-    assert n * KEY_DIGITS < 2**31 and len(labels.pos_values) < 2**31 and len(labels.neg_values) < 2**31
-    keys = pa.StringArray.from_buffers(
-        n,
-        pa.py_buffer(np.arange(n + 1, dtype=np.int32) * np.int32(KEY_DIGITS)),
-        pa.py_buffer("".join(sample_key(i) for i in range(n)).encode("ascii")),
-    )
-
-    def lists(offsets: array, values: array) -> pa.ListArray:
-        return pa.ListArray.from_arrays(
-            pa.array(np.frombuffer(offsets, dtype=np.int64).astype(np.int32)),
-            pa.array(np.frombuffer(values, dtype=np.uint16), type=pa.uint16()),
-        )
-
-    schema = label_schema(unlisted)
-    batch = pa.RecordBatch.from_arrays(
-        [pa.array(np.arange(n, dtype=np.uint32)), keys, lists(labels.pos_offsets, labels.pos_values),
-         lists(labels.neg_offsets, labels.neg_values)],
-        schema=schema,
-    )
-    tmp = path.with_name(f".{path.name}.tmp")
-    # one record batch, uncompressed: readers map the file and use the list columns as CSR views
-    with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, schema) as w:
-        w.write_batch(batch)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -510,15 +202,11 @@ class _OpenShard:
     index: int
     first_sample: int
     first_record: int
-    tar: _TarBytes = field(default_factory=_TarBytes)
+    tar: TarBytes = field(default_factory=TarBytes)
     num_samples: int = 0
     last_record: int = -1
     digest: Any = field(default_factory=hashlib.sha256)
     skipped: list = field(default_factory=list)
-
-
-def _sidecar_path(state_dir: Path, index: int) -> Path:
-    return state_dir / f"{index:06d}.json"
 
 
 def _tmp_tar_path(split_dir: Path, index: int) -> Path:
@@ -532,23 +220,15 @@ def _commit_shard(split_dir: Path, state_dir: Path, shard: _OpenShard) -> ShardI
     tmp_tar = _tmp_tar_path(split_dir, shard.index)
     tmp_idx = split_dir / f".{name[:-4]}.idx.tmp"
     # the same text as write_dali_index(tar) gives, from the offsets noted while building (no re-read)
-    _write_synced(tmp_idx, _format_dali_index(shard.tar.members, str(tmp_tar)))
-    idx_size, idx_sha = tmp_idx.stat().st_size, file_sha256(tmp_idx)
-    os.replace(tmp_idx, split_dir / f"{name[:-4]}.idx")
+    write_synced_text(tmp_idx, format_dali_index(shard.tar.members, str(tmp_tar)))
+    idx = split_dir / f"{name[:-4]}.idx"
+    os.replace(tmp_idx, idx)
     os.replace(tmp_tar, split_dir / name)
     fsync_dir(split_dir)
     info = ShardInfo(file=name, num_samples=shard.num_samples, first_sample=shard.first_sample,
                      size=shard.tar.size, sha256=shard.tar.sha.hexdigest())
-    sidecar = {
-        "writer_version": WRITER_VERSION,
-        "shard": info.__dict__,
-        "idx": {"size": idx_size, "sha256": idx_sha},
-        "first_record": shard.first_record,
-        "num_records": shard.last_record - shard.first_record + 1,
-        "records_sha256": shard.digest.hexdigest(),
-        "skipped": shard.skipped,  # [[record index, "missing"|"corrupt", rel_path, detail], ...]
-    }
-    write_json_atomic(_sidecar_path(state_dir, shard.index), json.dumps(sidecar, indent=0))
+    write_sidecar(state_dir, shard.index, info, idx, shard.first_record, shard.last_record - shard.first_record + 1,
+                  shard.digest.hexdigest(), shard.skipped)
     return info
 
 
@@ -656,34 +336,6 @@ class _ShardSink:
             self.f = None
 
 
-def _valid_sidecar(split_dir: Path, state_dir: Path, index: int, first_sample: int, first_record: int) -> dict | None:
-    """The sidecar of shard ``index`` if it and the shard's files are intact and continue the prefix."""
-    try:
-        sc = json.loads(_sidecar_path(state_dir, index).read_text(encoding="utf-8"))
-        info = ShardInfo(**sc["shard"])
-        if (sc["writer_version"] != WRITER_VERSION or info.file != shard_name(index)
-                or info.first_sample != first_sample or sc["first_record"] != first_record or info.num_samples < 1):
-            return None
-        tar, idx = split_dir / info.file, split_dir / f"{info.file[:-4]}.idx"
-        if tar.stat().st_size != info.size or idx.stat().st_size != sc["idx"]["size"]:
-            return None
-        if file_sha256(tar) != info.sha256 or file_sha256(idx) != sc["idx"]["sha256"]:
-            return None
-    except (OSError, ValueError, KeyError, TypeError):
-        # absent, unreadable or damaged sidecar or shard: the shard is rewritten from here on
-        return None
-    return sc
-
-
-def _remove_shards_from(split_dir: Path, state_dir: Path, first: int) -> None:
-    """Delete shard files and sidecars with index >= first, and temporary files of an interrupted run."""
-    for d, pattern in ((split_dir, _SHARD_FILE_RE), (state_dir, _SIDECAR_RE)):
-        for p in d.iterdir():
-            m = pattern.match(p.name)
-            if (m and int(m.group(1)) >= first) or (p.name.startswith(".") and ".tmp" in p.name):
-                p.unlink()
-
-
 def _write_split(run: _Run, split: str, records: Iterable[Record]) -> _SplitResult:
     split_dir = run.out / split
     state_dir = run.out / STATE_DIR / split
@@ -691,16 +343,11 @@ def _write_split(run: _Run, split: str, records: Iterable[Record]) -> _SplitResu
     state_dir.mkdir(parents=True, exist_ok=True)
 
     # the longest intact prefix of committed shards survives; everything after it is rewritten
-    kept: list[dict] = []
-    first_sample = first_record = 0
-    while (sc := _valid_sidecar(split_dir, state_dir, len(kept), first_sample, first_record)) is not None:
-        kept.append(sc)
-        first_sample += sc["shard"]["num_samples"]
-        first_record += sc["num_records"]
-    _remove_shards_from(split_dir, state_dir, len(kept))
+    kept = kept_shards(split_dir, state_dir)
+    first_record = sum(sc["num_records"] for sc in kept)
 
     k = run.num_classes
-    labels = _Labels()
+    labels = LabelsBuilder()
     shards: list[ShardInfo] = []
     counts = {"missing": 0, "corrupt": 0}
     problems: list[list] = []
@@ -728,20 +375,20 @@ def _write_split(run: _Run, split: str, records: Iterable[Record]) -> _SplitResu
                 item = next(items, None)
                 if item is None:
                     raise IngestError(
-                        f"{_sidecar_path(state_dir, len(shards))}: the interrupted run had more records in split "
+                        f"{sidecar_path(state_dir, len(shards))}: the interrupted run had more records in split "
                         f"{split!r} than the source yields now (the source changed); re-run with --overwrite to "
                         "start over")
                 i, rec = item
                 where = _record_where(split, i, rec)
                 pos, neg = _record_labels(rec, k, where)
-                digest.update(_record_digest(rec, pos, neg, where))
+                digest.update(record_digest(rec, pos, neg, where))
                 if i in skipped:
                     note_skip(skipped[i])
                 else:
                     labels.add(pos, neg)
             if digest.hexdigest() != sc["records_sha256"]:
                 raise IngestError(
-                    f"{_sidecar_path(state_dir, len(shards))}: records {sc['first_record']}.."
+                    f"{sidecar_path(state_dir, len(shards))}: records {sc['first_record']}.."
                     f"{sc['first_record'] + sc['num_records'] - 1} of split {split!r} differ from those of the "
                     "interrupted run (the source changed); re-run with --overwrite to start over")
             assert len(labels) == sc["shard"]["first_sample"] + sc["shard"]["num_samples"]
@@ -756,7 +403,7 @@ def _write_split(run: _Run, split: str, records: Iterable[Record]) -> _SplitResu
         for i, rec, res in loaded:
             where = _record_where(split, i, rec)
             pos, neg = _record_labels(rec, k, where)
-            pending_digests.append(_record_digest(rec, pos, neg, where))
+            pending_digests.append(record_digest(rec, pos, neg, where))
             bar.update(1)
             if res.status != "ok":
                 src = rec.path if rec.path is not None else f"<bytes of {rec.rel_path}>"
@@ -780,9 +427,8 @@ def _write_split(run: _Run, split: str, records: Iterable[Record]) -> _SplitResu
             sid = len(labels)
             if sid >= 10**KEY_DIGITS:
                 raise IngestError(f"split {split!r} has more than 10^{KEY_DIGITS} samples, the most a key can number")
-            key = sample_key(sid)
-            sink.put("add", shard.tar.sample([(f"{key}.idx", struct.pack("<i", sid)), (f"{key}.jpg", res.data),
-                                              (f"{key}.json", _sample_json(rec, res.width, res.height, where))]))
+            meta_json = _sample_json(rec, res.width, res.height, where)
+            sink.put("add", shard.tar.sample(sample_members(sid, res.data, meta_json)))
             labels.add(pos, neg)
             shard.num_samples += 1
             shard.last_record = i
@@ -803,15 +449,11 @@ def _write_split(run: _Run, split: str, records: Iterable[Record]) -> _SplitResu
         if sink is not None:  # failed: stop the writer threads; a shard they had open is not committed
             sink.close(raise_error=False)
         bar.close()
-    _write_labels(split_dir / LABELS_NAME, labels, run.plan.unlisted)
+    write_labels(split_dir / LABELS_NAME, labels, run.plan.unlisted)
     fsync_dir(split_dir)
 
     n = len(labels)
-    positives = np.bincount(np.frombuffer(labels.pos_values, dtype=np.uint16), minlength=k)
-    if run.plan.unlisted == UNLISTED_NEGATIVE:
-        known = np.full(k, n, dtype=np.int64)  # complete annotation: every class of every sample is known
-    else:
-        known = positives + np.bincount(np.frombuffer(labels.neg_values, dtype=np.uint16), minlength=k)
+    positives, known = labels.class_counts(k, run.plan.unlisted)
     info = SplitInfo(num_samples=n, shards=shards, unlisted=run.plan.unlisted,
                      known_per_class=[int(x) for x in known], positives_per_class=[int(x) for x in positives])
     return _SplitResult(info, {"written": n, **counts, "problems": problems})
@@ -835,108 +477,6 @@ def _merge_counts(split: str, plan_counts: dict[str, Any], mine: dict[str, Any])
     # the first MAX_PROBLEMS_LISTED skipped images: [record index, reason, rel_path, detail]
     out["problems"] = mine["problems"]
     return out
-
-
-# --------------------------------------------------------------------------------- output folder state
-
-def _fingerprint(plan: IngestPlan, shard_size: int, strict: bool, check: str) -> dict[str, Any]:
-    """Everything the output bytes depend on; a resumed run must match it exactly."""
-    return json.loads(json.dumps({
-        "format_version": FORMAT_VERSION,
-        "writer_version": WRITER_VERSION,
-        "dataset": plan.dataset,
-        "classes": plan.classes,
-        "unlisted": plan.unlisted,
-        "splits": list(plan.splits),
-        "source": plan.source,
-        "shard_size": shard_size,
-        "strict": strict,
-        "check": check,
-    }))
-
-
-def _differences(old: Any, new: Any, path: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for key in sorted(set(old) | set(new), key=str):
-            sub = f"{path}.{key}" if path else str(key)
-            if key not in old:
-                out.append(f"{sub}: absent before, now {new[key]!r}")
-            elif key not in new:
-                out.append(f"{sub}: was {old[key]!r}, now absent")
-            else:
-                out.extend(_differences(old[key], new[key], sub))
-        return out
-    if old != new:
-        shown = [json.dumps(v) if len(json.dumps(v)) <= 80 else json.dumps(v)[:77] + "..." for v in (old, new)]
-        return [f"{path}: was {shown[0]}, now {shown[1]}"]
-    return []
-
-
-def _clear_output(out: Path, split_names: Iterable[str]) -> None:
-    """Delete what an ingest writes (and nothing else) under ``out``; the lock file stays."""
-    (out / MANIFEST_NAME).unlink(missing_ok=True)
-    for split in split_names:
-        d = out / split
-        if d.is_dir():
-            for p in d.iterdir():
-                temp = p.name.startswith(".") and ".tmp" in p.name
-                if _SHARD_FILE_RE.match(p.name) or p.name == LABELS_NAME or temp:
-                    p.unlink()
-            if not any(d.iterdir()):
-                d.rmdir()
-    state = out / STATE_DIR
-    for p in state.iterdir():
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.name != "lock":
-            p.unlink()
-
-
-def _prepare_output(out: Path, fingerprint: dict[str, Any], overwrite: bool) -> None:
-    state_path = out / STATE_DIR / STATE_NAME
-    old = None
-    if state_path.is_file():
-        try:
-            old = json.loads(state_path.read_text(encoding="utf-8"))["fingerprint"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise IngestError(f"{state_path}: unreadable ingest state ({e}); re-run with --overwrite") from e
-    new_splits = fingerprint["splits"]
-    if old is None:
-        ours = [n for n in [MANIFEST_NAME, *new_splits] if (out / n).exists()]
-        if ours and not overwrite:
-            raise IngestError(
-                f"{out}: holds {', '.join(ours)} but no {STATE_DIR}/{STATE_NAME}, so it was not written by this "
-                "ingest; choose another --out, or pass --overwrite to replace those")
-        _clear_output(out, new_splits)
-    elif old != fingerprint:
-        if not overwrite:
-            diff = "; ".join(_differences(old, fingerprint))
-            raise IngestError(
-                f"{state_path}: {out} holds an ingest made with other inputs or arguments ({diff}). Re-run with the "
-                "same plan and arguments to resume it, or pass --overwrite to discard it")
-        _clear_output(out, sorted(set(old.get("splits", [])) | set(new_splits)))
-    elif overwrite:
-        _clear_output(out, new_splits)
-    write_json_atomic(state_path, json.dumps({"fingerprint": fingerprint}, indent=1))
-
-
-class _Lock:
-    """An exclusive flock on OUT/.ingest/lock: two ingests into one folder would interleave shards."""
-
-    def __init__(self, path: Path):
-        self.f = open(path, "a")
-        try:
-            fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            self.f.close()
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise IngestError(
-                    f"{path}: another ingest is writing to {path.parent.parent}; wait for it to finish") from e
-            raise
-
-    def release(self) -> None:
-        self.f.close()
 
 
 # ------------------------------------------------------------------------------------------ public API
@@ -973,7 +513,7 @@ def write_dataset(
 ) -> Manifest:
     """Write ``plan`` as a dataset directory (shards, DALI indexes, labels.arrow, manifest.json); return the manifest.
 
-    Resumes an interrupted run with the same plan and arguments (see the module docstring); a folder
+    Resumes an interrupted run with the same plan and arguments (see ``shards.ingest_state``); a folder
     holding another ingest is an ``IngestError`` unless ``overwrite``. ``workers`` threads read and
     validate images; the output does not depend on it. ``strict`` makes a missing or corrupt image an
     error instead of a counted skip. ``check`` is "fast" (header + structure) or "full" (strict decode).
@@ -989,10 +529,10 @@ def write_dataset(
     if out.exists() and not out.is_dir():
         raise IngestError(f"{out}: exists and is not a folder; --out must name a folder")
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    lock = _Lock(out / STATE_DIR / "lock")
+    lock = OutputLock(out)
     try:
-        fingerprint = _fingerprint(plan, shard_size, strict, check)
-        _prepare_output(out, fingerprint, overwrite)
+        fp = fingerprint(plan, shard_size, strict, check)
+        prepare_output(out, fp, overwrite)
         run = _Run(out, plan, len(plan.classes), shard_size, workers, strict, check == "full", progress)
         results = {split: _write_split(run, split, records) for split, records in plan.splits.items()}
         # adapters may fill plan.counts while their records are iterated, so merge only now
@@ -1000,10 +540,10 @@ def write_dataset(
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             dataset=plan.dataset,
-            classes=fingerprint["classes"],
+            classes=fp["classes"],
             splits={split: r.info for split, r in results.items()},
             counts=counts,
-            source={**fingerprint["source"], "ingest": {
+            source={**fp["source"], "ingest": {
                 "writer_version": WRITER_VERSION, "shard_size": shard_size, "strict": strict, "check": check}},
         )
         write_json_atomic(out / MANIFEST_NAME, manifest.to_json() + "\n")

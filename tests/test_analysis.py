@@ -20,7 +20,8 @@ from largeloss.eval.analysis import (
     corrections_precision,
     entry_types,
 )
-from largeloss.shards.format import label_schema, sample_key
+from largeloss.shards.format import sample_key
+from largeloss.shards.labels import label_schema
 from largeloss.shards.labelstore import LabelStore
 from largeloss.train.losses import LossConfig, compute_loss
 

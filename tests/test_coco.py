@@ -10,8 +10,7 @@ import pytest
 
 from conftest import FIXTURES
 from largeloss.ingest import coco
-from largeloss.shards.format import UNLISTED_NEGATIVE
-from largeloss.shards.writer import IngestError
+from largeloss.shards.format import UNLISTED_NEGATIVE, IngestError
 
 COCO = FIXTURES / "coco2014"
 

@@ -9,8 +9,7 @@ import pytest
 
 from conftest import FIXTURES
 from largeloss.ingest import cub
-from largeloss.shards.format import UNLISTED_NEGATIVE
-from largeloss.shards.writer import IngestError
+from largeloss.shards.format import UNLISTED_NEGATIVE, IngestError
 
 FIX = FIXTURES / "cub200_2011"
 IDS = [1, 2, 61, 62, 121, 122, 179, 180, 239, 240, 283, 284, 324, 325, 377, 378, 425, 426, 448, 484, 485, 1401]

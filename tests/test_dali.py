@@ -18,13 +18,15 @@ pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip ins
 
 import simplejpeg  # noqa: E402
 
-from largeloss.ingest.plan import IngestPlan  # noqa: E402
 from largeloss.shards import dali  # noqa: E402
-from largeloss.shards.dali import DaliLoader, interleave_order, read_dali_index  # noqa: E402
-from largeloss.shards.format import FormatError, Record  # noqa: E402
+from largeloss.shards.dali import DaliLoader  # noqa: E402
+from largeloss.shards.format import FormatError, IngestPlan, Record  # noqa: E402
+from largeloss.shards.jpeg import decode_scale  # noqa: E402
 from largeloss.shards.labelstore import LabelStore  # noqa: E402
-from largeloss.shards.loader import SampleError, ShardLoader, decode_scale, interleave  # noqa: E402
+from largeloss.shards.loader import SampleError, ShardLoader  # noqa: E402
 from largeloss.shards.protocols import train_val_split  # noqa: E402
+from largeloss.shards.schedule import interleave, interleave_order  # noqa: E402
+from largeloss.shards.tar import decode_sample_id, read_dali_index  # noqa: E402
 from largeloss.shards.writer import write_dataset  # noqa: E402
 
 N_TRAIN, N_TEST, K = 45, 10, 5
@@ -235,7 +237,7 @@ def test_index_parsing_and_its_errors(root, tmp_path):
     index = read_dali_index(idx, 8, 8)
     with open(os.path.join(root, "train", "000001.tar"), "rb") as f:
         f.seek(int(index.idx_offset[3]))
-        assert dali.decode_sample_id(f.read(4)) == 11  # row 3 of the shard that starts at sample 8
+        assert decode_sample_id(f.read(4)) == 11  # row 3 of the shard that starts at sample 8
         f.seek(int(index.jpg_offset[3]))
         assert f.read(2) == b"\xff\xd8"  # JPEG start-of-image marker
 

@@ -13,10 +13,9 @@ import torch
 from conftest import FIXTURES
 from largeloss.eval import metrics
 from largeloss.eval.analysis import corrections_precision
-from largeloss.ingest.plan import IngestPlan
-from largeloss.shards.format import UNLISTED_NEGATIVE, Record
+from largeloss.shards.format import UNLISTED_NEGATIVE, IngestPlan, Record
+from largeloss.shards.jpeg import decode_image
 from largeloss.shards.labelstore import LabelStore
-from largeloss.shards.loader import decode_image
 from largeloss.shards.reader import open_dataset
 from largeloss.shards.writer import write_dataset
 from largeloss.train import features

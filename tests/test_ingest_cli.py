@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from largeloss.ingest import cli, coco, cub, demo, nuswide, openimages, voc
-from largeloss.shards.writer import IngestError
+from largeloss.shards.format import IngestError
 
 
 def test_registry_order_is_the_help_order():

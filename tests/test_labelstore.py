@@ -9,10 +9,11 @@ import pyarrow.ipc as ipc
 import pytest
 import torch
 
-import largeloss.shards.labelstore as labelstore
-from largeloss.shards.format import label_schema, sample_key
-from largeloss.shards.labels import SparseLabels
-from largeloss.shards.labelstore import LabelStore, current_generation, list_generations, log_path
+import largeloss.shards.corrections as corrections_module
+from largeloss.shards.corrections import current_generation, list_generations, log_path
+from largeloss.shards.format import sample_key
+from largeloss.shards.labels import SparseLabels, label_schema
+from largeloss.shards.labelstore import LabelStore
 from largeloss.shards.protocols import observe
 
 K = 5
@@ -236,7 +237,7 @@ def test_merge_errors(unk_file, tmp_path):
         r0.merge_corrections(1, world_size=2)
     # a log that corrects an observed entry (written behind the store's back) is refused by the merge
     r1.append_corrections(1, [2], [1])
-    r1._log.pending[0]["cls"] = 2  # (2, 2) is an observed positive
+    r1._corrections._log.pending[0]["cls"] = 2  # (2, 2) is an observed positive
     r1.flush_corrections(1)
     with pytest.raises(ValueError, match=r"correct \(sample 2, class 2\), which is observed"):
         r0.merge_corrections(1, world_size=2)
@@ -256,7 +257,7 @@ def test_crash_during_merge_keeps_previous_generation(unk_file, tmp_path, monkey
     def crash(tmp, final):
         raise RuntimeError("simulated crash after the temporary generation is written")
 
-    monkeypatch.setattr(labelstore, "_publish", crash)
+    monkeypatch.setattr(corrections_module, "_publish", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         store.merge_corrections(2, 1)
     leftovers = [p.name for p in d.iterdir() if p.name.startswith(".tmp-gen-0002")]
@@ -332,8 +333,8 @@ def test_remove_generations(unk_file, tmp_path):
 
 def test_merge_matches_set_union(unk_file, tmp_path, monkeypatch):
     """Many corrections over chunk boundaries (3 samples per merge chunk) against a Python set."""
-    monkeypatch.setattr(labelstore, "_MERGE_ROWS", 3)
-    monkeypatch.setattr(labelstore, "_FLUSH_RECORDS", 4)
+    monkeypatch.setattr(corrections_module, "_MERGE_ROWS", 3)
+    monkeypatch.setattr(corrections_module, "_FLUSH_RECORDS", 4)
     gen = np.random.default_rng(1)
     n, k = 40, 30
     dense = gen.choice(np.array([1, -1, 0], dtype=np.int8), size=(n, k), p=[0.1, 0.2, 0.7])

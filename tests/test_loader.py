@@ -15,14 +15,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from largeloss.shards.format import FORMAT_VERSION, UNLISTED_NEGATIVE, Manifest, Record, ShardInfo, SplitInfo, sample_key
-from largeloss.shards.loader import (
-    DecodeError,
-    SampleError,
-    ShardLoader,
+from largeloss.shards.jpeg import DecodeError, decode_image, decode_rgb, decode_scale
+from largeloss.shards.loader import SampleError, ShardLoader
+from largeloss.shards.schedule import (
     batch_sizes,
-    decode_image,
-    decode_rgb,
-    decode_scale,
     interleave,
     num_batches,
     plan_epoch,
@@ -114,7 +110,7 @@ def write_test_shards(root, jpegs: list[bytes], shard_size: int, *, members=None
 
 def write_real_dataset(root, jpegs: list[bytes], shard_size: int) -> None:
     """The project's writer (shards/writer.py) on records that carry their bytes."""
-    from largeloss.ingest.plan import IngestPlan
+    from largeloss.shards.format import IngestPlan
     from largeloss.shards.writer import write_dataset
 
     records = [Record(source_id=str(i), rel_path=f"{i}.jpg", pos=[0], data=b) for i, b in enumerate(jpegs)]
@@ -198,7 +194,7 @@ def test_rank_bounds_and_take_range():
     assert [rank_bounds(10, r, 4) for r in range(4)] == [(0, 2), (2, 5), (5, 7), (7, 10)]
     per_shard = split_by_shard([(0, 5), (5, 3), (8, 4)], np.array([1, 2, 4, 5, 9, 10, 11]))
     assert [list(a) for a in per_shard] == [[1, 2, 4], [5], [9, 10, 11]]
-    from largeloss.shards.loader import Piece
+    from largeloss.shards.schedule import Piece
 
     pieces = [Piece(s, a) for s, a in enumerate(per_shard)]
     got = take_range(pieces, 2, 5)  # items 4 | 5 | 9
@@ -469,6 +465,22 @@ def test_real_shards_resume_mid_epoch(real_root):
         assert len(resumed) == len(full) - start
         for (a_img, a_ids), (b_img, b_ids) in zip(resumed, full[start:]):
             assert torch.equal(a_ids, b_ids) and torch.equal(a_img, b_img)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_schedule_batches_are_the_loaders_stream(real_root, num_workers):
+    """``EpochSchedule.batches()`` (what the DALI loader feeds) predicts ShardLoader's ids and flips, batch by batch."""
+    loader = ShardLoader(real_root, "train", batch_size=3, image_size=24, train=True, sample_ids=ALLOWED,
+                         rank=1, world_size=2, num_workers=num_workers, seed=5, shuffle_buffer=4)
+    loader.set_epoch(1, start_batch=1)
+    planned = loader.schedule.batches()
+    got = list(loader)
+    assert len(got) == len(planned) == len(loader) - 1
+    for (images, ids), (want_ids, want_flips) in zip(got, planned):
+        assert ids.tolist() == want_ids.tolist()
+        assert [orientation(img, int(sid)) for img, sid in zip(images, ids)] == [
+            "flipped" if f else "plain" for f in want_flips
+        ]
 
 
 def test_loader_rejects_bad_arguments(real_root):

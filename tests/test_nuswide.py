@@ -8,8 +8,7 @@ import pytest
 
 from conftest import FIXTURES
 from largeloss.ingest import nuswide
-from largeloss.shards.format import UNLISTED_NEGATIVE
-from largeloss.shards.writer import IngestError
+from largeloss.shards.format import UNLISTED_NEGATIVE, IngestError
 
 CONCEPTS_FILE = FIXTURES / "nuswide" / "ConceptsList" / "Concepts81.txt"  # real, CRLF
 CONCEPTS = CONCEPTS_FILE.read_text(encoding="utf-8").split()

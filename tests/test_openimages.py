@@ -15,8 +15,7 @@ import pytest
 
 from conftest import FIXTURES
 from largeloss.ingest import openimages
-from largeloss.shards.format import UNLISTED_UNKNOWN
-from largeloss.shards.writer import IngestError
+from largeloss.shards.format import UNLISTED_UNKNOWN, IngestError
 
 REL = FIXTURES / "openimages_v3" / "2017_11"
 HEADER = "ImageID,Source,LabelName,Confidence"

@@ -12,8 +12,7 @@ import yaml
 
 from largeloss.eval import pointing, report
 from largeloss.eval.pointing import Tally, argmax_points, class_activation_maps, inside_any, to_original
-from largeloss.ingest.plan import IngestPlan
-from largeloss.shards.format import UNLISTED_NEGATIVE, Record
+from largeloss.shards.format import UNLISTED_NEGATIVE, IngestPlan, Record
 from largeloss.shards.writer import write_dataset
 
 K = 3
@@ -153,7 +152,7 @@ def test_real_models_and_shared_backbone(data, tmp_path, monkeypatch, capsys):
     assert res["f0"]["pointing_accuracy"] == pytest.approx(1 / 3) and res["f0"]["head_only"] is False
     # each head's verdicts are its own CAM's: recompute them from the backbone's map directly
     model = build_model("efficientnet_lite0", K, "IMAGENET").eval()
-    from largeloss.shards.loader import decode_image
+    from largeloss.shards.jpeg import decode_image
     from largeloss.shards.reader import open_dataset
 
     imgs = torch.from_numpy(np.stack([decode_image(s.jpeg, S).transpose(2, 0, 1)

@@ -6,8 +6,16 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
 
-from largeloss.shards.format import LABEL_SCHEMA, FormatError, label_schema, sample_key
-from largeloss.shards.labels import SparseLabels, canonical_rows, gather_rows, read_labels, rows_sorted_unique
+from largeloss.shards.format import FormatError, sample_key
+from largeloss.shards.labels import (
+    LABEL_SCHEMA,
+    SparseLabels,
+    canonical_rows,
+    gather_rows,
+    label_schema,
+    read_labels,
+    rows_sorted_unique,
+)
 from largeloss.shards.protocols import Protocol, observe, parse_protocol, partial, single_positive, train_val_split
 
 

@@ -15,8 +15,9 @@ import largeloss.ingest.cli as cli
 from conftest import FIXTURES, ROOT
 from largeloss.ingest import voc
 from largeloss.ingest.voc import VOC_CLASSES, parse_annotation, plan_from_devkit
+from largeloss.shards.format import IngestError
 from largeloss.shards.reader import open_dataset, verify
-from largeloss.shards.writer import IngestError, write_dataset
+from largeloss.shards.writer import write_dataset
 
 VOCDEVKIT07 = FIXTURES / "voc2007-format-reference" / "VOCdevkit"
 VOCDEVKIT12 = FIXTURES / "voc2012" / "VOCdevkit"

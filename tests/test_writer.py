@@ -1,4 +1,5 @@
-"""The shard writer (shards/writer.py) and reader (shards/reader.py): layout, exact bytes, skips, resume, verify."""
+"""The shard writer (shards/writer.py) and reader (shards/reader.py): layout, exact bytes, skips, resume, verify;
+JPEG validation (shards/jpeg.py) and the DALI index (shards/tar.py)."""
 from __future__ import annotations
 
 import json
@@ -13,20 +14,24 @@ import pyarrow.ipc as ipc
 import pytest
 import simplejpeg
 
+import largeloss.shards.jpeg as jpeg
 import largeloss.shards.writer as writer
 from conftest import FIXTURES
-from largeloss.ingest.plan import IngestPlan
-from largeloss.shards.format import FormatError, Record, read_manifest
+from largeloss.shards.format import FormatError, IngestError, IngestPlan, Record, read_manifest
+from largeloss.shards.jpeg import CorruptImage, validate_jpeg
 from largeloss.shards.reader import open_dataset, verify
-from largeloss.shards.writer import (
-    CorruptImage,
-    IngestError,
+from largeloss.shards.tar import (
+    MEMBER_EXTS,
+    TarBytes,
     dali_index_text,
-    summary_table,
-    validate_jpeg,
+    decode_sample_id,
+    encode_sample_id,
+    format_dali_index,
+    iter_samples,
+    sample_members,
     write_dali_index,
-    write_dataset,
 )
+from largeloss.shards.writer import summary_table, write_dataset
 
 FIXTURES_VOC07 = FIXTURES / "voc2007-format-reference" / "VOCdevkit" / "VOC2007"
 
@@ -91,7 +96,7 @@ def test_validate_jpeg_fast_and_full():
         validate_jpeg(with_thumb[:-300])
 
     # a restart marker inside the entropy-coded data: the structure is intact, only a strict decode sees it
-    scan = writer._first_scan_offset(d)
+    scan = jpeg._first_scan_offset(d)
     damaged = d[: scan + 50] + b"\xff\xd0" + d[scan + 50:]
     assert validate_jpeg(damaged) == (48, 32)
     with pytest.raises(CorruptImage, match="does not decode cleanly"):
@@ -403,6 +408,24 @@ def test_reader_round_trip_and_verify_detects_damage(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ DALI index
+
+def test_tar_contract_round_trip(tmp_path):
+    """shards.tar alone: sample layout, id codec, ustar bytes any tar reader reads, the index noted while building."""
+    assert decode_sample_id(encode_sample_id(7)) == 7 and encode_sample_id(1) == struct.pack("<i", 1)
+    with pytest.raises(ValueError, match="4 bytes"):
+        decode_sample_id(b"\x01\x00")
+    tar = TarBytes()
+    data = b"".join(tar.sample(sample_members(i, _jpeg(i), json.dumps({"i": i}).encode())) for i in (7, 8)) + tar.end()
+    assert len(data) == tar.size and len(data) % 512 == 0
+    path = tmp_path / "x.tar"
+    path.write_bytes(data)
+    with tarfile.open(path) as tf:
+        assert tf.getnames() == [f"00000000{i}.{ext}" for i in (7, 8) for ext in MEMBER_EXTS]
+    assert [(s.sample_id, s.key, s.jpeg, s.meta) for s in iter_samples(path)] == [
+        (i, f"00000000{i}", _jpeg(i), {"i": i}) for i in (7, 8)
+    ]
+    assert format_dali_index(tar.members, str(path)) == dali_index_text(path)
+
 
 def test_dali_index_points_at_member_bytes(tmp_path):
     paths = _files(tmp_path / "src", 3)

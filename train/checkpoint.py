@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from largeloss.shards.format import fsync_dir, write_json_atomic
+from largeloss.shards.format import UNLISTED_UNKNOWN, fsync_dir, write_json_atomic
 
 STATE_NAME = "trainer_state.json"
 
@@ -151,7 +151,7 @@ def result_record(cfg, dataset_name: str, manifest, best_epoch: int, best_map: f
         "world_size": world_size,
     }
     known = manifest.splits[cfg.train_split].known_per_class
-    if manifest.splits[cfg.test_split].unlisted == "unknown" and known:
+    if manifest.splits[cfg.test_split].unlisted == UNLISTED_UNKNOWN and known:
         groups = metrics.class_groups(np.asarray(known), 5)
         result["groups"] = {k: (float(v) if np.isfinite(v) else None)
                             for k, v in metrics.group_map(test_res.per_class_ap, groups).items()}

@@ -150,7 +150,7 @@ def extract(data: str | os.PathLike, split: str, arch: str, weights: str, image_
         "dataset_dir": str(Path(data).resolve()),
         "manifest_sha256": sha256_file(Path(data) / "manifest.json"),
         "rows": "row i = sample id i of the split",
-        "preprocess": "shards.loader.decode_image (squash resize, no flip), MultiLabelNet.normalize",
+        "preprocess": "shards.jpeg.decode_image (squash resize, no flip), MultiLabelNet.normalize",
         "torch": torch.__version__,
         "seconds": round(time.time() - t0, 1),
     }

@@ -23,6 +23,7 @@ import torch
 from largeloss.eval import metrics
 from largeloss.eval.analysis import MemorizationTracker, PrecisionTracker, predict_logits
 from largeloss.shards import protocols
+from largeloss.shards.format import UNLISTED_UNKNOWN
 from largeloss.shards.labelstore import LabelStore
 from largeloss.shards.reader import open_dataset
 from largeloss.train import checkpoint as ckpt
@@ -146,7 +147,7 @@ def predict(model, loader, accelerator, expected: np.ndarray, sparse_store: Labe
 
 
 def evaluate(model, loader, store: LabelStore, accelerator, expected: np.ndarray, convention: str):
-    if store.unlisted == "unknown":
+    if store.unlisted == UNLISTED_UNKNOWN:
         # partial labels: AP from the known entries only (eval/metrics.py's flat path)
         ids, (cols, vals, is_pos) = predict(model, loader, accelerator, expected, sparse_store=store)
         return metrics.mean_average_precision_flat(cols, vals, is_pos, store.num_classes, convention), ids, None

@@ -126,8 +126,7 @@ def photo_jpeg(seed: int) -> bytes:
 
 def make_dataset(root: Path, n: int, classes: int) -> float:
     """Write ``n`` generated images as split ``train``; return the mean JPEG size in KiB."""
-    from largeloss.ingest.plan import IngestPlan
-    from largeloss.shards.format import Record
+    from largeloss.shards.format import IngestPlan, Record
     from largeloss.shards.writer import write_dataset
 
     _noise()  # drawn once, before the threads share it
@@ -173,7 +172,7 @@ def loader_epoch(loader, epoch: int, device: torch.device) -> tuple[float, list[
 
 def feed_cost_us(loader) -> float:
     """DALI's host-side work per sample: pread of the JPEG and the .idx member plus the id check."""
-    ids = np.concatenate([b for b, _ in loader.epoch_batches()])
+    ids = np.concatenate([b for b, _ in loader.schedule.batches()])
     loader._files.read(ids[: min(len(ids), 64)])  # indexes parsed, files opened: steady state
     t0 = time.perf_counter()
     for a in range(0, len(ids), 64):
@@ -263,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from largeloss.shards import dali
     from largeloss.shards.labelstore import LabelStore
-    from largeloss.shards.loader import ShardLoader, decode_scale
+    from largeloss.shards.jpeg import decode_scale
+    from largeloss.shards.loader import ShardLoader
     from largeloss.train.losses import LossConfig, num_to_modify
 
     gpu = torch.cuda.is_available()

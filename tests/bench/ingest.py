@@ -77,8 +77,7 @@ def make_jpegs(folder: Path, n: int, seed: int = 0) -> list[Path]:
 
 
 def bench_write(tmp: Path, n: int, workers: int) -> None:
-    from largeloss.ingest.plan import IngestPlan
-    from largeloss.shards.format import UNLISTED_NEGATIVE, Record
+    from largeloss.shards.format import UNLISTED_NEGATIVE, IngestPlan, Record
     from largeloss.shards.writer import write_dataset
 
     src = tmp / "jpegs"

@@ -75,7 +75,8 @@ def build(args) -> dict:
     import pyarrow as pa
     import pyarrow.ipc as ipc
 
-    from largeloss.shards.format import KEY_DIGITS, LABELS_NAME, label_schema
+    from largeloss.shards.format import KEY_DIGITS, LABELS_NAME
+    from largeloss.shards.labels import label_schema
 
     t0 = time.perf_counter()
     n, k = args.images, args.classes
@@ -155,7 +156,8 @@ def time_targets(store, rng, args) -> dict:
 
 def measure(args) -> dict:
     from largeloss.shards.format import LABELS_NAME
-    from largeloss.shards.labelstore import LabelStore, generation_dir, log_path
+    from largeloss.shards.corrections import generation_dir, log_path
+    from largeloss.shards.labelstore import LabelStore
 
     out = {"rss_start": current_rss(), "loadavg_start": os.getloadavg()[0]}
     rng = np.random.default_rng(args.seed + 1)

@@ -41,8 +41,7 @@ if "largeloss" not in sys.modules:  # run as a file from a checkout: its folders
     _pkg.__path__ = [str(Path(__file__).resolve().parents[2])]
     sys.modules["largeloss"] = _pkg
 
-from largeloss.ingest.plan import IngestPlan  # noqa: E402
-from largeloss.shards.format import UNLISTED_NEGATIVE, Record  # noqa: E402
+from largeloss.shards.format import UNLISTED_NEGATIVE, IngestPlan, Record  # noqa: E402
 from largeloss.shards.loader import ShardLoader  # noqa: E402
 from largeloss.shards.writer import write_dataset  # noqa: E402
 

@@ -1,0 +1,138 @@
+"""JPEG bytes: validation at ingest (``validate_jpeg``) and decoding for training (``decode_image``).
+
+Validation (the writer stores the source bytes, never re-encoded). ``full=False`` (``ingest --check
+fast``, the default) validates the JPEG header with libjpeg-turbo (``simplejpeg.decode_jpeg_header``)
+and the marker structure: the segments up to the first scan must be well formed and an end-of-image
+marker must follow the first scan, which catches truncated files. ``full=True`` (``--check full``)
+decodes every image in strict mode (libjpeg warnings such as "Premature end of JPEG file" are
+errors); it costs a full entropy decode per image, so it is opt-in.
+
+Decoding. simplejpeg (libjpeg-turbo) first, OpenCV as a fallback for what simplejpeg refuses (e.g. PNG
+bytes named .jpg). The two decode at about the same speed (tests/bench/loader.py); simplejpeg stays
+first because it takes the reduced scale as a minimum output size and returns RGB directly (OpenCV's
+IMREAD_REDUCED_* / IMREAD_COLOR_RGB flags would also do). Grayscale and CMYK JPEGs come out RGB
+(libjpeg-turbo converts Adobe CMYK; tested). When an image is at least twice the target on both sides
+it is decoded at a reduced DCT scale, 1/2, 1/4 or 1/8, the largest that keeps both sides >= S (only
+powers of two: libjpeg-turbo has SIMD IDCTs for them, and a 5/8 scale was slower than a full decode),
+then squash-resized to (S, S) with ``cv2.INTER_LINEAR``. EXIF orientation is ignored, as PIL's
+``Image.open`` does. Normalisation is left to the device.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import simplejpeg
+
+
+class CorruptImage(ValueError):
+    """Image bytes that are not a decodable JPEG; the message says what is wrong."""
+
+
+class DecodeError(ValueError):
+    """Image bytes that neither simplejpeg nor OpenCV can decode."""
+
+
+# ----------------------------------------------------------------------------------------- validation
+
+_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RST0-7: no length field
+
+
+def _first_scan_offset(data: bytes) -> int:
+    """Offset just past the first SOS segment header; walks the marker segments after SOI by their lengths.
+
+    Walking (instead of searching for FFDA) skips APP segments, whose payload may hold an EXIF thumbnail
+    with its own SOI/EOI markers.
+    """
+    pos, n = 2, len(data)
+    while True:
+        if pos >= n or data[pos] != 0xFF:
+            raise CorruptImage(f"malformed marker structure at byte {pos} before the first scan")
+        while pos < n and data[pos] == 0xFF:  # fill bytes may precede a marker
+            pos += 1
+        if pos >= n:
+            raise CorruptImage("truncated before the first scan")
+        marker = data[pos]
+        pos += 1
+        if marker in _STANDALONE_MARKERS:
+            continue
+        if marker in (0xD8, 0xD9):
+            raise CorruptImage(f"unexpected marker FF{marker:02X} before the first scan")
+        if pos + 2 > n:
+            raise CorruptImage("truncated before the first scan")
+        length = (data[pos] << 8) | data[pos + 1]
+        if length < 2 or pos + length > n:
+            raise CorruptImage(f"segment FF{marker:02X} at byte {pos - 2} runs past the end of the file (truncated)")
+        pos += length
+        if marker == 0xDA:
+            return pos
+
+
+def validate_jpeg(data: bytes, *, full: bool = False) -> tuple[int, int]:
+    """Check that ``data`` is a complete JPEG and return its (width, height) from the header.
+
+    Raises ``CorruptImage`` naming the problem. ``full=False``: header + marker structure + an EOI
+    marker after the first scan (a truncated file has none: inside entropy-coded data 0xFF is always
+    followed by 0x00 or a restart marker). ``full=True``: additionally decode the whole image in strict
+    mode, which also rejects corrupt entropy-coded data that libjpeg would only warn about.
+    """
+    if len(data) == 0:
+        raise CorruptImage("empty file")
+    if not data.startswith(b"\xff\xd8"):
+        kind = (
+            "PNG" if data.startswith(b"\x89PNG") else "GIF" if data.startswith(b"GIF8")
+            else "WebP" if data[:4] == b"RIFF" and data[8:12] == b"WEBP" else "unknown"
+        )
+        raise CorruptImage(f"not a JPEG (no SOI marker; looks like {kind} data, first bytes {data[:4].hex()})")
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError as e:
+        raise CorruptImage(f"unreadable JPEG header: {e}") from None
+    if width <= 0 or height <= 0:
+        raise CorruptImage(f"JPEG header gives size {width}x{height}")
+    scan = _first_scan_offset(data)
+    if data.rfind(b"\xff\xd9", scan) < 0:  # rfind: the marker is normally in the last bytes
+        raise CorruptImage("truncated: no end-of-image marker after the scan data")
+    if full:
+        # Decoding to GRAY (CMYK stays CMYK: libjpeg cannot convert it) at 1/8 scale still entropy-decodes
+        # every block, which is what finds corrupt data, at ~15 % less cost than full-size RGB.
+        try:
+            simplejpeg.decode_jpeg(data, colorspace="CMYK" if colorspace == "CMYK" else "GRAY", min_factor=8,
+                                   strict=True)
+        except ValueError as e:
+            raise CorruptImage(f"JPEG does not decode cleanly: {e}") from None
+    return width, height
+
+
+# ------------------------------------------------------------------------------------------- decoding
+
+def decode_scale(height: int, width: int, size: int) -> int:
+    """Largest DCT reduction in (1, 2, 4, 8) that keeps both sides >= size (so 1 below 2x the target)."""
+    f = 1
+    while f < 8 and height >= 2 * f * size and width >= 2 * f * size:
+        f *= 2
+    return f
+
+
+def decode_rgb(data: bytes, size: int) -> np.ndarray:
+    """Decode to an HxWx3 uint8 RGB array, at reduced scale when the image is >= 2x ``size``."""
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        f = decode_scale(height, width, size)
+        # libjpeg-turbo picks the smallest M/8 scale whose output is >= the minimum; ceil(h/f) makes
+        # that exactly 1/f (scaled sizes are rounded up).
+        scaled = {} if f == 1 else {"min_height": -(-height // f), "min_width": -(-width // f)}
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", **scaled)
+    except ValueError as e:  # not a JPEG libjpeg-turbo accepts (PNG bytes, some exotic JPEGs)
+        first_error = e
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if img is None:
+        raise DecodeError(f"neither simplejpeg ({first_error}) nor OpenCV can decode these {len(data)} bytes")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def decode_image(data: bytes, size: int) -> np.ndarray:
+    """Decode and squash-resize to (size, size, 3) uint8 RGB (aspect ratio not kept, as in the paper)."""
+    img = decode_rgb(data, size)
+    if img.shape[:2] != (size, size):
+        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
+    return img
