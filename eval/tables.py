@@ -334,14 +334,20 @@ def sweep_table(runs: list[Run], key: str, by=(), digits: int = 1) -> Table:
     return Table("sweep", f"Test mAP against {key} (paper Figure 5 / 6)", header, rows, cells, footer)
 
 
+def _with_file(runs: list[Run], path_of, key_of) -> dict[tuple, list[tuple[Run, dict]]]:
+    """The runs that have the JSON file ``path_of(run directory)``, with its content, grouped by ``key_of(run)``."""
+    found: dict[tuple, list[tuple[Run, dict]]] = {}
+    for r in runs:
+        doc = r.dir.read_optional(path_of(r.dir))
+        if doc is not None:
+            found.setdefault(key_of(r), []).append((r, doc))
+    return found
+
+
 def memorization_table(runs: list[Run], digits: int = 1) -> Table | None:
     """Table 1 from the runs' analysis/memorization.json: per (dataset, method), the share (%) of TP / TN /
     FN entries whose highest loss falls in epoch 1 (warmup) or later (regular), mean ± std over seeds."""
-    found: dict[tuple[str, str], list[tuple[Run, dict]]] = {}
-    for r in runs:
-        m = r.dir.read_optional(r.dir.memorization)
-        if m is not None:
-            found.setdefault((r.dataset, r.method), []).append((r, m))
+    found = _with_file(runs, lambda d: d.memorization, lambda r: (r.dataset, r.method))
     if not found:
         return None
     many = len({d for d, _ in found}) > 1
@@ -371,11 +377,7 @@ def memorization_table(runs: list[Run], digits: int = 1) -> Table | None:
 
 def pointing_table(runs: list[Run], digits: int = 1) -> Table | None:
     """Table 4 from the runs' pointing.json: pointing-game accuracy (%), rows = methods, columns = datasets."""
-    found: dict[tuple[str, str], list[tuple[Run, dict]]] = {}
-    for r in runs:
-        p = r.dir.read_optional(r.dir.pointing)
-        if p is not None:
-            found.setdefault((r.method, r.dataset), []).append((r, p))
+    found = _with_file(runs, lambda d: d.pointing, lambda r: (r.method, r.dataset))
     if not found:
         return None
     datasets = sorted({d for _, d in found}, key=dataset_key)

@@ -54,6 +54,8 @@ class Source(Protocol):
 
 
 def run(cfg: Config, make_source: Callable[[Config, Dataset], Source]) -> dict[str, Any]:
+    """Train, validate and test under ``cfg`` on the source ``make_source(cfg, dataset)``; returns result.json's
+    content."""
     ds = open_dataset(cfg.data)
     source = make_source(cfg, ds)  # checks its inputs (weights, feature files) before the run directory exists
     accelerator = source.accelerator()
@@ -61,18 +63,18 @@ def run(cfg: Config, make_source: Callable[[Config, Dataset], Source]) -> dict[s
     log = (lambda msg: print(f"{source.log_prefix} {msg}", flush=True)) if main else (lambda msg: None)
     dataset_name = cfg.dataset or ds.manifest.dataset
     method = cfg.loss.method
-    run, latest = open_run_dir(cfg, dataset_name, accelerator)
+    rundir, latest = open_run_dir(cfg, dataset_name, accelerator)
     resume_state = None if latest is None else ckpt.read_state(latest)
     if main:
-        source.write_run_files(run)
+        source.write_run_files(rundir)
 
     # ---- labels; the analyses (eval/analysis.py) are made before any use_generation ----
     train_ids, val_ids = split_train_val(ds.num_samples(cfg.train_split), cfg)
-    stores = label_stores(ds, cfg, train_ids, val_ids, run.labels, accelerator.process_index)
+    stores = label_stores(ds, cfg, train_ids, val_ids, rundir.labels, accelerator.process_index)
     precision = PrecisionTracker(stores.train) if cfg.analysis_entries > 0 else None
     memo = memo_loader = None
     if cfg.analysis_entries > 0 and main:
-        memo = MemorizationTracker(stores.train, train_ids, cfg.analysis_entries, cfg.seed, run.analysis,
+        memo = MemorizationTracker(stores.train, train_ids, cfg.analysis_entries, cfg.seed, rundir.analysis,
                                    resume_after_epoch=None if resume_state is None else resume_state["epoch"])
         memo_loader = source.memo_loader(memo.image_ids)
 
@@ -86,7 +88,7 @@ def run(cfg: Config, make_source: Callable[[Config, Dataset], Source]) -> dict[s
     test_loader = source.eval_loader(accelerator, cfg.test_split, None)
     log(f"{dataset_name}: {ds.num_classes} classes, train {len(train_ids)} / val {len(val_ids)} / test "
         f"{len(stores.test_ids)}; method {method} (delta_rel {cfg.loss.delta_rel}); {accelerator.num_processes} "
-        f"process(es) on {accelerator.device}; loader {type(train_loader).__name__}; run dir {run.path}")
+        f"process(es) on {accelerator.device}; loader {type(train_loader).__name__}; run dir {rundir.path}")
 
     start_epoch, best_map, best_epoch, stopped_early = 1, -math.inf, 0, False
     if resume_state is not None:
@@ -100,13 +102,13 @@ def run(cfg: Config, make_source: Callable[[Config, Dataset], Source]) -> dict[s
     if cfg.resume:
         stores.train.discard_logs_after(start_epoch - 1)
         if main:
-            run.truncate_metrics(start_epoch - 1)
-        log(f"resumed {run.path} after epoch {start_epoch - 1}" if resume_state is not None
-            else f"{run.path} has no checkpoint yet: starting from epoch 1")
+            rundir.truncate_metrics(start_epoch - 1)
+        log(f"resumed {rundir.path} after epoch {start_epoch - 1}" if resume_state is not None
+            else f"{rundir.path} has no checkpoint yet: starting from epoch 1")
     accelerator.wait_for_everyone()
 
-    hooks = Hooks(run.debug if cfg.debug_dump else None, accelerator)
-    tb = _tensorboard(run) if main else None
+    hooks = Hooks(rundir.debug if cfg.debug_dump else None, accelerator)
+    tb = _tensorboard(rundir) if main else None
     for epoch in range(start_epoch if not stopped_early else cfg.epochs + 1, cfg.epochs + 1):
         frozen = source.frozen_backbone(epoch)
         stats = train_epoch(epoch, model, optimizer, train_loader, stores.train, cfg, accelerator, frozen=frozen,
@@ -126,16 +128,16 @@ def run(cfg: Config, make_source: Callable[[Config, Dataset], Source]) -> dict[s
         improved = best_epoch == 0 or val_map > best_map  # the first epoch is best even when its mAP is NaN
         if improved:
             best_map, best_epoch = val_map, epoch
-            ckpt.save_best(accelerator, model, run, {"epoch": epoch, "val_map": val_map})
+            ckpt.save_best(accelerator, model, rundir, {"epoch": epoch, "val_map": val_map})
         stop = 100 * val_map < 100 * best_map - cfg.early_stop_drop
         # metrics first, then the checkpoint: a kill in between leaves a metrics line past the checkpoint,
         # which resume truncates and recomputes (the other order would lose the line)
         if main:
-            run.append_metrics(record)
+            rundir.append_metrics(record)
             if tb is not None:
                 for k in ("train_loss", "val_map", "modified", "images_per_s"):
                     tb.add_scalar(k, record[k], epoch)
-        ckpt.save_checkpoint(accelerator, run, epoch, {
+        ckpt.save_checkpoint(accelerator, rundir, epoch, {
             "epoch": epoch, "best_val_map": best_map, "best_epoch": best_epoch, "stopped_early": stop,
             "label_generation": stores.train.generation, "config": run_config(cfg, dataset_name),
             "precision": None if precision is None else precision.state(),
@@ -156,16 +158,16 @@ def run(cfg: Config, make_source: Callable[[Config, Dataset], Source]) -> dict[s
 
     # ---- test once with the best weights ----
     accelerator.wait_for_everyone()
-    accelerator.unwrap_model(model).load_state_dict(ckpt.load_best_weights(run))
+    accelerator.unwrap_model(model).load_state_dict(ckpt.load_best_weights(rundir))
     test_res, _, _ = evaluate(model, test_loader, stores.test, accelerator, stores.test_ids, cfg.map_convention)
     result = result_record(cfg, dataset_name, ds.manifest, best_epoch, best_map, test_res, stopped_early,
                            accelerator.num_processes) | source.result_extra
     if main:
-        run.write_json(run.result, result)
+        rundir.write_json(rundir.result, result)
         if tb is not None:
             tb.close()
     stores.train.close()
-    log(f"test mAP {100 * result['test_map']:.2f} with the weights of epoch {best_epoch} -> {run.result}")
+    log(f"test mAP {100 * result['test_map']:.2f} with the weights of epoch {best_epoch} -> {rundir.result}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
