@@ -88,6 +88,9 @@ def test_typo_inside_the_delta_rel_table(tmp_path):
     a = write(tmp_path / "a.yaml", "data: d\nmethod: ll_ct\n\ndelta_rel_table: {llct: 0.9}\n")
     with pytest.raises(ConfigError, match=r"a\.yaml:4: delta_rel_table: unknown key 'llct' \(did you mean 'll_ct'\?\)"):
         build_config([a])
+    b = write(tmp_path / "b.yaml", "data: d\ndelta_rel_table:\n  ll_r: 0.2\n  ll_cp: 0.1\n  llcp: 0.3\n")
+    with pytest.raises(ConfigError, match=r"b\.yaml:5: delta_rel_table: unknown key 'llcp' \(did you mean 'll_cp'\?\)"):
+        build_config([b])
     with pytest.raises(ConfigError, match=r"command line: delta_rel_table.ll_ct must be a number"):
         build_config([], ["data=d", "delta_rel_table={ll_ct: fast}"])
 

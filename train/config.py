@@ -123,10 +123,6 @@ KEY_TYPES = _key_types()
 LOSS_KEYS = tuple(f.name for f in dataclasses.fields(LossConfig))
 
 
-def _defaults() -> dict[str, Any]:
-    return to_dict(Config())
-
-
 # ------------------------------------------------------------------------------------------ coercion
 
 
@@ -208,11 +204,13 @@ def _coerce_mapping(key: str, value: Any, where: str, key_type: Any, value_type:
     names = get_args(key_type)
     out = {}
     for k, v in value.items():
+        line = value.lines.get(str(k)) if isinstance(value, _LinedDict) else None
+        at = where if line is None else f"{where.rsplit(':', 1)[0]}:{line}"
         if k not in names:
             close = difflib.get_close_matches(str(k), names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{where}: {key}: unknown key {k!r}{hint}; the keys are {', '.join(names)}")
-        out[k] = coerce(f"{key}.{k}", v, where, value_type)
+            raise ConfigError(f"{at}: {key}: unknown key {k!r}{hint}; the keys are {', '.join(names)}")
+        out[k] = coerce(f"{key}.{k}", v, at, value_type)
     return types.MappingProxyType(out)
 
 
@@ -245,6 +243,12 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 Entry = tuple[str, Any, str]  # (key, value, where: "file:line" or "command line")
 
 
+class _LinedDict(dict):
+    """A mapping value of a config file, with the line of each of its keys (for errors inside it)."""
+
+    lines: dict[str, int]  # by the key as written
+
+
 def load_yaml(path: str | Path) -> list[Entry]:
     """Return (key, value, "file:line") triples of a config file."""
     path = Path(path)
@@ -265,6 +269,10 @@ def load_yaml(path: str | Path) -> list[Entry]:
     finally:
         loader.dispose()
     lines = {k.value: k.start_mark.line + 1 for k, _ in node.value}
+    for key_node, value_node in node.value:
+        if isinstance(value_node, yaml.MappingNode) and isinstance(data.get(key_node.value), dict):
+            lined = data[key_node.value] = _LinedDict(data[key_node.value])
+            lined.lines = {k.value: k.start_mark.line + 1 for k, _ in value_node.value}
     return [(k, v, f"{path}:{lines.get(k, '?')}") for k, v in data.items()]
 
 
@@ -364,5 +372,5 @@ def from_dict(d: dict[str, Any], where: str = "checkpoint") -> Config:
 
 def describe_keys() -> list[str]:
     """One line per key for ``--list-keys``: name, default and type or choices."""
-    defaults = _defaults()
+    defaults = to_dict(Config())
     return [f"{name} = {defaults[name]!r}  ({_choices(t)})" for name, t in KEY_TYPES.items()]

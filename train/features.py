@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from largeloss.train.loop import make_accelerator, run
+
 FORMAT = "largeloss-features"
 VERSION = 1
 SIDECAR_KEYS = ("format", "version", "split", "num_samples", "dim", "dtype", "arch", "weights", "weights_sha256",
@@ -258,8 +260,6 @@ class FeatureSource:
         self.run_record = {"features_dir": str(features_dir.resolve()), "splits": metas}
 
     def accelerator(self):
-        from largeloss.train.loop import make_accelerator
-
         accelerator = make_accelerator(self.cfg)
         if accelerator.num_processes > 1:
             raise FeaturesError("`python -m largeloss.train.features train` runs in one process; start it with "
@@ -267,8 +267,8 @@ class FeatureSource:
         return accelerator
 
     def model(self, num_classes: int):
-        head = FeatureHead(self.dim, num_classes)
-        cfg = self.cfg  # the head's learning rate in the end-to-end trainer
+        head, cfg = FeatureHead(self.dim, num_classes), self.cfg
+        # the head's parameter group of the end-to-end trainer (train/model.py param_groups)
         return head, [{"params": list(head.parameters()), "lr": cfg.lr * cfg.head_lr_mult,
                        "weight_decay": cfg.weight_decay, "name": "head"}]
 
@@ -291,8 +291,6 @@ class FeatureSource:
 
 def train_on_features(cfg, features_dir: str | os.PathLike) -> dict[str, Any]:
     """Train a linear head on cached features under ``cfg`` (a resolved train.config.Config); see the module docstring."""
-    from largeloss.train.loop import run
-
     return run(cfg, lambda cfg, ds: FeatureSource(cfg, ds, features_dir))
 
 
