@@ -36,13 +36,16 @@ a warning):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 
-CONVENTIONS = ("exclude", "cole")
+Convention = Literal["exclude", "cole"]
+CONVENTIONS: tuple[str, ...] = get_args(Convention)
 
 __all__ = [
     "CONVENTIONS",
+    "Convention",
     "MapResult",
     "average_precision_flat",
     "average_precision_dense",

@@ -1,6 +1,6 @@
 """Pointing game (paper section 4.3, Table 4): does the class activation map point inside the object?
 
-    python -m eval.pointing RUN_DIR [RUN_DIR ...] [--data DIR] [--split test] [--overlays N] [--max-images N]
+    python -m largeloss.train.pointing RUN_DIR [RUN_DIR ...] [--data DIR] [--split test] [--overlays N] [--max-images N]
 
 For every test image and every class with at least one box in the image (``meta["boxes"]``, written by the
 VOC and COCO adapters; VOC *difficult* and COCO *crowd* boxes count like the others), the class activation
@@ -29,14 +29,13 @@ listed as ``excluded_classes``). Everything is written to ``RUN_DIR/pointing.jso
 Runs trained on cached features (``train.features``) keep only their head; their CAMs use the frozen
 backbone they were trained on (config ``arch`` / ``weights``). Runs that share a frozen backbone and
 input size are evaluated in one pass over the images.
+
+This module is the game itself, given feature maps and head weights: the CAMs, the points, hits and
+misses per class (``Tally``), the images with boxes of a dataset split and the overlays. Loading the
+runs' models and the command line are train/pointing.py's.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -46,8 +45,6 @@ import torch
 import torch.nn.functional as F
 
 MODES = ("upsample", "grid")
-RESULT_NAME = "pointing.json"
-OVERLAY_DIR = "pointing"
 
 
 class PointingError(ValueError):
@@ -142,72 +139,10 @@ class Tally:
         }
 
 
-# --------------------------------------------------------------------------------------------- models
-
-
-@dataclass
-class RunModel:
-    path: Path
-    config: dict[str, Any]
-    head_only: bool  # trained on cached features: the backbone is the pretrained one of the config
-    state: dict[str, torch.Tensor]
-
-
-def load_run_model(run_dir: str | os.PathLike) -> RunModel:
-    import yaml
-
-    from largeloss.train.checkpoint import load_best_weights
-
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise PointingError(f"{cfg_path}: not found; pass a run directory written by the trainer")
-    config = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
-    if not isinstance(config, dict) or not all(k in config for k in ("arch", "weights", "image_size", "data")):
-        raise PointingError(f"{cfg_path}: needs arch, weights, image_size and data")
-    try:
-        state = load_best_weights(run_dir)
-    except FileNotFoundError as e:
-        raise PointingError(f"{run_dir}: {e}; the run has not saved a best model yet") from None
-    if "head.weight" not in state:
-        raise PointingError(f"{run_dir}: the best weights hold no head.weight; not a MultiLabelNet checkpoint")
-    head_only = all(k.startswith("head.") for k in state)
-    return RunModel(run_dir, config, head_only, state)
-
-
-def _build(run: RunModel, num_classes: int, device) -> torch.nn.Module:
-    from largeloss.train.model import build_model
-
-    cfg = run.config
-    if run.head_only:
-        model = build_model(cfg["arch"], num_classes, cfg["weights"])
-        missing, unexpected = model.load_state_dict(run.state, strict=False)
-        if unexpected or any(k.startswith("head.") for k in missing):
-            raise PointingError(f"{run.path}: head weights do not fit {cfg['arch']} with {num_classes} classes "
-                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    else:
-        model = build_model(cfg["arch"], num_classes, "none")
-        try:
-            model.load_state_dict(run.state)
-        except RuntimeError as e:
-            raise PointingError(f"{run.path}: best weights do not fit {cfg['arch']} with {num_classes} classes: {e}") from None
-    return model.to(device).eval()
-
-
-def _groups(runs: list[RunModel]) -> list[list[RunModel]]:
-    """Runs that can share one backbone pass: head-only runs with the same frozen backbone and input size."""
-    groups: dict[tuple, list[RunModel]] = {}
-    for r in runs:
-        key = (("frozen", r.config["arch"], r.config["weights"], int(r.config["image_size"])) if r.head_only
-               else ("run", str(r.path)))
-        groups.setdefault(key, []).append(r)
-    return list(groups.values())
-
-
 # ----------------------------------------------------------------------------------------------- data
 
 
-def _batches(ds, split: str, size: int, batch_size: int, max_images: int | None) -> Iterator[tuple[torch.Tensor, list]]:
+def batches(ds, split: str, size: int, batch_size: int, max_images: int | None) -> Iterator[tuple[torch.Tensor, list]]:
     """(uint8 images [B, 3, S, S], [(sample id, width, height, {class: boxes})]) of the images that have boxes."""
     from largeloss.shards.jpeg import decode_image
 
@@ -258,114 +193,33 @@ def _overlay(image_chw: np.ndarray, cams: np.ndarray, classes: list[int], boxes:
     return np.concatenate(panels, axis=1)
 
 
-# ------------------------------------------------------------------------------------------------ run
+def score_batch(cams: torch.Tensor, items: list, size: int, mode: str, tally: Tally) -> tuple[np.ndarray, dict]:
+    """Play a batch of ``batches``: for every image and every class with a box in it, the CAM maximum
+    mapped to the original image is a hit or a miss in ``tally``. Returns the points in the S x S input
+    (in the order image, class) and the hits per image, for ``draw_overlays``."""
+    pairs = [(b, c) for b, it in enumerate(items) for c in sorted(it[3])]
+    pts = argmax_points(torch.stack([cams[b, c] for b, c in pairs]), size, mode)
+    hits_of: dict[int, list[bool]] = {}
+    for (b, c), pt in zip(pairs, pts):
+        _, w, h, boxes = items[b]
+        (x, y), = to_original(pt[None], size, w, h)
+        hit = inside_any(x, y, boxes[c])
+        tally.add(c, hit)
+        hits_of.setdefault(b, []).append(hit)
+    tally.images += len(items)
+    return pts, hits_of
 
 
-def pointing_game(run_dirs, *, data: str | None = None, split: str = "test", mode: str = "upsample",
-                  overlays: int = 0, batch_size: int = 16, max_images: int | None = None,
-                  device: str | None = None, write: bool = True) -> dict[str, dict[str, Any]]:
-    """Play the game for every run; returns {run dir: pointing.json content} and writes the files."""
-    from largeloss.shards.format import write_json_atomic
-    from largeloss.shards.reader import open_dataset
+def draw_overlays(out_dir: Path, images: torch.Tensor, cams: torch.Tensor, items: list, pts: np.ndarray,
+                  hits_of: dict, size: int, class_names: list[str], limit: int) -> None:
+    """``out_dir/<sample id>.png`` for the first ``limit`` images of a batch (see ``_overlay``)."""
+    import cv2
 
-    if mode not in MODES:
-        raise PointingError(f"--mode must be one of {MODES}, got {mode!r}")
-    runs = [load_run_model(p) for p in run_dirs]
-    if not runs:
-        raise PointingError("no run directories given")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    results: dict[str, dict[str, Any]] = {}
-    for group in _groups(runs):
-        first = group[0]
-        data_dir = data or first.config["data"]
-        if not (Path(data_dir) / "manifest.json").is_file():
-            raise PointingError(f"{first.path}: dataset {data_dir} not found; pass --data DIR")
-        ds = open_dataset(data_dir)
-        k = ds.num_classes
-        if split not in ds.split_names:
-            raise PointingError(f"{data_dir}: no split {split!r} (it has {ds.split_names})")
-        size = int(first.config["image_size"])
-        backbone = _build(first, k, dev)
-        heads = [(r, (r.state["head.weight"] if r.head_only else backbone.head.weight).detach().float().to(dev))
-                 for r in group]
-        tallies = {str(r.path): Tally(k) for r in group}
-        drawn = 0
-        if overlays and write:
-            for r in group:
-                (r.path / OVERLAY_DIR).mkdir(exist_ok=True)
-        with torch.no_grad():
-            for images, items in _batches(ds, split, size, batch_size, max_images):
-                fmap = backbone.features(images.to(dev)).float()
-                for r, weight in heads:
-                    cams = class_activation_maps(fmap, weight)
-                    tally = tallies[str(r.path)]
-                    pairs = [(b, c) for b, it in enumerate(items) for c in sorted(it[3])]
-                    sel = torch.stack([cams[b, c] for b, c in pairs])
-                    pts = argmax_points(sel, size, mode)
-                    hits_of: dict[int, list[bool]] = {}
-                    for (b, c), pt in zip(pairs, pts):
-                        _, w, h, boxes = items[b]
-                        (x, y), = to_original(pt[None], size, w, h)
-                        hit = inside_any(x, y, boxes[c])
-                        tally.add(c, hit)
-                        hits_of.setdefault(b, []).append(hit)
-                    tally.images += len(items)
-                    if write and drawn < overlays:
-                        import cv2
-
-                        j = 0
-                        for b, it in enumerate(items):
-                            classes = sorted(it[3])
-                            n_c = len(classes)
-                            if drawn + b >= overlays:
-                                j += n_c
-                                continue
-                            panel = _overlay(images[b].numpy(), cams[b, classes].cpu().numpy(), classes, it[3],
-                                             hits_of[b], pts[j:j + n_c], size, it[1], it[2], ds.class_names)
-                            cv2.imwrite(str(r.path / OVERLAY_DIR / f"{it[0]:06d}.png"), panel)
-                            j += n_c
-                drawn += len(items)
-        for r in group:
-            res = tallies[str(r.path)].result(ds.class_names)
-            res.update({"run": str(r.path), "data": str(data_dir), "split": split, "mode": mode, "image_size": size,
-                        "max_images": max_images, "head_only": r.head_only,
-                        "point": "CAM maximum (upsampled to SxS unless mode=grid), pixel centre mapped to the "
-                                 "original image; hit if inside any box of the class, edges included"})
-            results[str(r.path)] = res
-            if write:
-                write_json_atomic(r.path / RESULT_NAME, json.dumps(res, indent=1))
-    return results
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.pointing", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or directories with runs below")
-    p.add_argument("--data", help="dataset directory (default: the one in each run's config.yaml)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--mode", choices=MODES, default="upsample")
-    p.add_argument("--overlays", type=int, default=0, metavar="N", help="save CAM overlays of the first N images")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-images", type=int, default=None, metavar="N", help="evaluate only the first N images with boxes")
-    p.add_argument("--device", default=None)
-    args = p.parse_args(argv)
-    from largeloss.eval.report import ReportError, find_runs
-    from largeloss.shards.format import FormatError
-
-    try:
-        run_dirs = [r.path for r in find_runs(args.runs)]
-        results = pointing_game(run_dirs, data=args.data, split=args.split, mode=args.mode, overlays=args.overlays,
-                                batch_size=args.batch_size, max_images=args.max_images, device=args.device)
-    except (PointingError, ReportError, FormatError, OSError) as e:
-        print(f"pointing: error: {e}", file=sys.stderr)
-        return 1
-    for path, res in results.items():
-        acc = res["pointing_accuracy"]
-        shown = "n/a" if acc is None or math.isnan(acc) else f"{100 * acc:.1f}"
-        print(f"{path}: pointing game {shown} % ({res['hits']} hits, {res['misses']} misses, "
-              f"{res['images_evaluated']} images) -> {Path(path) / RESULT_NAME}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    j = 0
+    for b, it in enumerate(items):
+        classes = sorted(it[3])
+        if b < limit:
+            panel = _overlay(images[b].numpy(), cams[b, classes].cpu().numpy(), classes, it[3], hits_of[b],
+                             pts[j:j + len(classes)], size, it[1], it[2], class_names)
+            cv2.imwrite(str(out_dir / f"{it[0]:06d}.png"), panel)
+        j += len(classes)

@@ -1,7 +1,10 @@
 """Config: YAML files < key=value overrides; typos, duplicates and bad values fail naming the key and place."""
 import pytest
 
-from largeloss.train.config import ConfigError, build_config, from_dict, to_dict
+import dataclasses
+
+from largeloss.train.config import ConfigError, build_config, describe_keys, from_dict, to_dict
+from largeloss.train.losses import LossConfig
 from largeloss.train.main import main as train_main
 
 
@@ -14,14 +17,16 @@ def test_files_then_overrides(tmp_path):
     a = write(tmp_path / "a.yaml", "data: d\nlr: 1.0e-3\nmethod: an\ndelta_rel_table: {ll_r: 0.4, ll_cp: 0.1}\n")
     b = write(tmp_path / "b.yaml", "method: ll_cp\n")
     cfg = build_config([a, b], ["lr=0.5", "epochs=3", "global_topk=true"])
-    assert (cfg.data, cfg.method, cfg.lr, cfg.epochs, cfg.global_topk) == ("d", "ll_cp", 0.5, 3, True)
+    assert (cfg.data, cfg.loss.method, cfg.lr, cfg.epochs, cfg.loss.global_topk) == ("d", "ll_cp", 0.5, 3, True)
     # delta_rel not given: taken from the dataset's table for the method
-    assert cfg.delta_rel == 0.1
+    assert cfg.loss.delta_rel == 0.1
     # the absolute variant shares LL-R's entry; its threshold parameters have no default (the paper gives none)
-    assert build_config([a], ["method=ll_r_abs", "r0=2", "delta_abs=0.1"]).delta_rel == 0.4
+    assert build_config([a], ["method=ll_r_abs", "r0=2", "delta_abs=0.1"]).loss.delta_rel == 0.4
     with pytest.raises(ConfigError, match="r0 is required"):
         build_config([a], ["method=ll_r_abs"])
-    assert build_config([a], ["method=ll_cp", "delta_rel=0.3"]).delta_rel == 0.3
+    assert build_config([a], ["method=ll_cp", "delta_rel=0.3"]).loss.delta_rel == 0.3
+    # a method without a table entry takes LossConfig's default
+    assert build_config([a], ["method=ll_ct"]).loss.delta_rel == LossConfig.delta_rel == 0.2
 
 
 def test_typo_names_key_and_suggestion(tmp_path, capsys):
@@ -72,5 +77,37 @@ def test_missing_data_is_an_error():
 
 def test_round_trip_through_dict(tmp_path):
     cfg = build_config([], ["data=x", "method=ll_ct", "delta_rel_table={ll_ct: 0.25}"])
-    assert cfg.delta_rel == 0.25
+    assert cfg.loss.delta_rel == 0.25
     assert from_dict(to_dict(cfg)) == cfg
+    # the config is frozen once resolved
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 3
+
+
+def test_typo_inside_the_delta_rel_table(tmp_path):
+    a = write(tmp_path / "a.yaml", "data: d\nmethod: ll_ct\n\ndelta_rel_table: {llct: 0.9}\n")
+    with pytest.raises(ConfigError, match=r"a\.yaml:4: delta_rel_table: unknown key 'llct' \(did you mean 'll_ct'\?\)"):
+        build_config([a])
+    b = write(tmp_path / "b.yaml", "data: d\ndelta_rel_table:\n  ll_r: 0.2\n  ll_cp: 0.1\n  llcp: 0.3\n")
+    with pytest.raises(ConfigError, match=r"b\.yaml:5: delta_rel_table: unknown key 'llcp' \(did you mean 'll_cp'\?\)"):
+        build_config([b])
+    with pytest.raises(ConfigError, match=r"command line: delta_rel_table.ll_ct must be a number"):
+        build_config([], ["data=d", "delta_rel_table={ll_ct: fast}"])
+
+
+def test_loss_keys_and_choices(tmp_path):
+    # every LossConfig field is a config key of the same name, reachable from a file or the command line
+    a = write(tmp_path / "a.yaml", "data: d\nmethod: epr\nepr_num_pos: 1.5\n")
+    cfg = build_config([a], ["wan_weight=0.3", "abs_skip_first_epoch=false"])
+    assert cfg.loss == LossConfig(method="epr", epr_num_pos=1.5, wan_weight=0.3, abs_skip_first_epoch=False)
+    keys = "\n".join(describe_keys())
+    for f in dataclasses.fields(LossConfig):
+        assert f"\n{f.name} = " in keys
+    assert "method = 'an'  (full | an | iu |" in keys and "optimizer = 'adam'  (adam | sgd)" in keys
+    # choices are checked by the coercion, naming the place
+    with pytest.raises(ConfigError, match=r"b\.yaml:2: method must be full\|an\|.* got 'll_xx'"):
+        build_config([write(tmp_path / "b.yaml", "data: d\nmethod: ll_xx\n")])
+    with pytest.raises(ConfigError, match=r"command line: arch must be resnet18\|.* got 'resnet5' \(did you mean"):
+        build_config([a], ["arch=resnet5"])
+    with pytest.raises(ConfigError, match=r"command line: protocol 'partial:2': fraction must be in \(0, 1\]"):
+        build_config([a], ["protocol=partial:2"])

@@ -4,6 +4,9 @@ ImageNet weights on real photos."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -13,6 +16,7 @@ import torch
 from conftest import FIXTURES
 from largeloss.eval import metrics
 from largeloss.eval.analysis import corrections_precision
+from largeloss.eval.rundir import RunDir
 from largeloss.shards.format import UNLISTED_NEGATIVE, IngestPlan, Record
 from largeloss.shards.jpeg import decode_image
 from largeloss.shards.labelstore import LabelStore
@@ -171,7 +175,7 @@ def test_train_writes_the_trainers_run_dir(dataset, feature_dir, tmp_path):
     # the test mAP is that of the saved best head on the test features
     from safetensors.torch import load_file
 
-    head = load_file(str(run / "checkpoints" / "best" / "head.safetensors"))
+    head = load_file(str(RunDir(run).best / "model.safetensors"))
     x = np.load(feature_dir / "test.npy").astype(np.float32)
     scores = 1 / (1 + np.exp(-(x @ head["head.weight"].numpy().T + head["head.bias"].numpy())))
     st = LabelStore(open_dataset(data).labels_path("test"), K, "full")
@@ -219,15 +223,26 @@ def test_ll_cp_generations_and_analysis(dataset, feature_dir, tmp_path):
     assert (run / "analysis" / "table1.md").is_file()
 
 
-def test_cli_train_and_resume_restarts(dataset, feature_dir, tmp_path, capsys):
+def test_cli_train_and_exact_resume(dataset, feature_dir, tmp_path, capsys):
     data, _ = dataset
     args = ["train", "--features-dir", str(feature_dir), f"data={data}", f"out={tmp_path}", "run_name=r",
-            "arch=efficientnet_lite0", "weights=IMAGENET", "image_size=32", "epochs=2", "batch_size=8", "lr=0.01"]
+            "arch=efficientnet_lite0", "weights=IMAGENET", "image_size=32", "epochs=3", "batch_size=8", "lr=0.01",
+            "method=ll_cp", "delta_rel=10", "progress=false"]
     assert features.main(args) == 0
     first = read_metrics(tmp_path / "r")
-    (tmp_path / "r" / "result.json").unlink()  # as if killed before the end
-    assert features.main(["train", "--features-dir", str(feature_dir), f"resume={tmp_path / 'r'}"]) == 0
-    assert [r["val_map"] for r in read_metrics(tmp_path / "r")] == [r["val_map"] for r in first]
+    first_result = json.loads((tmp_path / "r" / "result.json").read_text())
+    # killed in the middle of epoch 2 (the trainer's fault injection), then resumed from the checkpoint of epoch 1
+    env = dict(os.environ, LARGELOSS_KILL_AT="step:2:2")
+    killed = subprocess.run([sys.executable, "-m", "largeloss.train.features", *args[:5], "run_name=k", *args[6:]],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert [r["epoch"] for r in read_metrics(tmp_path / "k")] == [1]
+    capsys.readouterr()
+    assert features.main(["train", "--features-dir", str(feature_dir), f"resume={tmp_path / 'k'}"]) == 0
+    assert "resumed" in capsys.readouterr().out
+    keys = ("epoch", "train_loss", "val_map", "modified", "label_generation")
+    assert [[r[k] for k in keys] for r in read_metrics(tmp_path / "k")] == [[r[k] for k in keys] for r in first]
+    assert json.loads((tmp_path / "k" / "result.json").read_text()) == first_result
     assert features.main(args) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert features.main(["train", "--features-dir", str(feature_dir), f"data={data}", "bogus=1"]) == 2

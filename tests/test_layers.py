@@ -34,13 +34,6 @@ ALLOWED: dict[str, frozenset[str]] = {
 EXCEPTIONS = frozenset({
     ("train/demo.py", "ingest"),  # the demo builds its dataset with `ingest demo`
 })
-#: Known violations, being removed in the redesign (issue 12) by work done in parallel: (file, imported
-#: module). The lead deletes this list at merge; an entry whose import is gone already fails the test.
-KNOWN_VIOLATIONS = frozenset({
-    ("eval/pointing.py", "largeloss.train.checkpoint"),  # being removed in the redesign
-    ("eval/pointing.py", "largeloss.train.model"),  # being removed in the redesign
-    ("train/features.py", "largeloss.ingest.argtypes"),  # being removed in the redesign
-})
 #: a module name the checker could not read (a computed import_module / __import__ argument)
 DYNAMIC = "<computed module name>"
 
@@ -150,11 +143,7 @@ def import_cycles(root: Path) -> list[list[str]]:
 
 
 def test_the_code_keeps_its_layers():
-    found = check_layers(ROOT)
-    unexpected = [str(v) for v in found if (v.file, v.module) not in KNOWN_VIOLATIONS]
-    assert unexpected == []
-    gone = KNOWN_VIOLATIONS - {(v.file, v.module) for v in found}
-    assert not gone, f"these imports are gone: delete them from KNOWN_VIOLATIONS: {sorted(gone)}"
+    assert [str(v) for v in check_layers(ROOT)] == []
 
 
 def test_no_import_cycles():

@@ -278,14 +278,14 @@ def test_baselines_on_2x3_by_hand():
     lsan = 2 * ((0.9 * B_ + 0.1 * D) + C + (0.9 * A + 0.1 * G)) / 6
     assert lsan == pytest.approx(0.4719245, abs=1e-7)
     assert run("lsan", 1, data=SMALL).loss.item() == pytest.approx(lsan, rel=1e-6)
-    # EPR, expected_num_pos = 1: observed BCE over B*K: (B + B + A) / 6 = 0.11345412;
+    # EPR, epr_num_pos = 1: observed BCE over B*K: (B + B + A) / 6 = 0.11345412;
     # expected positives: row sums of p are 0.75+0.5+0.25 = 1.5 and 0.5+0.9+0.1 = 1.5, mean 1.5;
     # regulariser (1.5 - 1)^2 / K^2 = 0.25 / 9 = 0.02777778. Total 0.14123190.
     epr = (2 * B_ + A) / 6 + 0.25 / 9
     assert epr == pytest.approx(0.1412319, abs=1e-7)
-    assert run("epr", 1, data=SMALL, expected_num_pos=1.0).loss.item() == pytest.approx(epr, rel=1e-6)
-    # With expected_num_pos = 1.5 the regulariser vanishes.
-    assert run("epr", 1, data=SMALL, expected_num_pos=1.5).loss.item() == pytest.approx((2 * B_ + A) / 6, rel=1e-6)
+    assert run("epr", 1, data=SMALL, epr_num_pos=1.0).loss.item() == pytest.approx(epr, rel=1e-6)
+    # With epr_num_pos = 1.5 the regulariser vanishes.
+    assert run("epr", 1, data=SMALL, epr_num_pos=1.5).loss.item() == pytest.approx((2 * B_ + A) / 6, rel=1e-6)
     # full: complete labels (unknown all False); truth here: (0,1) and (1,0) positive too.
     #   (0,1), (1,0): BCE(0, 1) = C, so the mean is the same as AN here: (2B + 2C + 2A) / 6.
     logits, _, _ = SMALL
@@ -332,7 +332,7 @@ def test_inputs_not_mutated(method):
         unknown = torch.zeros_like(unknown)
     extra = {"r0": 1.0, "delta_abs": 0.2} if method.endswith("_abs") else {}
     if method == "epr":
-        extra["expected_num_pos"] = 1.5
+        extra["epr_num_pos"] = 1.5
     cfg = LossConfig(method, delta_rel=20, **extra)
     before = (logits.detach().clone(), target.clone(), unknown.clone(), repr(cfg))
     out = compute_loss(logits, target, unknown, 3, cfg)
@@ -489,7 +489,7 @@ def test_config_validation():
         LossConfig("ll_ct", delta_rel=-0.1)
     with pytest.raises(ValueError, match="r0 is required"):
         LossConfig("ll_r_abs", delta_abs=0.1)
-    with pytest.raises(ValueError, match="expected_num_pos is required"):
+    with pytest.raises(ValueError, match="epr_num_pos is required"):
         LossConfig("epr")
     with pytest.raises(ValueError, match="global_topk"):
         LossConfig("an", global_topk=True)

@@ -128,7 +128,7 @@ def test_sparse_evaluation_equals_dense(oi):
 
     from largeloss.eval import metrics
     from largeloss.shards.loader import ShardLoader
-    from largeloss.train.loop import evaluate, labels_as_int8, predict
+    from largeloss.train.evaluate import evaluate, labels_as_int8, predict
     from largeloss.train.model import build_model
 
     out, _ = oi

@@ -1,5 +1,5 @@
 """eval.pointing: CAMs, the argmax point and its mapping to the original image, hit / miss per class, the
-run-directory CLI (full models and heads on a frozen backbone), overlays, and the report's Table 4."""
+run-directory CLI (train/pointing.py) (full models and heads on a frozen backbone), overlays, and the report's Table 4."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,10 @@ import pytest
 import torch
 import yaml
 
-from largeloss.eval import pointing, report
-from largeloss.eval.pointing import Tally, argmax_points, class_activation_maps, inside_any, to_original
+from largeloss.eval import tables
+from largeloss.eval.pointing import PointingError, Tally, argmax_points, class_activation_maps, inside_any, to_original
+from largeloss.eval.rundir import find_runs
+from largeloss.train import pointing
 from largeloss.shards.format import UNLISTED_NEGATIVE, IngestPlan, Record
 from largeloss.shards.writer import write_dataset
 
@@ -174,7 +176,7 @@ def test_real_models_and_shared_backbone(data, tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "pointing game 33.3 %" in out
     # the report's Table 4 (runs need result.json to be found as runs: config.yaml suffices)
-    table = report.pointing_table(report.find_runs([tmp_path]))
+    table = tables.pointing_table(find_runs([tmp_path]))
     assert table.header == ["Method", "redsq"]
     an = [row for row in table.rows if row[0] == "Naive AN"][0]
     mean = 100 * (res["h0"]["pointing_accuracy"] + res["h1"]["pointing_accuracy"]) / 2
@@ -187,6 +189,6 @@ def test_errors(data, tmp_path):
     d.mkdir()
     (d / "config.yaml").write_text(yaml.safe_dump({"data": str(data), "arch": "small_cnn", "weights": "none",
                                                    "image_size": 32, "dataset": "x", "method": "an", "seed": 0}))
-    with pytest.raises(pointing.PointingError, match="no saved best weights"):
+    with pytest.raises(PointingError, match="no saved best weights"):
         pointing.pointing_game([d])
     assert pointing.main([str(tmp_path / "missing")]) == 1

@@ -6,8 +6,9 @@ import json
 import pytest
 import yaml
 
-from largeloss.eval import report
-from largeloss.eval.report import ReportError, find_runs, main
+from largeloss.eval import tables
+from largeloss.eval.report import main
+from largeloss.eval.rundir import RunDirError, find_runs
 
 
 def make_run(root, name, dataset, method, seed, test_map=None, best_epoch=2, val_maps=(0.5, 0.6, 0.55),
@@ -146,11 +147,11 @@ def test_csv_json_and_plot(table2_runs, tmp_path, capsys):
 def test_rendering_functions_are_importable(table2_runs):
     runs = find_runs([table2_runs])
     assert len(runs) == 7 and sum(r.finished for r in runs) == 6
-    table = report.datasets_table(runs)
-    md = report.render_markdown(table)
+    table = tables.datasets_table(runs)
+    md = tables.render_markdown(table)
     assert md.startswith("### Test mAP by dataset") and "| LL-Ct | 89.0 | 5 |" in md
-    assert report.format_cell([0.851, 0.853, 0.855]) == "85.3 ± 0.2 (3 seeds)"
-    assert report.format_cell([float("nan")]) == "n/a"
+    assert tables.format_cell([0.851, 0.853, 0.855]) == "85.3 ± 0.2 (3 seeds)"
+    assert tables.format_cell([float("nan")]) == "n/a"
 
 
 def test_errors_name_the_file(tmp_path, capsys):
@@ -162,29 +163,29 @@ def test_errors_name_the_file(tmp_path, capsys):
 
     d = make_run(tmp_path, "noconf", "voc2012", "an", 1, 0.8)
     (d / "config.yaml").unlink()
-    with pytest.raises(ReportError, match=r"noconf/config.yaml: missing"):
+    with pytest.raises(RunDirError, match=r"noconf/config.yaml: missing"):
         find_runs([d])
 
     d = make_run(tmp_path, "pct", "voc2012", "an", 1, 85.1)  # percent instead of a fraction
-    with pytest.raises(ReportError, match=r"pct/result.json: test_map: mAP 85.1 is outside \[0, 1\]"):
+    with pytest.raises(RunDirError, match=r"pct/result.json: test_map: mAP 85.1 is outside \[0, 1\]"):
         find_runs([d])
 
     d = make_run(tmp_path, "badline", "voc2012", "an", 1, 0.8)
     with open(d / "metrics.jsonl", "a") as f:
         f.write("{oops\n")  # a bad line in a finished run is not a crash artefact
-    with pytest.raises(ReportError, match=r"badline/metrics.jsonl:4: not valid JSON"):
+    with pytest.raises(RunDirError, match=r"badline/metrics.jsonl:4: not valid JSON"):
         find_runs([d])
 
     d = make_run(tmp_path, "mismatch", "voc2012", "an", 1, 0.8)
     res = json.loads((d / "result.json").read_text())
     res["method"] = "ll_r"
     (d / "result.json").write_text(json.dumps(res))
-    with pytest.raises(ReportError, match=r"method = 'll_r' but .*config.yaml says 'an'"):
+    with pytest.raises(RunDirError, match=r"method = 'll_r' but .*config.yaml says 'an'"):
         find_runs([d])
 
     d = make_run(tmp_path, "noseed", "voc2012", "an", 1, 0.8)
     (d / "config.yaml").write_text("dataset: voc2012\nmethod: an\n")
-    with pytest.raises(ReportError, match=r"noseed/config.yaml: no top-level key 'seed'"):
+    with pytest.raises(RunDirError, match=r"noseed/config.yaml: no top-level key 'seed'"):
         find_runs([d])
 
 

@@ -8,7 +8,8 @@ import sys
 import pytest
 import yaml
 
-from largeloss.eval import report
+from largeloss.eval import report, tables
+from largeloss.eval.rundir import find_runs
 from largeloss.train import sweep
 from largeloss.train.config import ConfigError
 from largeloss.train.sweep import Job, parse_grid, plan_jobs
@@ -126,8 +127,8 @@ def test_sweep_table_and_plot(tmp_path, capsys):
     toy_run(tmp_path, "ct04", "ll_ct", 0, 0.4, 0.695, 2)
     toy_run(tmp_path, "ct10", "ll_ct", 0, 10, 0.60, 1)
     toy_run(tmp_path, "an02", "an", 0, 0.2, 0.65, 3)
-    runs = report.find_runs([tmp_path])
-    t = report.sweep_table(runs, "delta_rel")
+    runs = find_runs([tmp_path])
+    t = tables.sweep_table(runs, "delta_rel")
     assert t.header == ["Method", "delta_rel=0.1", "delta_rel=0.2", "delta_rel=0.4", "delta_rel=10"]
     assert t.rows == [["Naive AN", "", "65.0", "", ""], ["Naive AN: best epoch", "", "3.0", "", ""],
                       ["LL-Ct", "71.0 ± 1.0 (3 seeds)", "", "69.5", "60.0"],
@@ -137,10 +138,10 @@ def test_sweep_table_and_plot(tmp_path, capsys):
     assert (tmp_path / "f5.png").stat().st_size > 10_000
     # two runs of one seed in one cell (another key varies): refused, naming --by
     toy_run(tmp_path, "ct01-dup", "ll_ct", 0, 0.1, 0.7, 4)
-    with pytest.raises(report.ReportError, match="--by KEY"):
-        report.sweep_table(report.find_runs([tmp_path]), "delta_rel")
-    with pytest.raises(report.ReportError, match="has no key 'lr'"):
-        report.sweep_table(runs, "lr")
+    with pytest.raises(tables.ReportError, match="--by KEY"):
+        tables.sweep_table(find_runs([tmp_path]), "delta_rel")
+    with pytest.raises(tables.ReportError, match="has no key 'lr'"):
+        tables.sweep_table(runs, "lr")
 
 
 def test_two_sweep_keys_split_each_other(tmp_path, capsys):

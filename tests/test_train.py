@@ -182,7 +182,7 @@ def test_analyses_on_the_demo(demo, tmp_path, capsys):
     # epoch 1 modifies nothing (no precision); from epoch 2 LL-Ct modifies entries whose truth is known
     assert m[0]["precision_modified"] is None
     assert all(0.0 <= r["precision_modified"] <= 1.0 for r in m[1:])
-    from largeloss.eval.pointing import main as pointing_main
+    from largeloss.train.pointing import main as pointing_main
 
     assert pointing_main([str(run), "--overlays", "2"]) == 0
     assert (run / "pointing.json").is_file() and len(list((run / "pointing").glob("*.png"))) == 2

@@ -1,43 +1,79 @@
 """Typed training configuration: dataclass defaults < YAML files (in order) < ``key=value`` overrides.
 
-An unknown key is an error that names the key and where it came from (a file and line, or the command
-line), with the closest valid key; a key given twice in one YAML file or twice on the command line is an
-error too. The resolved config is written to ``<run>/config.yaml`` and into every checkpoint.
+Every key is declared once, with its type: the run's keys in ``Config``, the loss's keys in
+``train.losses.LossConfig`` (held as ``Config.loss``; its keys are top-level keys of a config file, with
+the same names). Choices are types (``typing.Literal``, or ``Annotated`` with a ``Check``), and the
+coercion checks every value against its key's type. An unknown key, also inside ``delta_rel_table``, is an
+error naming the key and where it came from (``file:line`` or ``command line``) with the closest valid
+key; a key given twice in one YAML file or twice on the command line is an error too.
+
+``resolve`` turns the entries into a frozen ``Config`` and computes the derived values: ``delta_rel``,
+when not given, is the ``delta_rel_table`` entry of the method (the absolute variants share their
+family's entry), else LossConfig's default. The resolved config is written to ``<run>/config.yaml`` and
+into every checkpoint as flat keys (``to_dict``), and read back by ``from_dict`` / ``resume_config``.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import math
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Annotated, Any, Callable, Iterable, Literal, get_args, get_origin, get_type_hints
 
 import yaml
+
+from largeloss.eval.metrics import Convention
+from largeloss.eval.rundir import RunDir
+from largeloss.shards.protocols import PROTOCOL_FORMS, parse_protocol
+from largeloss.train.losses import LossConfig
+from largeloss.train.model import Arch
 
 
 class ConfigError(ValueError):
     pass
 
 
-@dataclass
+@dataclass(frozen=True)
+class Check:
+    """``Annotated[str, Check(...)]``: a value the coercion passes to ``parse``, which raises ValueError with a
+    message naming the key when the value is not one of ``choices`` (a text for ``--list-keys``)."""
+
+    parse: Callable[[str], Any]
+    choices: str
+
+
+Protocol = Annotated[str, Check(parse_protocol, " | ".join(PROTOCOL_FORMS))]
+Optimizer = Literal["adam", "sgd"]
+ValLabels = Literal["clean", "observed"]  # clean: the truth, as Cole et al.; observed: the protocol's labels
+LoaderKind = Literal["auto", "cpu", "dali"]
+MixedPrecision = Literal["auto", "no", "bf16", "fp16"]  # auto: bf16 on a GPU that has it, none on CPU
+TableKey = Literal["ll_r", "ll_ct", "ll_cp"]
+#: the delta_rel_table entry a method takes its delta_rel from: the absolute variants share their family's
+TABLE_KEY = {"ll_r": "ll_r", "ll_ct": "ll_ct", "ll_cp": "ll_cp", "ll_r_abs": "ll_r", "ll_ct_abs": "ll_ct"}
+
+
+@dataclass(frozen=True)
 class Config:
     # ---- data ----
     data: str = ""  # dataset directory written by `ingest`
     dataset: str = ""  # name in reports; default: the manifest's dataset name
     train_split: str = "train"  # official train split, cut into train/val by (val_frac, split_seed)
     test_split: str = "test"
-    protocol: str = "single_positive"  # full | single_positive | partial:<fraction> | given
+    protocol: Protocol = "single_positive"
     val_frac: float = 0.2
     split_seed: int = 1200  # Cole et al.'s RandomState(1200) for the 80/20 cut and the label generator
-    val_labels: str = "clean"  # clean (truth, as Cole et al.) | observed (the protocol's labels)
+    val_labels: ValLabels = "clean"
     train_fraction: float = 1.0  # use this fraction of the training images (paper Figure 6)
     # ---- model ----
-    arch: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101 | small_cnn | efficientnet_lite0
-    weights: str = "none"  # none | IMAGENET1K_V1 | IMAGENET1K_V2 | DEFAULT | path/to/weights.pth
+    arch: Arch = "resnet50"
+    weights: str = "none"  # none | IMAGENET1K_V1 | IMAGENET1K_V2 | DEFAULT | path/to/weights.pth (train/model.py)
     image_size: int = 448
     # ---- optimisation (ARCHITECTURE section 6) ----
-    optimizer: str = "adam"  # adam | sgd
+    optimizer: Optimizer = "adam"
     lr: float = 1e-5  # backbone learning rate
     head_lr_mult: float = 10.0  # the linear head learns at head_lr_mult x lr
     momentum: float = 0.9
@@ -46,27 +82,22 @@ class Config:
     epochs: int = 10
     linear_init_epochs: int = 0  # LinearInit: backbone frozen for this many epochs, then end to end
     early_stop_drop: float = 3.0  # stop when validation mAP falls this many points below the best
-    # ---- loss (train/losses.py) ----
-    method: str = "an"
-    delta_rel: float | None = None  # percent per epoch; None: taken from delta_rel_table[method]
-    delta_rel_table: dict = field(default_factory=dict)  # per-dataset defaults {ll_r: .., ll_ct: .., ll_cp: ..}
-    r0: float | None = None  # absolute variants (ll_r_abs, ll_ct_abs): threshold R(t) = r0 - t * delta_abs
-    delta_abs: float | None = None
-    ls_coef: float = 0.1  # LSAN label smoothing
-    epr_num_pos: float | None = None  # EPR: expected number of positives per image (set per dataset)
-    global_topk: bool = False  # LL top-k over the batch gathered from all ranks instead of per rank
+    # ---- loss: the keys of train/losses.py's LossConfig, at the top level of a config file ----
+    loss: LossConfig = field(default_factory=LossConfig)
+    # per-dataset delta_rel of the large-loss methods, used when delta_rel is not given
+    delta_rel_table: Mapping[TableKey, float] = field(default_factory=lambda: types.MappingProxyType({}))
     # ---- evaluation ----
-    map_convention: str = "exclude"  # exclude | cole
+    map_convention: Convention = "exclude"
     eval_batch_size: int = 64
     # ---- runtime ----
     seed: int = 0
-    loader: str = "auto"  # auto | cpu | dali
+    loader: LoaderKind = "auto"
     num_workers: int = 2
     out: str = "runs"  # parent of run directories
     run_name: str = ""  # default: <dataset>-<method>-s<seed>
     resume: str = ""  # a run directory to continue
     deterministic: bool = True  # deterministic algorithms (bit-exact resume on CPU)
-    mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | bf16 | fp16
+    mixed_precision: MixedPrecision = "auto"
     cpu: bool = False  # force CPU even when a GPU is present
     cpu_threads: int = 0  # torch threads per process on CPU; 0 = auto: cores / processes - loader workers, >= 1
     max_steps_per_epoch: int = 0  # 0 = the whole epoch; >0 for smoke tests
@@ -76,20 +107,68 @@ class Config:
     debug_dump: bool = False  # tests: each rank writes its trained sample ids and a weight checksum per epoch
 
 
-_METHOD_FAMILY = {"ll_r_abs": "ll_r", "ll_ct_abs": "ll_ct"}
+def _key_types() -> dict[str, Any]:
+    """Every config key -> its type, in the order of ``to_dict`` (the loss keys where ``Config.loss`` is)."""
+    run = get_type_hints(Config, include_extras=True)
+    loss = get_type_hints(LossConfig, include_extras=True)
+    clash = set(run) & set(loss)
+    assert not clash, f"keys declared in both Config and LossConfig: {clash}"
+    out: dict[str, Any] = {}
+    for name, t in run.items():
+        out.update(loss if name == "loss" else {name: t})
+    return out
 
 
-def _field_types() -> dict[str, Any]:
-    return get_type_hints(Config)
+KEY_TYPES = _key_types()
+LOSS_KEYS = tuple(f.name for f in dataclasses.fields(LossConfig))
 
 
-def coerce(key: str, value: Any, where: str) -> Any:
-    """Turn a YAML or command-line value into the field's type, or fail naming the key and source."""
-    t = _field_types()[key]
-    if value is None:
-        if "None" in str(t):
+# ------------------------------------------------------------------------------------------ coercion
+
+
+def _choices(t) -> str:
+    """The type of a key as ``--list-keys`` shows it."""
+    origin = get_origin(t)
+    if origin is Literal:
+        return " | ".join(map(str, get_args(t)))
+    if origin is Annotated:
+        return next((a.choices for a in t.__metadata__ if isinstance(a, Check)), _choices(get_args(t)[0]))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_choices(a) for a in get_args(t))
+    if origin is Mapping:
+        k, v = get_args(t)
+        return f"{{{_choices(k)}: {_choices(v)}}}"
+    return "null" if t is type(None) else t.__name__
+
+
+def coerce(key: str, value: Any, where: str, t: Any = None) -> Any:
+    """Turn a YAML or command-line value into the key's type, or fail naming the key and source."""
+    t = KEY_TYPES[key] if t is None else t
+    origin = get_origin(t)
+    if origin in (typing.Union, types.UnionType):  # X | None
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
             return None
+        (inner,) = [a for a in get_args(t) if a is not type(None)]
+        return coerce(key, value, where, inner)
+    if value is None:
         raise ConfigError(f"{where}: {key} may not be null")
+    if origin is Annotated:
+        value = coerce(key, value, where, get_args(t)[0])
+        for check in (a for a in t.__metadata__ if isinstance(a, Check)):
+            try:
+                check.parse(value)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"{where}: {e}") from None  # the parser's message names the key
+        return value
+    if origin is Literal:
+        choices = get_args(t)
+        if isinstance(value, (dict, list)) or str(value) not in choices:
+            close = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: {key} must be {'|'.join(choices)}, got {value!r}{hint}")
+        return str(value)
+    if origin is Mapping:
+        return _coerce_mapping(key, value, where, *get_args(t))
     if t is bool:
         if isinstance(value, bool):
             return value
@@ -100,17 +179,13 @@ def coerce(key: str, value: Any, where: str) -> Any:
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit())):
             raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
         return int(value)
-    if t is float or str(t).startswith("float"):
+    if t is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
         try:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: {key} must be a number, got {value!r}") from None
-    if t is dict:
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")
-        return dict(value)
     if t is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
@@ -118,11 +193,34 @@ def coerce(key: str, value: Any, where: str) -> Any:
     raise AssertionError(f"unhandled type {t} for {key}")
 
 
+def _coerce_mapping(key: str, value: Any, where: str, key_type: Any, value_type: Any) -> Mapping:
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"{where}: {key} must be a mapping such as {{ll_ct: 0.2}}, got {value!r}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")
+    names = get_args(key_type)
+    out = {}
+    for k, v in value.items():
+        line = value.lines.get(str(k)) if isinstance(value, _LinedDict) else None
+        at = where if line is None else f"{where.rsplit(':', 1)[0]}:{line}"
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{at}: {key}: unknown key {k!r}{hint}; the keys are {', '.join(names)}")
+        out[k] = coerce(f"{key}.{k}", v, at, value_type)
+    return types.MappingProxyType(out)
+
+
 def _unknown(key: str, where: str) -> ConfigError:
-    names = [f.name for f in dataclasses.fields(Config)]
-    close = difflib.get_close_matches(key, names, n=1)
+    close = difflib.get_close_matches(key, list(KEY_TYPES), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return ConfigError(f"{where}: unknown config key {key!r}{hint}")
+
+
+# ------------------------------------------------------------------------------------------- sources
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -142,8 +240,16 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bo
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
+Entry = tuple[str, Any, str]  # (key, value, where: "file:line" or "command line")
 
-def load_yaml(path: str | Path) -> list[tuple[str, Any, str]]:
+
+class _LinedDict(dict):
+    """A mapping value of a config file, with the line of each of its keys (for errors inside it)."""
+
+    lines: dict[str, int]  # by the key as written
+
+
+def load_yaml(path: str | Path) -> list[Entry]:
     """Return (key, value, "file:line") triples of a config file."""
     path = Path(path)
     if not path.is_file():
@@ -163,10 +269,14 @@ def load_yaml(path: str | Path) -> list[tuple[str, Any, str]]:
     finally:
         loader.dispose()
     lines = {k.value: k.start_mark.line + 1 for k, _ in node.value}
+    for key_node, value_node in node.value:
+        if isinstance(value_node, yaml.MappingNode) and isinstance(data.get(key_node.value), dict):
+            lined = data[key_node.value] = _LinedDict(data[key_node.value])
+            lined.lines = {k.value: k.start_mark.line + 1 for k, _ in value_node.value}
     return [(k, v, f"{path}:{lines.get(k, '?')}") for k, v in data.items()]
 
 
-def parse_overrides(items: list[str]) -> list[tuple[str, Any, str]]:
+def parse_overrides(items: Iterable[str]) -> list[Entry]:
     out = []
     seen = set()
     for item in items:
@@ -181,66 +291,75 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any, str]]:
     return out
 
 
-def build_config(config_files: list[str | Path] = (), overrides: list[str] = ()) -> Config:
-    cfg = Config()
-    names = {f.name for f in dataclasses.fields(Config)}
-    entries: list[tuple[str, Any, str]] = []
+# ------------------------------------------------------------------------------------------ resolve
+
+
+def build_config(config_files: Iterable[str | Path] = (), overrides: Iterable[str] = ()) -> Config:
+    entries: list[Entry] = []
     for path in config_files:
         entries.extend(load_yaml(path))
-    entries.extend(parse_overrides(list(overrides)))
-    for key, value, where in entries:
-        if key not in names:
-            raise _unknown(key, where)
-        setattr(cfg, key, coerce(key, value, where))
-    return resolve(cfg)
+    return resolve(entries + parse_overrides(overrides))
 
 
-def resolve(cfg: Config) -> Config:
-    """Fill derived values and check ranges; returns a new Config (the input is not changed)."""
-    cfg = dataclasses.replace(cfg, delta_rel_table=dict(cfg.delta_rel_table))
-    if cfg.delta_rel is None:
-        family = _METHOD_FAMILY.get(cfg.method, cfg.method)
-        cfg.delta_rel = float(cfg.delta_rel_table.get(family, 0.2))
-    if not cfg.data:
-        raise ConfigError("config: `data` (the dataset directory written by `ingest`) is not set")
-    if cfg.val_labels not in ("clean", "observed"):
-        raise ConfigError(f"config: val_labels must be clean|observed, got {cfg.val_labels!r}")
-    if cfg.optimizer not in ("adam", "sgd"):
-        raise ConfigError(f"config: optimizer must be adam|sgd, got {cfg.optimizer!r}")
-    if cfg.loader not in ("auto", "cpu", "dali"):
-        raise ConfigError(f"config: loader must be auto|cpu|dali, got {cfg.loader!r}")
-    if cfg.map_convention not in ("exclude", "cole"):
-        raise ConfigError(f"config: map_convention must be exclude|cole, got {cfg.map_convention!r}")
-    if cfg.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-        raise ConfigError(f"config: mixed_precision must be auto|no|bf16|fp16, got {cfg.mixed_precision!r}")
-    if not (0.0 < cfg.train_fraction <= 1.0):
-        raise ConfigError(f"config: train_fraction must be in (0, 1], got {cfg.train_fraction}")
-    if not (0.0 <= cfg.val_frac < 1.0):
-        raise ConfigError(f"config: val_frac must be in [0, 1), got {cfg.val_frac}")
-    for k in ("batch_size", "epochs", "image_size", "eval_batch_size"):
-        if getattr(cfg, k) <= 0:
-            raise ConfigError(f"config: {k} must be positive, got {getattr(cfg, k)}")
-    if not math.isfinite(cfg.lr) or cfg.lr <= 0:
-        raise ConfigError(f"config: lr must be positive, got {cfg.lr}")
+def resume_config(run_dir: str, overrides: Iterable[str]) -> Config:
+    """The config saved in ``run_dir``, continued from there (``resume``), with ``overrides`` (the caller
+    restricts them to keys that do not change what is computed)."""
+    run_config = RunDir(run_dir).config
+    if not run_config.is_file():
+        raise ConfigError(f"resume={run_dir}: {run_config} not found; is this a run directory?")
+    saved = [e for e in load_yaml(run_config) if e[0] != "resume"]
+    return resolve(saved + [("resume", str(run_dir), "command line")] + parse_overrides(overrides))
+
+
+def resolve(entries: Iterable[Entry]) -> Config:
+    """Coerce the entries (later ones win), fill the derived values and check ranges: the frozen Config."""
+    values: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    for key, value, w in entries:
+        if key not in KEY_TYPES:
+            raise _unknown(key, w)
+        values[key], where[key] = coerce(key, value, w), w
+    if "delta_rel" not in values:
+        table_key = TABLE_KEY.get(values.get("method", LossConfig.method))
+        table = values.get("delta_rel_table", {})
+        if table_key in table:
+            values["delta_rel"] = table[table_key]
     try:
-        loss_config(cfg)
-    except ValueError as e:
-        raise ConfigError(f"config: {e}") from None
+        loss = LossConfig(**{k: values.pop(k) for k in LOSS_KEYS if k in values})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where.get('method', 'config')}: {e}") from None
+    cfg = Config(loss=loss, **values)
+    _check_ranges(cfg, lambda k: where.get(k, "config"))
     return cfg
 
 
-def loss_config(cfg: Config):
-    """The loss's own typed config (train/losses.py), built from the flat run config."""
-    from largeloss.train.losses import LossConfig
+def _check_ranges(cfg: Config, where: Callable[[str], str]) -> None:
+    if not cfg.data:
+        raise ConfigError("config: `data` (the dataset directory written by `ingest`) is not set")
+    if not (0.0 < cfg.train_fraction <= 1.0):
+        raise ConfigError(f"{where('train_fraction')}: train_fraction must be in (0, 1], got {cfg.train_fraction}")
+    if not (0.0 <= cfg.val_frac < 1.0):
+        raise ConfigError(f"{where('val_frac')}: val_frac must be in [0, 1), got {cfg.val_frac}")
+    for k in ("batch_size", "epochs", "image_size", "eval_batch_size"):
+        if getattr(cfg, k) <= 0:
+            raise ConfigError(f"{where(k)}: {k} must be positive, got {getattr(cfg, k)}")
+    if not math.isfinite(cfg.lr) or cfg.lr <= 0:
+        raise ConfigError(f"{where('lr')}: lr must be positive, got {cfg.lr}")
 
-    return LossConfig(
-        method=cfg.method, delta_rel=cfg.delta_rel, r0=cfg.r0, delta_abs=cfg.delta_abs, ls_coef=cfg.ls_coef,
-        expected_num_pos=cfg.epr_num_pos, global_topk=cfg.global_topk,
-    )
+
+# ------------------------------------------------------------------------------------------- output
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """Flat keys, in ``KEY_TYPES`` order: what a config file holds."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        if f.name == "loss":
+            out.update(dataclasses.asdict(value))
+        else:
+            out[f.name] = dict(value) if isinstance(value, Mapping) else value
+    return out
 
 
 def to_yaml(cfg: Config) -> str:
@@ -248,10 +367,10 @@ def to_yaml(cfg: Config) -> str:
 
 
 def from_dict(d: dict[str, Any], where: str = "checkpoint") -> Config:
-    names = {f.name for f in dataclasses.fields(Config)}
-    cfg = Config()
-    for k, v in d.items():
-        if k not in names:
-            raise _unknown(k, where)
-        setattr(cfg, k, coerce(k, v, where))
-    return cfg
+    return resolve((k, v, where) for k, v in d.items())
+
+
+def describe_keys() -> list[str]:
+    """One line per key for ``--list-keys``: name, default and type or choices."""
+    defaults = to_dict(Config())
+    return [f"{name} = {defaults[name]!r}  ({_choices(t)})" for name, t in KEY_TYPES.items()]

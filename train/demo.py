@@ -4,7 +4,7 @@
     largeloss-demo --seeds 0 1 2         # several seeds: the table shows mean +- std
     largeloss-demo --set epochs=4        # config overrides for every run
 
-Each run is `python -m train.main --config configs/demo.yaml --config configs/methods/<m>.yaml` in its own
+Each run is `python -m largeloss.train.main --config configs/demo.yaml --config configs/methods/<m>.yaml` in its own
 process (so a crash in one is reported and the others still run); a run that already has result.json is
 kept, an unfinished one is resumed: re-running the command after an interruption continues where it
 stopped.
@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from largeloss.eval.rundir import RunDir, default_name
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_METHODS = ["full", "an", "ll_r", "ll_ct", "ll_cp"]
@@ -48,14 +50,14 @@ def main(argv=None) -> int:
     run_dirs = []
     for seed in args.seeds:
         for method in args.methods:
-            name = f"demo-{method}-s{seed}"
+            name = default_name("demo", method, seed)
             run_dir = Path(args.runs) / name
             run_dirs.append(run_dir)
-            if (run_dir / "result.json").is_file():
+            if RunDir(run_dir).finished:
                 print(f"[demo] {name}: finished earlier, kept", flush=True)
                 continue
             cmd = [sys.executable, "-m", "largeloss.train.main"]
-            if (run_dir / "config.yaml").is_file():
+            if RunDir(run_dir).started:
                 cmd += [f"resume={run_dir}"]
             else:
                 cmd += ["--config", args.config, "--config", str(ROOT / "configs" / "methods" / f"{method}.yaml"),

@@ -1,20 +1,20 @@
 """Cached backbone features: extract them once, then train heads on them in seconds.
 
-    python -m train.features extract --data DIR --split train --arch efficientnet_lite0 --weights IMAGENET \\
-        --image-size 224 --out FEATS/train.npy
-    python -m train.features extract --data DIR --split test  ... --out FEATS/test.npy
-    python -m train.features train --features-dir FEATS --config CFG.yaml [--config METHOD.yaml] [key=value ...]
-    python -m train.features train --features-dir FEATS resume=RUN_DIR
+    python -m largeloss.train.features extract --data DIR --split train --arch efficientnet_lite0 \\
+        --weights IMAGENET --image-size 224 --out FEATS/train.npy
+    python -m largeloss.train.features extract --data DIR --split test  ... --out FEATS/test.npy
+    python -m largeloss.train.features train --features-dir FEATS --config CFG.yaml [--config METHOD.yaml] [key=value ...]
+    python -m largeloss.train.features train --features-dir FEATS resume=RUN_DIR
 
-``train`` is the trainer of ``train/loop.py`` with a frozen backbone whose outputs were computed ahead of
-time: the same Config, LabelStore and protocols, the same 80/20 cut and training subset
-(``train.loop.split_train_val``), the same losses (``train.losses.compute_loss``), LL-Cp corrections through
-the LabelStore's generations, validation mAP after every epoch, the best epoch kept, early stop, one test
-with the best head, and the same run-directory files (config.yaml, metrics.jsonl, result.json,
-checkpoints/best/) so that ``report`` reads its runs like any other. What differs: only the linear head
-learns (at ``lr * head_lr_mult``), there is no augmentation (features of the unflipped image), and it runs
-in one process. ``analysis_entries > 0`` turns on the analyses: the memorisation tracker (Table 1) and
-the precision of modification (Figure 4) in metrics.jsonl.
+``train`` is the training loop of ``train/loop.py`` with ``FeatureSource``: a linear head on the outputs of a
+frozen backbone computed ahead of time. Everything else is the end-to-end trainer's: the Config,
+LabelStore and protocols, the 80/20 cut and training subset, the losses, LL-Cp corrections through the
+LabelStore's generations, validation mAP after every epoch, the best epoch kept, early stop, one test
+with the best head, checkpoints and exact resume (``resume=RUN_DIR`` continues after the last finished
+epoch), the analyses (``analysis_entries > 0``) and the run directory (eval/rundir.py) that ``report``
+reads, plus ``features.json``. What differs: only the head learns (at ``lr * head_lr_mult``, in float32),
+the epoch order is ``np.random.default_rng([seed, epoch]).permutation(train_ids)``, there is no
+augmentation (features of the unflipped image), and it runs in one process.
 
 File format (docs/ANALYSIS.md): ``<split>.npy`` is a NumPy ``.npy`` array (N, D), float16 by default, whose
 row i is sample id i of the split; each row is the global average pool of the backbone's last convolutional
@@ -23,19 +23,14 @@ squash-resized by the CPU loader in evaluation mode. ``<split>.json`` beside it 
 (arch, weights and their sha256, image size, split, the dataset's manifest sha256, ...); it is written last
 and is the mark of a complete file. ``train`` reads ``<train_split>.npy`` and ``<test_split>.npy`` from
 ``--features-dir`` and refuses files made from another dataset, backbone or image size than its config.
-
-A resumed run (``resume=RUN_DIR``) restarts from epoch 1 in that directory: a head on cached features
-trains in seconds and is deterministic, so nothing is kept from the interrupted attempt.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -44,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from largeloss.ingest.argtypes import positive_int
+from largeloss.train.loop import make_accelerator, run
 
 FORMAT = "largeloss-features"
 VERSION = 1
@@ -77,8 +72,7 @@ def extract(data: str | os.PathLike, split: str, arch: str, weights: str, image_
     """Write ``out`` (N, D) and its sidecar ``out`` with .json; returns the sidecar dict.
 
     ``batch_size`` defaults to 64 on a GPU and 4 on the CPU, where larger batches spend more time in page
-    faults of fresh activation buffers than in convolutions (1000 images at 224 px: 67 s of CPU with 16,
-    40 s with 4)."""
+    faults of fresh activation buffers than in convolutions."""
     from largeloss.shards.loader import ShardLoader
     from largeloss.shards.reader import open_dataset
     from largeloss.train.model import build_model, resolve_weights_file
@@ -165,9 +159,9 @@ def read_features(npy: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
     npy = Path(npy)
     side = sidecar_path(npy)
     if not npy.is_file():
-        raise FeaturesError(f"{npy}: not found; write it with `python -m train.features extract ... --out {npy}`")
+        raise FeaturesError(f"{npy}: not found; write it with `python -m largeloss.train.features extract ... --out {npy}`")
     if not side.is_file():
-        raise FeaturesError(f"{side}: sidecar not found; {npy} is incomplete or not from `train.features extract`: "
+        raise FeaturesError(f"{side}: sidecar not found; {npy} is incomplete or not from `largeloss.train.features extract`: "
                             "extract it again")
     try:
         meta = json.loads(side.read_text(encoding="utf-8"))
@@ -206,216 +200,111 @@ def check_features(meta: dict[str, Any], where: Path, cfg, ds, split: str, manif
 # ----------------------------------------------------------------------------------------------- train
 
 
-def _scores(head: torch.nn.Module, feats: np.ndarray, ids: np.ndarray, device, chunk: int) -> np.ndarray:
-    out = []
-    with torch.no_grad():
-        for s in range(0, len(ids), chunk):
-            x = torch.from_numpy(np.asarray(feats[ids[s:s + chunk]], dtype=np.float32)).to(device)
-            out.append(torch.sigmoid(head(x)).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, head.out_features), np.float32)
+class FeatureHead(torch.nn.Module):
+    """The linear head of a MultiLabelNet on cached features; its state dict (``head.weight``, ``head.bias``) is
+    a MultiLabelNet's head, as the pointing game expects of a head-only run."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.head = torch.nn.Linear(dim, num_classes)
+
+    def forward(self, features: torch.Tensor, frozen_backbone: bool = True) -> torch.Tensor:
+        # float32 whatever the run's mixed precision: the head is all there is to compute
+        with torch.autocast(features.device.type, enabled=False):
+            return self.head(features)
 
 
-def _logits(head: torch.nn.Module, feats: np.ndarray, ids: np.ndarray, device, chunk: int) -> tuple[np.ndarray, np.ndarray]:
-    out = []
-    with torch.no_grad():
-        for s in range(0, len(ids), chunk):
-            x = torch.from_numpy(np.asarray(feats[ids[s:s + chunk]], dtype=np.float32)).to(device)
-            out.append(head(x).cpu().numpy())
-    return ids, np.concatenate(out)
+class FeatureBatches:
+    """Batches ``(float32 [B, D] feature rows, int64 [B] sample ids)`` of ``sample_ids`` in order, or, with
+    ``shuffle_seed``, in the order ``np.random.default_rng([shuffle_seed, epoch]).permutation(sample_ids)``:
+    a pure function of (seed, epoch)."""
+
+    def __init__(self, feats: np.ndarray, sample_ids: np.ndarray, batch_size: int, shuffle_seed: int | None = None):
+        self.feats, self.sample_ids, self.batch_size, self.shuffle_seed = feats, sample_ids, batch_size, shuffle_seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sample_ids) / self.batch_size)
+
+    def __iter__(self):
+        order = self.sample_ids
+        if self.shuffle_seed is not None:
+            order = np.random.default_rng([self.shuffle_seed, self.epoch]).permutation(order)
+        for start in range(0, len(order), self.batch_size):
+            ids = order[start:start + self.batch_size]
+            yield torch.from_numpy(np.asarray(self.feats[ids], dtype=np.float32)), torch.from_numpy(ids)
 
 
-def _evaluate(head, feats, ids, store, cfg, device):
-    from largeloss.eval import metrics
-    from largeloss.train.loop import labels_as_int8
+class FeatureSource:
+    """Cached features under a linear head: the source of ``train/loop.py`` for ``train`` (one process)."""
 
-    scores = _scores(head, feats, ids, device, cfg.eval_batch_size)
-    target, unknown = store.targets(ids)
-    return metrics.mean_average_precision(scores, labels_as_int8(target, unknown), convention=cfg.map_convention)
+    log_prefix = "[features]"
 
+    def __init__(self, cfg, ds, features_dir: str | os.PathLike):
+        features_dir = Path(features_dir)
+        manifest_sha = sha256_file(Path(cfg.data) / "manifest.json")
+        self.feats, metas = {}, {}
+        for split in dict.fromkeys((cfg.train_split, cfg.test_split)):
+            path = features_dir / f"{split}.npy"
+            self.feats[split], metas[split] = read_features(path)
+            check_features(metas[split], path, cfg, ds, split, manifest_sha)
+        dims = {metas[s]["dim"] for s in metas}
+        if len(dims) != 1:
+            raise FeaturesError(f"{features_dir}: the splits' features have different widths {sorted(dims)}")
+        self.dim = dims.pop()
+        self.cfg = cfg
+        self.result_extra = {"trainer": "features", "features_dir": str(features_dir.resolve())}
+        self.run_record = {"features_dir": str(features_dir.resolve()), "splits": metas}
 
-def _save_head(head: torch.nn.Module, run_dir: Path, info: dict) -> None:
-    """checkpoints/best/head.safetensors (keys head.weight / head.bias: the head of a MultiLabelNet) + best.json."""
-    from safetensors.torch import save_file
+    def accelerator(self):
+        accelerator = make_accelerator(self.cfg)
+        if accelerator.num_processes > 1:
+            raise FeaturesError("`python -m largeloss.train.features train` runs in one process; start it with "
+                                "python, not accelerate launch")
+        return accelerator
 
-    from largeloss.shards.format import fsync_dir
+    def model(self, num_classes: int):
+        head, cfg = FeatureHead(self.dim, num_classes), self.cfg
+        # the head's parameter group of the end-to-end trainer (train/model.py param_groups)
+        return head, [{"params": list(head.parameters()), "lr": cfg.lr * cfg.head_lr_mult,
+                       "weight_decay": cfg.weight_decay, "name": "head"}]
 
-    cdir = run_dir / "checkpoints"
-    tmp = cdir / ".tmp-best"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file({f"head.{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
-              str(tmp / "head.safetensors"))
-    (tmp / "best.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
-    best = cdir / "best"
-    if best.exists():
-        shutil.rmtree(best)
-    os.replace(tmp, best)
-    fsync_dir(cdir)
+    def frozen_backbone(self, epoch: int) -> bool:
+        return True
 
+    def train_loader(self, accelerator, sample_ids: np.ndarray) -> FeatureBatches:
+        return FeatureBatches(self.feats[self.cfg.train_split], sample_ids, self.cfg.batch_size, self.cfg.seed)
 
-def _clear_run_dir(run_dir: Path) -> None:
-    """A restarted run starts from nothing: drop what the interrupted attempt wrote (not config.yaml)."""
-    for name in ("metrics.jsonl", "result.json"):
-        (run_dir / name).unlink(missing_ok=True)
-    for name in ("checkpoints", "labels", "analysis"):
-        if (run_dir / name).exists():
-            shutil.rmtree(run_dir / name)
+    def eval_loader(self, accelerator, split: str, sample_ids: np.ndarray | None) -> FeatureBatches:
+        ids = np.arange(len(self.feats[split])) if sample_ids is None else sample_ids
+        return FeatureBatches(self.feats[split], ids, self.cfg.eval_batch_size)
+
+    def memo_loader(self, sample_ids: np.ndarray) -> FeatureBatches:
+        return FeatureBatches(self.feats[self.cfg.train_split], sample_ids, self.cfg.eval_batch_size)
+
+    def write_run_files(self, run) -> None:
+        run.write_json(run.features, self.run_record)
 
 
 def train_on_features(cfg, features_dir: str | os.PathLike) -> dict[str, Any]:
     """Train a linear head on cached features under ``cfg`` (a resolved train.config.Config); see the module docstring."""
-    from largeloss.eval.analysis import MemorizationTracker, PrecisionTracker
-    from largeloss.shards.format import write_json_atomic
-    from largeloss.shards.labelstore import LabelStore
-    from largeloss.shards.reader import open_dataset
-    from largeloss.train.config import loss_config, to_yaml
-    from largeloss.train.losses import compute_loss
-    from largeloss.train.loop import seed_everything, split_train_val
-
-    features_dir = Path(features_dir)
-    ds = open_dataset(cfg.data)
-    k = ds.num_classes
-    dataset_name = cfg.dataset or ds.manifest.dataset
-    cfg = dataclasses.replace(cfg, dataset=dataset_name)
-    manifest_sha = sha256_file(Path(cfg.data) / "manifest.json")
-    feats, metas = {}, {}
-    for split in dict.fromkeys((cfg.train_split, cfg.test_split)):
-        path = features_dir / f"{split}.npy"
-        feats[split], metas[split] = read_features(path)
-        check_features(metas[split], path, cfg, ds, split, manifest_sha)
-    dims = {metas[s]["dim"] for s in metas}
-    if len(dims) != 1:
-        raise FeaturesError(f"{features_dir}: the splits' features have different widths {sorted(dims)}")
-    dim = dims.pop()
-
-    run_dir = Path(cfg.resume) if cfg.resume else Path(cfg.out) / (cfg.run_name or f"{dataset_name}-{cfg.method}-s{cfg.seed}")
-    if cfg.resume:
-        print(f"[features] {run_dir}: cached-feature runs restart from epoch 1 when resumed", flush=True)
-        _clear_run_dir(run_dir)
-    elif (run_dir / "config.yaml").exists():
-        raise FileExistsError(f"{run_dir} already holds a run; pass resume={run_dir} to redo it, or another run_name/out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
-    write_json_atomic(run_dir / "features.json", json.dumps(
-        {"features_dir": str(features_dir.resolve()), "splits": metas}, indent=1))
-
-    train_ids, val_ids = split_train_val(ds.num_samples(cfg.train_split), cfg)
-    labels_path = ds.labels_path(cfg.train_split)
-    train_store = LabelStore(labels_path, k, cfg.protocol, seed=cfg.split_seed, subset_ids=train_ids,
-                             corrections_dir=run_dir / "labels")
-    unlisted = ds.manifest.splits[cfg.train_split].unlisted
-    val_protocol = ("full" if unlisted == "negative" else "given") if cfg.val_labels == "clean" else cfg.protocol
-    val_store = LabelStore(labels_path, k, val_protocol, seed=cfg.split_seed, subset_ids=val_ids)
-    test_unlisted = ds.manifest.splits[cfg.test_split].unlisted
-    test_store = LabelStore(ds.labels_path(cfg.test_split), k, "full" if test_unlisted == "negative" else "given")
-    test_ids = np.arange(ds.num_samples(cfg.test_split))
-
-    device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
-    seed_everything(cfg.seed)
-    head = torch.nn.Linear(dim, k).to(device)
-    lr = cfg.lr * cfg.head_lr_mult  # the head's learning rate in the end-to-end trainer
-    if cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    else:
-        optimizer = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=cfg.weight_decay)
-    loss_cfg = loss_config(cfg)
-    analysis = cfg.analysis_entries > 0
-    memo = (MemorizationTracker(train_store, train_ids, cfg.analysis_entries, cfg.seed, run_dir / "analysis")
-            if analysis else None)
-    precision = PrecisionTracker(train_store) if analysis else None
-    train_feats = feats[cfg.train_split]
-    print(f"[features] {dataset_name}: {k} classes, train {len(train_ids)} / val {len(val_ids)} / test "
-          f"{len(test_ids)}; method {cfg.method} (delta_rel {cfg.delta_rel}); head {dim}->{k} on {device}; "
-          f"run dir {run_dir}", flush=True)
-
-    best_map, best_epoch, stopped_early = -math.inf, 0, False
-    for epoch in range(1, cfg.epochs + 1):
-        head.train()
-        # the epoch's order is a pure function of (seed, epoch)
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(train_ids)
-        n_steps = math.ceil(len(order) / cfg.batch_size)
-        if cfg.max_steps_per_epoch > 0:
-            n_steps = min(n_steps, cfg.max_steps_per_epoch)
-        t0, loss_sum, n_modified, seen = time.time(), 0.0, 0, 0
-        for step in range(n_steps):
-            ids = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            x = torch.from_numpy(np.asarray(train_feats[ids], dtype=np.float32)).to(device)
-            target, unknown = train_store.targets(ids)
-            out = compute_loss(head(x), target.to(device), unknown.to(device), epoch, loss_cfg)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
-            if out.num_modified > 0:
-                rows, cols = torch.nonzero(out.modified, as_tuple=True)
-                if cfg.method == "ll_cp":
-                    train_store.append_corrections(epoch, ids[rows.cpu().numpy()], cols.cpu().numpy())
-            if precision is not None:
-                precision.update(epoch, ids, out.modified)
-            loss_sum += float(out.loss.detach())
-            n_modified += out.num_modified
-            seen += len(ids)
-        train_time = time.time() - t0
-        if cfg.method == "ll_cp":
-            train_store.flush_corrections(epoch)
-            train_store.merge_corrections(epoch, 1)
-            train_store.use_generation(epoch)
-            train_store.remove_generations(keep={train_store.generation})
-        head.eval()
-        if memo is not None:
-            memo.score_epoch(epoch, lambda image_ids: _logits(head, train_feats, image_ids, device, cfg.eval_batch_size))
-        val_map = float(_evaluate(head, train_feats, val_ids, val_store, cfg, device).map)
-        record = {
-            "epoch": epoch,
-            "train_loss": loss_sum / max(n_steps, 1),
-            "val_map": val_map,
-            "modified": int(n_modified),
-            "images": int(seen),
-            "time_s": round(train_time, 3),
-            "images_per_s": round(seen / max(train_time, 1e-9), 1),
-            "label_generation": train_store.generation,
-            "frozen_backbone": True,
-        }
-        if precision is not None:
-            record.update(precision.end_epoch(epoch))
-        improved = best_epoch == 0 or val_map > best_map  # the first epoch is best even when its mAP is NaN
-        if improved:
-            best_map, best_epoch = val_map, epoch
-            _save_head(head, run_dir, {"epoch": epoch, "val_map": val_map})
-        with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        print(f"[features] epoch {epoch}: loss {record['train_loss']:.4f}  val mAP {100 * val_map:.2f}"
-              f"{'  (best)' if improved else ''}  modified {record['modified']}", flush=True)
-        if 100 * val_map < 100 * best_map - cfg.early_stop_drop:
-            print(f"[features] early stop: val mAP {100 * val_map:.2f} is more than {cfg.early_stop_drop} points "
-                  f"below the best {100 * best_map:.2f}", flush=True)
-            stopped_early = True
-            break
-
-    if memo is not None:
-        memo.finish(title=f"{dataset_name} {cfg.method} seed {cfg.seed}")
-    from largeloss.train.checkpoint import load_best_weights
-
-    state = load_best_weights(run_dir)
-    head.load_state_dict({"weight": state["head.weight"], "bias": state["head.bias"]})
-    head.eval()
-    test_res = _evaluate(head, feats[cfg.test_split], test_ids, test_store, cfg, device)
-    from largeloss.train.checkpoint import result_record
-
-    result = result_record(cfg, dataset_name, ds.manifest, best_epoch, best_map, test_res, stopped_early, 1)
-    result.update({"trainer": "features", "features_dir": str(features_dir.resolve())})
-    write_json_atomic(run_dir / "result.json", json.dumps(result, indent=1))
-    train_store.close()
-    print(f"[features] test mAP {100 * result['test_map']:.2f} with the head of epoch {best_epoch} -> "
-          f"{run_dir / 'result.json'}", flush=True)
-    return result
+    return run(cfg, lambda cfg, ds: FeatureSource(cfg, ds, features_dir))
 
 
 # ------------------------------------------------------------------------------------------------- CLI
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.features", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m largeloss.train.features", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     e = sub.add_parser("extract", help="write <split>.npy + <split>.json of a dataset split")
@@ -423,9 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="train")
     e.add_argument("--arch", default="efficientnet_lite0")
     e.add_argument("--weights", default="IMAGENET")
-    e.add_argument("--image-size", type=positive_int, default=224)
+    e.add_argument("--image-size", type=_positive, default=224)
     e.add_argument("--out", required=True, metavar="FILE.npy")
-    e.add_argument("--batch-size", type=positive_int, default=None, help="default 64 on a GPU, 4 on the CPU")
+    e.add_argument("--batch-size", type=_positive, default=None, help="default 64 on a GPU, 4 on the CPU")
     e.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     e.add_argument("--num-workers", type=int, default=0, help="loader worker processes (default 0: decode in-process)")
     e.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")

@@ -33,7 +33,7 @@ Methods
 ``lsan``      Label smoothing on the AN targets (Cole et al.'s form): target 1 -> 1 - ls_coef, 0 -> ls_coef,
               on every entry; mean over B*K.
 ``epr``       Expected positive regularisation (Cole et al.):
-              ``sum_{observed} BCE / (B*K) + (mean_b sum_c sigmoid(x_bc) - expected_num_pos)**2 / K**2``.
+              ``sum_{observed} BCE / (B*K) + (mean_b sum_c sigmoid(x_bc) - epr_num_pos)**2 / K**2``.
               Cole et al. sum over the observed positives (in their single-positive setting there is nothing
               else observed); here the observed negatives of a partial-label protocol are included too, since
               they are clean labels. Cole et al. compute -log(p + 1e-5); here BCE on logits (no epsilon).
@@ -67,7 +67,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable
+from typing import Callable, Literal, get_args
 
 import torch
 import torch.distributed
@@ -75,6 +75,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "METHODS",
+    "Method",
     "LossConfig",
     "LossOutput",
     "GatherFn",
@@ -86,10 +87,8 @@ __all__ = [
     "select_global_topk",
 ]
 
-METHODS: tuple[str, ...] = (
-    "full", "an", "iu", "wan", "lsan", "epr",
-    "ll_r", "ll_ct", "ll_cp", "ll_r_abs", "ll_ct_abs",
-)
+Method = Literal["full", "an", "iu", "wan", "lsan", "epr", "ll_r", "ll_ct", "ll_cp", "ll_r_abs", "ll_ct_abs"]
+METHODS: tuple[str, ...] = get_args(Method)
 _TOPK_METHODS = frozenset({"ll_r", "ll_ct", "ll_cp"})
 _ABS_METHODS = frozenset({"ll_r_abs", "ll_ct_abs"})
 _REJECT_METHODS = frozenset({"ll_r", "ll_r_abs"})
@@ -125,11 +124,15 @@ def _check_real(name: str, value: object, *, minimum: float | None = None, maxim
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Typed loss configuration. Frozen: the loss never changes its config (schedules are functions of t)."""
+    """Typed loss configuration. Frozen: the loss never changes its config (schedules are functions of t).
 
-    #: one of METHODS
-    method: str = "an"
-    #: LL-R / LL-Ct / LL-Cp rate step in PERCENT, as in the paper: 0.2 means 0.2 % of the B*K entries
+    Its fields are also the loss keys of a training config file (train/config.py), with the same names.
+    """
+
+    #: the loss (see the module docstring)
+    method: Method = "an"
+    #: LL-R / LL-Ct / LL-Cp rate step in PERCENT, as in the paper: 0.2 means 0.2 % of the B*K entries. The one
+    #: default of the system; a training config takes it from its ``delta_rel_table`` first
     delta_rel: float = 0.2
     #: absolute variants: initial threshold R0 of R(t) = r0 - t * delta_abs (required for *_abs)
     r0: float | None = None
@@ -142,7 +145,7 @@ class LossConfig:
     #: WAN weight of the unknown (assumed-negative) entries; None means 1/(K-1), as in Cole et al.
     wan_weight: float | None = None
     #: EPR expected number of positives per image (Cole et al.: VOC 1.5, COCO 2.9, NUS 1.9, CUB 31.4)
-    expected_num_pos: float | None = None
+    epr_num_pos: float | None = None
     #: LL-R/Ct/Cp: take the top-k over the batch gathered from all ranks instead of per rank
     global_topk: bool = False
 
@@ -162,10 +165,7 @@ class LossConfig:
         else:
             _check_real("r0", self.r0, allow_none=True)
             _check_real("delta_abs", self.delta_abs, allow_none=True)
-        if self.method == "epr":
-            _check_real("expected_num_pos", self.expected_num_pos, minimum=0.0)
-        else:
-            _check_real("expected_num_pos", self.expected_num_pos, minimum=0.0, allow_none=True)
+        _check_real("epr_num_pos", self.epr_num_pos, minimum=0.0, allow_none=self.method != "epr")
         if self.global_topk and self.method not in _TOPK_METHODS:
             raise ValueError(
                 f"LossConfig.global_topk applies to {', '.join(sorted(_TOPK_METHODS))} only, "
@@ -456,10 +456,10 @@ def compute_loss(logits: torch.Tensor, target: torch.Tensor, unknown: torch.Tens
         smoothed = y * (1.0 - 2.0 * cfg.ls_coef) + cfg.ls_coef  # 1 -> 1 - ls, 0 -> ls
         return LossOutput(_bce(x, smoothed).mean(), none_modified, 0, 0)
     if method == "epr":
-        assert cfg.expected_num_pos is not None  # guaranteed by LossConfig.__post_init__
+        assert cfg.epr_num_pos is not None  # guaranteed by LossConfig.__post_init__
         observed_sum = _bce(x, y).masked_fill(unknown, 0.0).sum()
         expected_pos = torch.sigmoid(x).sum(dim=1).mean()
-        reg = (expected_pos - cfg.expected_num_pos) ** 2 / classes**2
+        reg = (expected_pos - cfg.epr_num_pos) ** 2 / classes**2
         return LossOutput(observed_sum / n + reg, none_modified, 0, 0)
 
     # Large-loss methods. The selection uses the loss against the AN target, without gradient.

@@ -5,14 +5,12 @@
     python train/main.py resume=runs/demo-ll_cp-s1          # continue a killed run exactly
 
 Config files are applied in order, then ``key=value`` overrides; every key is a field of
-``train.config.Config`` (``--list-keys`` prints them with their defaults). The resolved config is written
-to ``<out>/<run_name>/config.yaml``. Methods: full, an, iu, wan, lsan, epr, ll_r, ll_ct, ll_cp,
-ll_r_abs, ll_ct_abs.
+``train.config.Config`` or of the loss's ``train.losses.LossConfig`` (``--list-keys`` prints them with their
+defaults and choices). The resolved config is written to ``<out>/<run_name>/config.yaml``.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -23,7 +21,7 @@ if __package__ in (None, ""):  # run as a file from a checkout: its folders are 
     _pkg.__path__ = [str(Path(__file__).resolve().parents[1])]
     sys.modules["largeloss"] = _pkg
 
-from largeloss.train.config import Config, ConfigError, build_config, coerce, from_dict, parse_overrides  # noqa: E402
+from largeloss.train.config import Config, ConfigError, build_config, describe_keys, resume_config  # noqa: E402
 
 
 def parse_args(argv=None) -> Config:
@@ -31,13 +29,11 @@ def parse_args(argv=None) -> Config:
         prog="train/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML config file (repeatable, applied in order)")
-    parser.add_argument("--list-keys", action="store_true", help="print every config key with its default and exit")
+    parser.add_argument("--list-keys", action="store_true", help="print every config key with its default and choices, and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = parser.parse_args(argv)
     if args.list_keys:
-        for f in dataclasses.fields(Config):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            print(f"{f.name} = {default!r}")
+        print("\n".join(describe_keys()))
         raise SystemExit(0)
     resume = [o.split("=", 1)[1] for o in args.overrides if o.startswith("resume=")]
     if resume:
@@ -50,21 +46,12 @@ RESUMABLE_OVERRIDES = ("progress", "num_workers", "log_every")
 
 
 def _resume_config(run_dir: str, overrides: list[str], files: list[str]) -> Config:
-    import yaml
-
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"resume={run_dir}: {path} not found; is this a run directory?")
     if files:
         raise ConfigError("resume: the config comes from the run directory; drop --config")
     bad = [o for o in overrides if o.split("=", 1)[0] not in RESUMABLE_OVERRIDES]
     if bad:
         raise ConfigError(f"resume: only {', '.join(RESUMABLE_OVERRIDES)} may be overridden, got {bad}")
-    cfg = from_dict(yaml.safe_load(path.read_text(encoding="utf-8")), where=str(path))
-    cfg.resume = str(run_dir)
-    for k, v, where in parse_overrides(overrides):
-        setattr(cfg, k, coerce(k, v, where))
-    return cfg
+    return resume_config(run_dir, overrides)
 
 
 def main(argv=None) -> int:
@@ -74,11 +61,12 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from largeloss.shards.format import FormatError
+    from largeloss.train.images import ImageSource
     from largeloss.train.loop import run
     from largeloss.train.model import WeightsError
 
     try:
-        run(cfg)
+        run(cfg, ImageSource)
     except (WeightsError, FileExistsError, FormatError) as e:  # bad input: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -21,8 +22,9 @@ import torchvision
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
-RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
-ARCHS = RESNETS + ("small_cnn", "efficientnet_lite0")
+Arch = Literal["resnet18", "resnet34", "resnet50", "resnet101", "small_cnn", "efficientnet_lite0"]
+ARCHS: tuple[str, ...] = get_args(Arch)
+RESNETS = tuple(a for a in ARCHS if a.startswith("resnet"))
 
 
 class WeightsError(FileNotFoundError):

@@ -1,9 +1,9 @@
 """Hyper-parameter sweeps and seed repeats: one training process per run, resumable, then the report table.
 
-    python -m train.sweep --config configs/coco.yaml --methods ll_ct --grid delta_rel=0.1,0.2,0.4 \\
+    python -m largeloss.train.sweep --config configs/coco.yaml --methods ll_ct --grid delta_rel=0.1,0.2,0.4 \\
         --seeds 0 1 2 [--out runs/sweep] [--jobs N] [key=value ...]
-    python -m train.sweep --config configs/coco.yaml --methods full an ll_ct --grid train_fraction=0.1,0.5,1.0 --seeds 0
-    python -m train.sweep --features-dir FEATS --config CFG.yaml --methods an ll_r ll_ct ll_cp --seeds 0 1 2
+    python -m largeloss.train.sweep --config configs/coco.yaml --methods full an ll_ct --grid train_fraction=0.1,0.5,1.0 --seeds 0
+    python -m largeloss.train.sweep --features-dir FEATS --config CFG.yaml --methods an ll_r ll_ct ll_cp --seeds 0 1 2
 
 A run is one combination of (method, every ``--grid`` value, seed). ``--grid KEY=V1,V2,...`` may be given
 several times (the cartesian product is run); ``--methods M ...`` adds ``configs/methods/<M>.yaml`` after the
@@ -15,8 +15,8 @@ Run directories are ``<out>/<method>-<key>=<value>-...-s<seed>``. Resumable: a r
 result.json is skipped; one with config.yaml but no result.json (interrupted) is resumed with
 ``resume=<dir>``; the others start. Runs go one after the other, or ``--jobs N`` at a time (each its own
 process, output in ``<out>/logs/<run>.log``; unless OMP_NUM_THREADS is set, each gets ``cpus // N``
-threads). The trainer is ``python -m train.main`` (or ``python -m train.features train`` with
-``--features-dir``). At the end the report's sweep table (test mAP mean ± std over seeds against each grid
+threads). The trainer is ``python -m largeloss.train.main`` (or ``python -m largeloss.train.features train``
+with ``--features-dir``). At the end the report's sweep table (test mAP mean ± std over seeds against each grid
 key) is printed; ``report RUNS --sweep KEY --plot-sweep FILE.png`` draws Figure 5 / Figure 6.
 """
 from __future__ import annotations
@@ -29,6 +29,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from largeloss.eval.rundir import RunDir, RunDirError, load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS_DIR = ROOT / "configs" / "methods"
@@ -109,14 +111,14 @@ def plan_jobs(configs: list[str], methods: list[str], grid: list[tuple[str, list
                 grid_over = [f"{k}={v}" for k, v in zip(keys, values)]
                 # name from the resolved method (a method file may set it), the grid values and the seed
                 cfg = build_config(cfg_files, list(overrides) + grid_over + [f"seed={seed}"])
-                name = "-".join([cfg.method] + [f"{k}={_safe(v)}" for k, v in zip(keys, values)] + [f"s{seed}"])
+                name = "-".join([cfg.loss.method] + [f"{k}={_safe(v)}" for k, v in zip(keys, values)] + [f"s{seed}"])
                 run_dir = out / name
                 job = Job(name, run_dir, cfg_files,
                           list(overrides) + grid_over + [f"seed={seed}", f"out={out}", f"run_name={name}"],
                           grid=dict(zip(keys, values)))
-                if (run_dir / "result.json").is_file():
+                if RunDir(run_dir).finished:
                     job.state = "done"
-                elif (run_dir / "config.yaml").is_file():
+                elif RunDir(run_dir).started:
                     job.state = "resume"
                 jobs.append(job)
     names = [j.name for j in jobs]
@@ -175,7 +177,7 @@ def run_jobs(jobs: list[Job], out: Path, n_parallel: int, features_dir: str | No
 
 
 def _finished(job: Job, failed: list[Job]) -> None:
-    ok = job.returncode == 0 and (job.run_dir / "result.json").is_file()
+    ok = job.returncode == 0 and RunDir(job.run_dir).finished
     where = f" (log {job.log})" if job.log is not None and job.log.exists() and job.log.stat().st_size else ""
     print(f"[sweep] {'done' if ok else 'FAILED'} {job.name} in {job.seconds:.0f} s"
           f"{'' if ok else f' (exit {job.returncode})'}{where}", flush=True)
@@ -184,7 +186,7 @@ def _finished(job: Job, failed: list[Job]) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.sweep", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m largeloss.train.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", default=[], metavar="FILE", help="trainer config (repeatable)")
     p.add_argument("--methods", nargs="+", default=[], metavar="M", help="add configs/methods/<M>.yaml per method")
@@ -192,7 +194,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--out", default="runs/sweep", help="parent of the run directories (default runs/sweep)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
-    p.add_argument("--features-dir", help="train heads on cached features (python -m train.features train)")
+    p.add_argument("--features-dir", help="train heads on cached features (python -m largeloss.train.features train)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state, start nothing")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     args = p.parse_args(argv)
@@ -215,17 +217,17 @@ def main(argv=None) -> int:
             print(f"{j.state:6s} {j.run_dir}  {' '.join(j.command(args.features_dir)[1:])}")
         return 0
     failed = run_jobs(jobs, out, args.jobs, args.features_dir)
-    from largeloss.eval.report import ReportError, datasets_table, find_runs, render_markdown, sweep_table
+    from largeloss.eval.tables import ReportError, datasets_table, render_markdown, sweep_table
 
     try:
-        runs = [r for r in find_runs([out]) if r.path.resolve() in {j.run_dir.resolve() for j in jobs}]
+        runs = [load_run(j.run_dir) for j in jobs if RunDir(j.run_dir).is_run()]
         if grid:
             keys = [k for k, _ in grid]
             for key in keys:
                 print(render_markdown(sweep_table(runs, key, [k for k in keys if k != key])))
         elif any(r.finished for r in runs):
             print(render_markdown(datasets_table(runs)))
-    except ReportError as e:
+    except (ReportError, RunDirError) as e:
         print(f"sweep: report: {e}", file=sys.stderr)
     if failed:
         print(f"sweep: {len(failed)} run(s) failed: " + ", ".join(j.name for j in failed), file=sys.stderr)

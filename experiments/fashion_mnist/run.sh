@@ -37,7 +37,7 @@ python -m largeloss.train.sweep --features-dir "$FEATS" --config "$CONFIG" --met
 python -m largeloss.train.sweep --features-dir "$FEATS" --config "$CONFIG" --methods full an ll_ct --grid train_fraction=0.1,0.2,0.5,1.0 \
     --seeds 0 1 2 --out "$RUNS/fig6" data="$DATA"
 # Table 4: pointing game of the Table 2 runs (one backbone pass serves every head)
-python -m largeloss.eval.pointing "$RUNS/table2" --batch-size 4 --overlays 6
+python -m largeloss.train.pointing "$RUNS/table2" --batch-size 4 --overlays 6
 
 python -m largeloss.eval.report "$RUNS/table2" --plot-precision "$RUNS/precision.png" --plot "$RUNS/val_map.png" --json "$RUNS/table2.json"
 python -m largeloss.eval.report "$RUNS/fig5" --sweep delta_rel --plot-sweep "$RUNS/fig5.png"
