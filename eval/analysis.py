@@ -59,7 +59,7 @@ from typing import Callable
 
 import numpy as np
 
-from largeloss.shards.format import write_json_atomic
+from ..shards.format import write_json_atomic
 
 __all__ = [
     "TYPES",

@@ -5,9 +5,17 @@ from __future__ import annotations
 import math
 import statistics
 
-from largeloss.eval.rundir import Run
-from largeloss.eval.tables import (ReportError, dataset_key, dataset_name, method_key, method_name,
-                                   precision_series, sweep_table, value_key)
+from .rundir import Run
+from .tables import (
+    ReportError,
+    dataset_key,
+    dataset_name,
+    method_key,
+    method_name,
+    precision_series,
+    sweep_table,
+    value_key,
+)
 
 
 def plot_val_map(runs: list[Run], path) -> None:

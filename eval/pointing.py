@@ -144,7 +144,7 @@ class Tally:
 
 def batches(ds, split: str, size: int, batch_size: int, max_images: int | None) -> Iterator[tuple[torch.Tensor, list]]:
     """(uint8 images [B, 3, S, S], [(sample id, width, height, {class: boxes})]) of the images that have boxes."""
-    from largeloss.shards.jpeg import decode_image
+    from ..shards.jpeg import decode_image
 
     k = ds.num_classes
     images, items, taken = [], [], 0

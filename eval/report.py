@@ -29,10 +29,18 @@ import math
 import sys
 from pathlib import Path
 
-from largeloss.eval.plots import plot_precision, plot_sweep, plot_val_map
-from largeloss.eval.rundir import Run, RunDirError, find_runs
-from largeloss.eval.tables import (ReportError, Table, analysis_tables, build_tables, method_name,
-                                   render_markdown, render_unfinished, sweep_table)
+from .plots import plot_precision, plot_sweep, plot_val_map
+from .rundir import Run, RunDirError, find_runs
+from .tables import (
+    ReportError,
+    Table,
+    analysis_tables,
+    build_tables,
+    method_name,
+    render_markdown,
+    render_unfinished,
+    sweep_table,
+)
 
 
 def run_record(r: Run) -> dict:

@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from largeloss.shards.format import write_json_atomic
+from ..shards.format import write_json_atomic
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "result.json")
 RESULT_KEYS = ("dataset", "method", "seed", "best_epoch", "best_val_map", "test_map", "map_convention")

@@ -23,7 +23,7 @@ import math
 import statistics
 from dataclasses import dataclass
 
-from largeloss.eval.rundir import Run
+from .rundir import Run
 
 
 class ReportError(Exception):

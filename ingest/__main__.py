@@ -1,4 +1,4 @@
 """``python -m ingest``: the same as the ``ingest`` console script."""
-from largeloss.ingest.cli import main
+from .cli import main
 
 raise SystemExit(main())

@@ -24,11 +24,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from largeloss.ingest import coco, cub, demo, nuswide, openimages, voc
-from largeloss.ingest.argtypes import positive_int
-from largeloss.shards.format import FormatError, IngestError, IngestPlan
-from largeloss.shards.reader import open_dataset, verify
-from largeloss.shards.writer import CHECK_MODES, summary_table, write_dataset
+from ..shards.format import FormatError, IngestError, IngestPlan
+from ..shards.reader import open_dataset, verify
+from ..shards.writer import CHECK_MODES, summary_table, write_dataset
+from . import coco, cub, demo, nuswide, openimages, voc
+from .argtypes import positive_int
 
 #: sub-command -> adapter module, in the order of ``ingest --help``
 ADAPTERS: dict[str, ModuleType] = {m.NAME: m for m in (voc, coco, nuswide, cub, openimages, demo)}

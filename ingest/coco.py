@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from largeloss.shards.format import UNLISTED_NEGATIVE, IngestError, IngestPlan, Record
+from ..shards.format import UNLISTED_NEGATIVE, IngestError, IngestPlan, Record
 
 NAME = "coco"
 HELP = "MS COCO 2014 instances json -> 80-class multi-label shards (boxes kept in the sample json)"

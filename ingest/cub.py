@@ -44,7 +44,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from largeloss.shards.format import UNLISTED_NEGATIVE, IngestError, IngestPlan, Record
+from ..shards.format import UNLISTED_NEGATIVE, IngestError, IngestPlan, Record
 
 NAME = "cub"
 HELP = "CUB-200-2011 birds as 312 binary attributes (image_attribute_labels.txt)"

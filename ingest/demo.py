@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from largeloss.ingest import voc
-from largeloss.ingest.argtypes import positive_int
-from largeloss.ingest.demo_images import (
+from ..shards.format import IngestError, IngestPlan
+from . import voc
+from .argtypes import positive_int
+from .demo_images import (
     CLASSES,
     GENERATOR_ID,
     MAX_IMAGE_SIZE,
@@ -21,7 +22,6 @@ from largeloss.ingest.demo_images import (
     ensure_voc_tree,
     tree_params,
 )
-from largeloss.shards.format import IngestError, IngestPlan
 
 NAME = "demo"
 HELP = "generate the built-in synthetic demo dataset (20 shape/glyph classes, VOC layout) and ingest it"

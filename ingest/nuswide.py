@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from largeloss.shards.format import UNLISTED_NEGATIVE, IngestError, IngestPlan, Record
+from ..shards.format import UNLISTED_NEGATIVE, IngestError, IngestPlan, Record
 
 NAME = "nuswide"
 HELP = "NUS-WIDE 81 concepts (official image lists + TrainTestLabels, or Cole et al.'s npy files)"

@@ -71,7 +71,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from largeloss.shards.format import MAX_CLASSES, UNLISTED_UNKNOWN, IngestError, IngestPlan, Record
+from ..shards.format import MAX_CLASSES, UNLISTED_UNKNOWN, IngestError, IngestPlan, Record
 
 NAME = "openimages"
 HELP = "OpenImages V3 (2017_11) human-verified labels over the 5,000 trainable classes"

@@ -38,7 +38,7 @@ from typing import Any, Iterator
 import defusedxml
 import defusedxml.ElementTree as ET
 
-from largeloss.shards.format import UNLISTED_NEGATIVE, IngestError, IngestPlan, Record
+from ..shards.format import UNLISTED_NEGATIVE, IngestError, IngestPlan, Record
 
 NAME = "voc"
 HELP = "Pascal VOC (or any VOC-layout dataset) classification lists -> multi-label shards, boxes kept"

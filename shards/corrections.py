@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from largeloss.shards.format import UNLISTED_NEGATIVE, fsync_dir, write_json_atomic
-from largeloss.shards.labels import SparseLabels, as_sample_ids, gather_rows, row_ids
+from .format import UNLISTED_NEGATIVE, fsync_dir, write_json_atomic
+from .labels import SparseLabels, as_sample_ids, gather_rows, row_ids
 
 LOG_MAGIC = b"LLCPLOG1"
 _LOG_HEADER = struct.Struct("<8sII")  # magic, epoch, rank

@@ -83,10 +83,10 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from largeloss.shards.format import FormatError, sample_key
-from largeloss.shards.loader import SampleError
-from largeloss.shards.schedule import EpochPlan, EpochSchedule, select_split
-from largeloss.shards.tar import FIX_SHARD, SAMPLE_ID, ShardIndex, decode_sample_id, read_dali_index
+from .format import FormatError, sample_key
+from .loader import SampleError
+from .schedule import EpochPlan, EpochSchedule, select_split
+from .tar import FIX_SHARD, SAMPLE_ID, ShardIndex, decode_sample_id, read_dali_index
 
 __all__ = ["DEFAULT_SHUFFLE_BUFFER", "DaliLoader", "available"]
 

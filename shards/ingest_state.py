@@ -39,7 +39,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
-from largeloss.shards.format import (
+from .format import (
     FORMAT_VERSION,
     LABELS_NAME,
     MANIFEST_NAME,

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from largeloss.shards.format import (
+from .format import (
     FORMAT_VERSION,
     KEY_DIGITS,
     MAX_CLASSES,

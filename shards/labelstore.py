@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from largeloss.shards.corrections import Corrections
-from largeloss.shards.format import UNLISTED_NEGATIVE
-from largeloss.shards.labels import SparseLabels, as_sample_ids, gather_rows, read_labels
-from largeloss.shards.protocols import DEFAULT_SEED, FULL, observe, parse_protocol
+from .corrections import Corrections
+from .format import UNLISTED_NEGATIVE
+from .labels import SparseLabels, as_sample_ids, gather_rows, read_labels
+from .protocols import DEFAULT_SEED, FULL, observe, parse_protocol
 
 
 class LabelStore:

@@ -34,10 +34,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from largeloss.shards.format import sample_key
-from largeloss.shards.jpeg import DecodeError, decode_image
-from largeloss.shards.schedule import EpochPlan, EpochSchedule, Piece, select_split, worker_order
-from largeloss.shards.tar import read_jpegs
+from .format import sample_key
+from .jpeg import DecodeError, decode_image
+from .schedule import EpochPlan, EpochSchedule, Piece, select_split, worker_order
+from .tar import read_jpegs
 
 __all__ = ["SampleError", "ShardLoader"]
 

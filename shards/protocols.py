@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from largeloss.shards.format import UNLISTED_NEGATIVE, UNLISTED_UNKNOWN
-from largeloss.shards.labels import SparseLabels, canonical_rows, csr_offsets, row_ids
+from .format import UNLISTED_NEGATIVE, UNLISTED_UNKNOWN
+from .labels import SparseLabels, canonical_rows, csr_offsets, row_ids
 
 #: Cole et al.'s seed, used for both the observation generator and the train/val cut
 DEFAULT_SEED = 1200

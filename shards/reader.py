@@ -14,9 +14,9 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from largeloss.shards.format import LABELS_NAME, FormatError, Manifest, read_manifest
-from largeloss.shards.labels import check_labels_file, read_labels_table, verify_labels
-from largeloss.shards.tar import Sample, iter_samples, verify_shard
+from .format import LABELS_NAME, FormatError, Manifest, read_manifest
+from .labels import check_labels_file, read_labels_table, verify_labels
+from .tar import Sample, iter_samples, verify_shard
 
 
 class Dataset:

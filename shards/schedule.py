@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from largeloss.shards.format import FormatError, SplitInfo, read_manifest
+from .format import FormatError, SplitInfo, read_manifest
 
 # Distinct first words of the SeedSequence entropy keep the shard-order stream and the per-worker
 # streams independent even when (seed, epoch, ...) coincide.

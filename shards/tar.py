@@ -31,7 +31,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from largeloss.shards.format import FormatError, IngestError, ShardInfo, file_sha256, sample_key
+from .format import FormatError, IngestError, ShardInfo, file_sha256, sample_key
 
 #: members of one sample, in tar order
 MEMBER_EXTS = ("idx", "jpg", "json")

@@ -40,7 +40,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from largeloss.shards.format import (
+from .format import (
     FORMAT_VERSION,
     KEY_DIGITS,
     LABELS_NAME,
@@ -58,7 +58,7 @@ from largeloss.shards.format import (
     shard_name,
     write_json_atomic,
 )
-from largeloss.shards.ingest_state import (
+from .ingest_state import (
     STATE_DIR,
     OutputLock,
     fingerprint,
@@ -68,9 +68,9 @@ from largeloss.shards.ingest_state import (
     sidecar_path,
     write_sidecar,
 )
-from largeloss.shards.jpeg import CorruptImage, validate_jpeg
-from largeloss.shards.labels import LabelsBuilder, label_schema, write_labels
-from largeloss.shards.tar import TarBytes, format_dali_index, sample_members, write_synced_text
+from .jpeg import CorruptImage, validate_jpeg
+from .labels import LabelsBuilder, label_schema, write_labels
+from .tar import TarBytes, format_dali_index, sample_members, write_synced_text
 
 CHECK_MODES = ("fast", "full")
 #: at most this many missing/corrupt files are named per split in the manifest counts ("problems")

@@ -169,8 +169,9 @@ def test_missing_json_and_bad_json(tmp_path: Path):
 
 
 def test_write_dataset_end_to_end(tree: Path, tmp_path: Path):
-    from largeloss.shards.writer import write_dataset
     import pyarrow.ipc as ipc
+
+    from largeloss.shards.writer import write_dataset
 
     plan = coco.plan(tree)
     manifest = write_dataset(tmp_path / "out", plan, shard_size=3, progress=False)

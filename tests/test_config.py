@@ -1,7 +1,7 @@
 """Config: YAML files < key=value overrides; typos, duplicates and bad values fail naming the key and place."""
-import pytest
-
 import dataclasses
+
+import pytest
 
 from largeloss.train.config import ConfigError, build_config, describe_keys, from_dict, to_dict
 from largeloss.train.losses import LossConfig

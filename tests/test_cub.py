@@ -191,6 +191,7 @@ def test_wrong_field_count_in_images_txt_is_fatal(tmp_path: Path):
 
 def test_write_dataset_end_to_end(tmp_path: Path):
     import pyarrow.ipc as ipc
+
     from largeloss.shards.writer import write_dataset
 
     root = make_tree(tmp_path)

@@ -14,7 +14,15 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from largeloss.shards.format import FORMAT_VERSION, UNLISTED_NEGATIVE, Manifest, Record, ShardInfo, SplitInfo, sample_key
+from largeloss.shards.format import (
+    FORMAT_VERSION,
+    UNLISTED_NEGATIVE,
+    Manifest,
+    Record,
+    ShardInfo,
+    SplitInfo,
+    sample_key,
+)
 from largeloss.shards.jpeg import DecodeError, decode_image, decode_rgb, decode_scale
 from largeloss.shards.loader import SampleError, ShardLoader
 from largeloss.shards.schedule import (

@@ -160,6 +160,7 @@ def test_needs_a_source():
 def test_write_dataset_end_to_end(tmp_path: Path):
     import cv2
     import pyarrow.ipc as ipc
+
     from largeloss.shards.writer import write_dataset
 
     root = make_tree(tmp_path / "nus", "\r\n")

@@ -8,12 +8,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from test_train import _compare_runs, _run_accelerate, read_metrics
 
 from conftest import FIXTURES, ROOT
 from largeloss.ingest.cli import main as ingest_main
 from largeloss.shards.labelstore import LabelStore
 from largeloss.shards.reader import open_dataset
-from test_train import _compare_runs, _run_accelerate, read_metrics
 
 REL = FIXTURES / "openimages_v3" / "2017_11"
 NON_TRAINABLE = "/m/02wvth"  # in class-descriptions.csv, not in classes-trainable.txt

@@ -13,9 +13,9 @@ import yaml
 from largeloss.eval import tables
 from largeloss.eval.pointing import PointingError, Tally, argmax_points, class_activation_maps, inside_any, to_original
 from largeloss.eval.rundir import find_runs
-from largeloss.train import pointing
 from largeloss.shards.format import UNLISTED_NEGATIVE, IngestPlan, Record
 from largeloss.shards.writer import write_dataset
+from largeloss.train import pointing
 
 K = 3
 W, H, S = 64, 48, 64  # original width, height; the network input is S x S (squashed)

@@ -12,9 +12,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from largeloss.eval.rundir import TRAINER_STATE, RunDir
-from largeloss.shards.format import fsync_dir, write_json_atomic
-from largeloss.train.hooks import fault_point
+from ..eval.rundir import TRAINER_STATE, RunDir
+from ..shards.format import fsync_dir, write_json_atomic
+from .hooks import fault_point
 
 
 def _fsync_tree(path: Path) -> None:

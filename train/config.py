@@ -26,11 +26,11 @@ from typing import Annotated, Any, Callable, Iterable, Literal, get_args, get_or
 
 import yaml
 
-from largeloss.eval.metrics import Convention
-from largeloss.eval.rundir import RunDir
-from largeloss.shards.protocols import PROTOCOL_FORMS, parse_protocol
-from largeloss.train.losses import LossConfig
-from largeloss.train.model import Arch
+from ..eval.metrics import Convention
+from ..eval.rundir import RunDir
+from ..shards.protocols import PROTOCOL_FORMS, parse_protocol
+from .losses import LossConfig
+from .model import Arch
 
 
 class ConfigError(ValueError):

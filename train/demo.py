@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from largeloss.eval.rundir import RunDir, default_name
+from ..eval.rundir import RunDir, default_name
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_METHODS = ["full", "an", "ll_r", "ll_ct", "ll_cp"]
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     t_start = time.time()
     data = Path(args.data)
     if not (data / "manifest.json").is_file():
-        from largeloss.ingest.cli import main as ingest_main
+        from ..ingest.cli import main as ingest_main
 
         rc = ingest_main(["demo", "--out", str(data), "--n-train", str(args.n_train), "--n-test", str(args.n_test), "--workers", str(args.workers)])
         if rc:
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
             print(f"[demo] {name}: exit {rc} after {time.time() - t0:.0f} s", flush=True)
             if rc:
                 failed.append(name)
-    from largeloss.eval.report import main as report_main
+    from ..eval.report import main as report_main
 
     report_main([str(d) for d in run_dirs] + ["--plot", str(Path(args.runs) / "val_map.png"), "--csv", str(Path(args.runs) / "table.csv")])
     print(f"[demo] total wall time {time.time() - t_start:.0f} s", flush=True)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from largeloss.eval import metrics
-from largeloss.shards.format import UNLISTED_UNKNOWN
-from largeloss.shards.labelstore import LabelStore
+from ..eval import metrics
+from ..shards.format import UNLISTED_UNKNOWN
+from ..shards.labelstore import LabelStore
 
 
 def labels_as_int8(target: torch.Tensor, unknown: torch.Tensor) -> np.ndarray:

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from largeloss.train.loop import make_accelerator, run
+from .loop import make_accelerator, run
 
 FORMAT = "largeloss-features"
 VERSION = 1
@@ -73,9 +73,9 @@ def extract(data: str | os.PathLike, split: str, arch: str, weights: str, image_
 
     ``batch_size`` defaults to 64 on a GPU and 4 on the CPU, where larger batches spend more time in page
     faults of fresh activation buffers than in convolutions."""
-    from largeloss.shards.loader import ShardLoader
-    from largeloss.shards.reader import open_dataset
-    from largeloss.train.model import build_model, resolve_weights_file
+    from ..shards.loader import ShardLoader
+    from ..shards.reader import open_dataset
+    from .model import build_model, resolve_weights_file
 
     out = Path(out)
     if out.suffix != ".npy":
@@ -148,7 +148,7 @@ def extract(data: str | os.PathLike, split: str, arch: str, weights: str, image_
         "torch": torch.__version__,
         "seconds": round(time.time() - t0, 1),
     }
-    from largeloss.shards.format import write_json_atomic
+    from ..shards.format import write_json_atomic
 
     write_json_atomic(sidecar_path(out), json.dumps(meta, indent=1))
     return meta
@@ -325,8 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from largeloss.train.config import ConfigError
-    from largeloss.train.model import WeightsError
+    from .config import ConfigError
+    from .model import WeightsError
 
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -340,7 +340,7 @@ def main(argv=None) -> int:
             print(f"[features] {args.out}: {meta['num_samples']} x {meta['dim']} {meta['dtype']} "
                   f"({meta['seconds']} s)")
             return 0
-        from largeloss.train.main import parse_args
+        from .main import parse_args
 
         cfg = parse_args(rest)
         train_on_features(cfg, args.features_dir)

@@ -12,9 +12,9 @@ import os
 import numpy as np
 import torch
 
-from largeloss.train.config import Config
-from largeloss.train.loop import make_accelerator
-from largeloss.train.model import build_model, param_groups, resolve_weights_file
+from .config import Config
+from .loop import make_accelerator
+from .model import build_model, param_groups, resolve_weights_file
 
 
 def set_cpu_threads(cfg: Config, accelerator) -> None:
@@ -29,11 +29,11 @@ def set_cpu_threads(cfg: Config, accelerator) -> None:
 
 
 def build_loader(cfg: Config, accelerator, split: str, sample_ids: np.ndarray | None, train: bool):
-    from largeloss.shards.loader import ShardLoader
+    from ..shards.loader import ShardLoader
 
     kind = cfg.loader
     if kind in ("auto", "dali"):
-        from largeloss.shards import dali as dali_loader
+        from ..shards import dali as dali_loader
 
         if kind == "dali" or dali_loader.available(accelerator.device):
             return dali_loader.DaliLoader(  # plan_workers: same batches as the CPU loader would give
@@ -86,7 +86,7 @@ class ImageSource:
 
     def memo_loader(self, sample_ids: np.ndarray):
         """The memorisation tracker's images, scored by the main process alone (no sharding, no DALI)."""
-        from largeloss.shards.loader import ShardLoader
+        from ..shards.loader import ShardLoader
 
         cfg = self.cfg
         return ShardLoader(cfg.data, cfg.train_split, sample_ids=sample_ids, batch_size=cfg.eval_batch_size,

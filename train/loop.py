@@ -24,18 +24,18 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
-from largeloss.eval import metrics
-from largeloss.eval.analysis import MemorizationTracker, PrecisionTracker, predict_logits
-from largeloss.eval.rundir import RunDir, default_name
-from largeloss.shards import protocols
-from largeloss.shards.format import UNLISTED_NEGATIVE, UNLISTED_UNKNOWN
-from largeloss.shards.labelstore import LabelStore
-from largeloss.shards.reader import Dataset, open_dataset
-from largeloss.train import checkpoint as ckpt
-from largeloss.train.config import Config, to_dict
-from largeloss.train.evaluate import evaluate
-from largeloss.train.hooks import Hooks, fault_point
-from largeloss.train.losses import compute_loss
+from ..eval import metrics
+from ..eval.analysis import MemorizationTracker, PrecisionTracker, predict_logits
+from ..eval.rundir import RunDir, default_name
+from ..shards import protocols
+from ..shards.format import UNLISTED_NEGATIVE, UNLISTED_UNKNOWN
+from ..shards.labelstore import LabelStore
+from ..shards.reader import Dataset, open_dataset
+from . import checkpoint as ckpt
+from .config import Config, to_dict
+from .evaluate import evaluate
+from .hooks import Hooks, fault_point
+from .losses import compute_loss
 
 
 class Source(Protocol):

@@ -14,12 +14,14 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file from a checkout: its folders are the package largeloss.*
-    import types
+if __package__ in (None, ""):  # run as a file from a checkout: the checkout is the package largeloss
+    import importlib.util
 
-    _pkg = types.ModuleType("largeloss")
-    _pkg.__path__ = [str(Path(__file__).resolve().parents[1])]
-    sys.modules["largeloss"] = _pkg
+    _root = Path(__file__).resolve().parents[1]
+    _spec = importlib.util.spec_from_file_location("largeloss", _root / "__init__.py",
+                                                   submodule_search_locations=[str(_root)])
+    sys.modules["largeloss"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["largeloss"])
 
 from largeloss.train.config import Config, ConfigError, build_config, describe_keys, resume_config  # noqa: E402
 

@@ -21,9 +21,8 @@ from typing import Any
 
 import torch
 
-from largeloss.eval.pointing import (MODES, PointingError, Tally, batches, class_activation_maps, draw_overlays,
-                                     score_batch)
-from largeloss.eval.rundir import RunDir, RunDirError, find_run_dirs
+from ..eval.pointing import MODES, PointingError, Tally, batches, class_activation_maps, draw_overlays, score_batch
+from ..eval.rundir import RunDir, RunDirError, find_run_dirs
 
 
 @dataclass
@@ -35,7 +34,7 @@ class RunModel:
 
 
 def load_run_model(run_dir: str | os.PathLike) -> RunModel:
-    from largeloss.train.checkpoint import load_best_weights
+    from .checkpoint import load_best_weights
 
     run = RunDir(run_dir)
     if not run.config.is_file():
@@ -54,7 +53,7 @@ def load_run_model(run_dir: str | os.PathLike) -> RunModel:
 
 
 def _build(run: RunModel, num_classes: int, device) -> torch.nn.Module:
-    from largeloss.train.model import build_model
+    from .model import build_model
 
     cfg = run.config
     if run.head_only:
@@ -86,7 +85,7 @@ def pointing_game(run_dirs, *, data: str | None = None, split: str = "test", mod
                   overlays: int = 0, batch_size: int = 16, max_images: int | None = None,
                   device: str | None = None, write: bool = True) -> dict[str, dict[str, Any]]:
     """Play the game for every run; returns {run dir: pointing.json content} and writes the files."""
-    from largeloss.shards.reader import open_dataset
+    from ..shards.reader import open_dataset
 
     if mode not in MODES:
         raise PointingError(f"--mode must be one of {MODES}, got {mode!r}")
@@ -147,7 +146,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-images", type=int, default=None, metavar="N", help="evaluate only the first N images with boxes")
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
-    from largeloss.shards.format import FormatError
+    from ..shards.format import FormatError
 
     try:
         results = pointing_game(find_run_dirs(args.runs), data=args.data, split=args.split, mode=args.mode,

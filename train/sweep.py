@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from largeloss.eval.rundir import RunDir, RunDirError, load_run
+from ..eval.rundir import RunDir, RunDirError, load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS_DIR = ROOT / "configs" / "methods"
@@ -96,7 +96,7 @@ def _safe(value: str) -> str:
 def plan_jobs(configs: list[str], methods: list[str], grid: list[tuple[str, list[str]]], seeds: list[int],
               overrides: list[str], out: Path) -> list[Job]:
     """Every combination as a Job, validated by the trainer's config parser; marks done/resumable runs."""
-    from largeloss.train.config import build_config
+    from .config import build_config
 
     fixed = {o.split("=", 1)[0] for o in overrides}
     clash = fixed & ({k for k, _ in grid} | {"seed", "out", "run_name", "resume"})
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state, start nothing")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     args = p.parse_args(argv)
-    from largeloss.train.config import ConfigError
+    from .config import ConfigError
 
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
@@ -217,7 +217,7 @@ def main(argv=None) -> int:
             print(f"{j.state:6s} {j.run_dir}  {' '.join(j.command(args.features_dir)[1:])}")
         return 0
     failed = run_jobs(jobs, out, args.jobs, args.features_dir)
-    from largeloss.eval.tables import ReportError, datasets_table, render_markdown, sweep_table
+    from ..eval.tables import ReportError, datasets_table, render_markdown, sweep_table
 
     try:
         runs = [load_run(j.run_dir) for j in jobs if RunDir(j.run_dir).is_run()]

@@ -261,8 +261,8 @@ def endless(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from largeloss.shards import dali
-    from largeloss.shards.labelstore import LabelStore
     from largeloss.shards.jpeg import decode_scale
+    from largeloss.shards.labelstore import LabelStore
     from largeloss.shards.loader import ShardLoader
     from largeloss.train.losses import LossConfig, num_to_modify
 

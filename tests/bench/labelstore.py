@@ -155,8 +155,8 @@ def time_targets(store, rng, args) -> dict:
 
 
 def measure(args) -> dict:
-    from largeloss.shards.format import LABELS_NAME
     from largeloss.shards.corrections import generation_dir, log_path
+    from largeloss.shards.format import LABELS_NAME
     from largeloss.shards.labelstore import LabelStore
 
     out = {"rss_start": current_rss(), "loadavg_start": os.getloadavg()[0]}

@@ -150,7 +150,7 @@ def main(argv=None) -> int:
         (f"scikit-learn loop, {s} classes (measured)", t_sk),
         (f"scikit-learn loop, {k:,} classes (scaled x{k / s:g})", t_sk_scaled),
         (f"ours: per-class AP, {k:,} classes (flat)", t_ap),
-        (f"ours: full report (AP + groups + G1..G5, All)", t_report),
+        ("ours: full report (AP + groups + G1..G5, All)", t_report),
     ]
     if t_csr is not None:
         rows_out.append(("ours: per-class AP from dense [N,K] scores (CSR)", t_csr))
