@@ -95,7 +95,9 @@ def entry_types(target: np.ndarray, unknown: np.ndarray, truth: np.ndarray) -> n
     unknown = np.asarray(unknown, dtype=bool)
     truth = np.asarray(truth)
     if not (target.shape == unknown.shape == truth.shape):
-        raise ValueError(f"entry_types: shapes differ: target {target.shape}, unknown {unknown.shape}, truth {truth.shape}")
+        raise ValueError(
+            f"entry_types: shapes differ: target {target.shape}, unknown {unknown.shape}, truth {truth.shape}"
+        )
     out = np.full(target.shape, _UNTYPED, dtype=np.int8)
     # An LL-Cp correction reads as target 1 and not unknown: it is typed like an observed positive.
     # An observed negative (target 0, not unknown) stays untyped.
@@ -164,7 +166,9 @@ class MemorizationTracker:
     def __init__(self, store, sample_ids, num_entries: int, seed: int, out_dir: str | os.PathLike, *,
                  max_images: int = 20000, resume_after_epoch: int | None = None):
         if isinstance(num_entries, bool) or not isinstance(num_entries, (int, np.integer)) or num_entries < 3:
-            raise ValueError(f"MemorizationTracker: num_entries must be an integer >= 3 (one per type), got {num_entries!r}")
+            raise ValueError(
+                f"MemorizationTracker: num_entries must be an integer >= 3 (one per type), got {num_entries!r}"
+            )
         if max_images < 1:
             raise ValueError(f"MemorizationTracker: max_images must be >= 1, got {max_images}")
         self.store = store
@@ -389,7 +393,7 @@ class MemorizationTracker:
         rng = np.random.default_rng([self.seed, 0x706C74])  # "plt"
         for code, name in ((1, "TN"), (2, "FN")):
             idx = np.flatnonzero(self.type == code)
-            for j, e in enumerate(rng.permutation(idx)[:examples]):
+            for e in rng.permutation(idx)[:examples]:
                 ax_one.plot(epochs, losses[e], marker=".", color=colors[name], alpha=0.8,
                             label=f"{name} (sample {self.sample[e]}, class {self.cls[e]})")
         for ax, t in ((ax_mean, "mean loss per entry type"), (ax_one, "single entries")):
@@ -436,7 +440,9 @@ class PrecisionTracker:
         mask = np.asarray(_to_numpy(modified), dtype=bool)
         ids = np.asarray(_to_numpy(ids), dtype=np.int64).reshape(-1)
         if mask.shape != (len(ids), self.store.num_classes):
-            raise ValueError(f"PrecisionTracker.update: mask shape {mask.shape}, expected ({len(ids)}, {self.store.num_classes})")
+            raise ValueError(
+                f"PrecisionTracker.update: mask shape {mask.shape}, expected ({len(ids)}, {self.store.num_classes})"
+            )
         rows, cols = np.nonzero(mask)
         if not len(rows):
             return

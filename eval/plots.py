@@ -97,7 +97,9 @@ def plot_precision(runs: list[Run], path) -> None:
         if s:
             groups.setdefault(r.dataset, {}).setdefault(r.method, []).append(s)
     if not groups:
-        raise ReportError("--plot-precision: no run has precision_modified in metrics.jsonl (train with analysis_entries > 0)")
+        raise ReportError(
+            "--plot-precision: no run has precision_modified in metrics.jsonl (train with analysis_entries > 0)"
+        )
     datasets = sorted(groups, key=dataset_key)
     fig, axes = _figure(len(datasets))
     for ax, d in zip(axes[0], datasets):
@@ -107,7 +109,8 @@ def plot_precision(runs: list[Run], path) -> None:
             mean = [statistics.fmean(100 * s[e] for s in seeds if e in s) for e in epochs]
             std = [statistics.stdev([100 * s[e] for s in seeds if e in s]) if sum(e in s for s in seeds) > 1 else 0.0
                    for e in epochs]
-            (line,) = ax.plot(epochs, mean, marker="o", label=method_name(m) + (" (accumulated)" if m == "ll_cp" else "")
+            (line,) = ax.plot(epochs, mean, marker="o",
+                              label=method_name(m) + (" (accumulated)" if m == "ll_cp" else "")
                               + f", {len(seeds)} seed{'s' if len(seeds) > 1 else ''}")
             ax.fill_between(epochs, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
                             color=line.get_color(), alpha=0.15)

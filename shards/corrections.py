@@ -438,7 +438,8 @@ class Corrections:
             if hit.any():
                 i = int(np.flatnonzero(hit)[0])
                 raise ValueError(
-                    f"{self.where}: correction (sample {s[i]}, class {c[i]}) is {what}; LL-Cp corrects unknown entries only"
+                    f"{self.where}: correction (sample {s[i]}, class {c[i]}) is {what}; "
+                    "LL-Cp corrects unknown entries only"
                 )
 
     def _open_log(self, epoch: int) -> _OpenLog:
@@ -483,15 +484,21 @@ class Corrections:
             with open(p, "rb") as f:
                 magic, e, rank = _LOG_HEADER.unpack(f.read(_LOG_HEADER.size))
                 if magic != LOG_MAGIC or e != epoch or rank != r:
-                    raise ValueError(f"{p}: header says {magic!r} epoch {e} rank {rank}, expected epoch {epoch} rank {r}")
+                    raise ValueError(
+                        f"{p}: header says {magic!r} epoch {e} rank {rank}, expected epoch {epoch} rank {r}"
+                    )
                 left = n
                 while left:
                     rec = np.fromfile(f, dtype=LOG_RECORD, count=min(left, _READ_RECORDS))
                     s, c = rec["sample"].astype(np.int64), rec["cls"].astype(np.int64)
                     if len(rec) and (int(s.max()) >= self.num_samples or int(c.max()) >= k):
-                        raise ValueError(f"{p}: a record is outside {self.num_samples} samples x {k} classes; wrong labels file?")
+                        raise ValueError(
+                            f"{p}: a record is outside {self.num_samples} samples x {k} classes; wrong labels file?"
+                        )
                     if self.in_subset is not None and not self.in_subset[s].all():
-                        raise ValueError(f"{p}: corrects sample {s[~self.in_subset[s]][0]}, not in this store's subset_ids")
+                        raise ValueError(
+                            f"{p}: corrects sample {s[~self.in_subset[s]][0]}, not in this store's subset_ids"
+                        )
                     keys[at : at + len(rec)] = s * k + c
                     at += len(rec)
                     left -= len(rec)
@@ -524,7 +531,8 @@ class Corrections:
                 if len(new):
                     if obs.unlisted == UNLISTED_NEGATIVE:
                         raise ValueError(
-                            f"{self.where}: protocol {self.protocol} leaves nothing unknown, but epoch {epoch} logs corrections"
+                            f"{self.where}: protocol {self.protocol} leaves nothing unknown, "
+                            f"but epoch {epoch} logs corrections"
                         )
                     known = np.concatenate(
                         [
@@ -538,8 +546,9 @@ class Corrections:
                     if hit.any():
                         bad = int(new[hit][0])
                         raise ValueError(
-                            f"{self.where}: the logs of epoch {epoch} correct (sample {bad // k}, class {bad % k}), which is "
-                            f"observed or already corrected in generation {self._gen}; LL-Cp corrects unknown entries only"
+                            f"{self.where}: the logs of epoch {epoch} correct (sample {bad // k}, class {bad % k}), "
+                            f"which is observed or already corrected in generation {self._gen}; "
+                            "LL-Cp corrects unknown entries only"
                         )
                     merged = np.concatenate([old, new])
                     merged.sort(kind="stable")  # two sorted runs: a merge

@@ -120,10 +120,14 @@ class Manifest:
             expected = 0
             for sh in shards:
                 if sh.first_sample != expected:
-                    raise FormatError(f"{where}: split {name!r} shard {sh.file} starts at {sh.first_sample}, expected {expected}")
+                    raise FormatError(
+                        f"{where}: split {name!r} shard {sh.file} starts at {sh.first_sample}, expected {expected}"
+                    )
                 expected += sh.num_samples
             if expected != s["num_samples"]:
-                raise FormatError(f"{where}: split {name!r} shards hold {expected} samples, num_samples says {s['num_samples']}")
+                raise FormatError(
+                    f"{where}: split {name!r} shards hold {expected} samples, num_samples says {s['num_samples']}"
+                )
             splits[name] = SplitInfo(
                 num_samples=s["num_samples"],
                 shards=shards,

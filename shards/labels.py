@@ -252,7 +252,8 @@ def read_labels(path: str | os.PathLike, num_classes: int) -> SparseLabels:
         if sample.null_count or b.column("pos").null_count or b.column("neg").null_count:
             raise FormatError(f"{where}: null entries in a non-nullable column; re-run ingest for this split")
         ids = sample.to_numpy(zero_copy_only=True)
-        if len(ids) and (int(ids[0]) != first or not np.array_equal(ids, np.arange(first, first + len(ids), dtype=np.uint32))):
+        if len(ids) and (int(ids[0]) != first
+                         or not np.array_equal(ids, np.arange(first, first + len(ids), dtype=np.uint32))):
             bad = int(np.flatnonzero(ids != np.arange(first, first + len(ids)))[0])
             raise FormatError(
                 f"{where}: row {first + bad} has sample {int(ids[bad])}; rows must be sample ids 0..N-1 in order. "

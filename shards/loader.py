@@ -354,7 +354,9 @@ class ShardLoader:
             for _ in range(size):
                 item = next(items, None)
                 if item is None:
-                    raise RuntimeError(f"internal error: rank {self.schedule.rank}'s stream ended before its planned batches")
+                    raise RuntimeError(
+                        f"internal error: rank {self.schedule.rank}'s stream ended before its planned batches"
+                    )
                 sid, worker, payload, reason, message = item
                 if isinstance(payload, np.ndarray):
                     out[len(ids)] = payload
@@ -379,7 +381,9 @@ class ShardLoader:
                 last_good = (ids[-1], out[len(ids) - 1].copy())
             yield batch[: len(ids)], torch.tensor(ids, dtype=torch.int64)
         if next(items, None) is not None:
-            raise RuntimeError(f"internal error: rank {self.schedule.rank}'s stream has more samples than its planned batches")
+            raise RuntimeError(
+                f"internal error: rank {self.schedule.rank}'s stream has more samples than its planned batches"
+            )
 
     def _record_skip(self, reason: str | None, message: str | None) -> None:
         self.skipped[reason or "read"] += 1

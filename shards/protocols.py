@@ -126,7 +126,8 @@ def single_positive(truth: SparseLabels, seed: int = DEFAULT_SEED) -> SparseLabe
     )
 
 
-def partial(truth: SparseLabels, fraction: float, seed: int = DEFAULT_SEED, *, chunk_entries: int = 1 << 22) -> SparseLabels:
+def partial(truth: SparseLabels, fraction: float, seed: int = DEFAULT_SEED, *,
+            chunk_entries: int = 1 << 22) -> SparseLabels:
     """Keep each known truth entry observed independently with probability ``fraction``.
 
     Rule (deterministic): ``rng = np.random.RandomState(seed)``; walk the known entries in

@@ -72,14 +72,18 @@ def select_split(dataset_root, split: str, sample_ids=None) -> SplitSelection:
     root = os.fspath(dataset_root)
     manifest = read_manifest(root)
     if split not in manifest.splits:
-        raise FormatError(f"{os.path.join(root, 'manifest.json')}: no split {split!r}; it has {sorted(manifest.splits)}")
+        raise FormatError(
+            f"{os.path.join(root, 'manifest.json')}: no split {split!r}; it has {sorted(manifest.splits)}"
+        )
     info = manifest.splits[split]
     ids = None if sample_ids is None else check_sample_ids(sample_ids, info.num_samples, split)
     per_shard = split_by_shard([(s.first_sample, s.num_samples) for s in info.shards], ids)
     paths = [os.path.join(root, split, s.file) for s in info.shards]
     for path, allowed in zip(paths, per_shard):
         if len(allowed) and not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: shard listed in the manifest is missing; re-run `ingest` for split {split!r}")
+            raise FileNotFoundError(
+                f"{path}: shard listed in the manifest is missing; re-run `ingest` for split {split!r}"
+            )
     return SplitSelection(root, info, paths, per_shard)
 
 

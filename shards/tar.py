@@ -242,8 +242,8 @@ def read_dali_index(path: str | os.PathLike, first_sample: int, num_samples: int
             offset, size, name = members[ext]
             if os.path.basename(name) != f"{key}.{ext}" or not offset.isdigit() or not size.isdigit():
                 raise FormatError(
-                    f"{where}: expected member {key}.{ext} with numeric offset and size, got {' '.join(members[ext])!r}; "
-                    f"{FIX_SHARD}"
+                    f"{where}: expected member {key}.{ext} with numeric offset and size, "
+                    f"got {' '.join(members[ext])!r}; {FIX_SHARD}"
                 )
         if int(members["idx"][1]) != SAMPLE_ID.size:
             raise FormatError(f"{where}: {key}.idx has {members['idx'][1]} bytes, expected 4; {FIX_SHARD}")

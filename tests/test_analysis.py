@@ -74,7 +74,8 @@ def tracked(tr):
 
 def test_entry_types_and_bce():
     assert entry_types(np.array(TARGET), np.array(UNKNOWN), np.array(TRUTH)).tolist() == TYPES
-    # BCE on logits: x = 0 -> ln 2 for either target; x = 2, y = 0 -> ln(1 + e^2) = 2.126928...; x = -3, y = 1 -> ln(1 + e^3)
+    # BCE on logits: x = 0 -> ln 2 for either target; x = 2, y = 0 -> ln(1 + e^2) = 2.126928...;
+    # x = -3, y = 1 -> ln(1 + e^3)
     got = bce_with_logits([0.0, 0.0, 2.0, -3.0], [0.0, 1.0, 0.0, 1.0])
     assert got == pytest.approx([math.log(2), math.log(2), 2.1269280110429727, 3.048587351573742], abs=1e-12)
     x = torch.tensor([[-40.0, -1.5, 0.3, 25.0]])
@@ -176,7 +177,7 @@ def test_epoch_1_required_and_resume(tmp_path):
         tr.summary()
     tr = MemorizationTracker(store(), [0, 1, 2, 3], 30, seed=0, out_dir=tmp_path)
     for epoch in (1, 2, 3):
-        tr.score_epoch(epoch, lambda ids: (ids, logits_for(epoch)[ids]))
+        tr.score_epoch(epoch, lambda ids, epoch=epoch: (ids, logits_for(epoch)[ids]))
     # a run resumed after epoch 2 keeps epochs 1 and 2 of the saved state, exactly
     again = MemorizationTracker(store(), [0, 1, 2, 3], 30, seed=0, out_dir=tmp_path, resume_after_epoch=2)
     assert again.epochs == [1, 2]
@@ -316,8 +317,10 @@ def test_report_tables_and_precision_plot(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     i = out.index("### Distribution of the highest loss occurrence (paper Table 1 layout)")
     assert out[i + 2] == "| Method / highest loss phase | TP | TN | FN | entries (TP / TN / FN) |"
-    assert out[i + 4] == "| Naive AN: warmup (epoch 1) | 90.0 ± 0.0 (2 seeds) | 80.0 ± 0.0 (2 seeds) | 25.0 ± 7.1 (2 seeds) | 20 / 20 / 10 |"
-    assert out[i + 5] == "| Naive AN: regular (epoch > 1) | 10.0 ± 0.0 (2 seeds) | 20.0 ± 0.0 (2 seeds) | 75.0 ± 7.1 (2 seeds) | 20 / 20 / 10 |"
+    assert out[i + 4] == ("| Naive AN: warmup (epoch 1) | 90.0 ± 0.0 (2 seeds) | 80.0 ± 0.0 (2 seeds) "
+                          "| 25.0 ± 7.1 (2 seeds) | 20 / 20 / 10 |")
+    assert out[i + 5] == ("| Naive AN: regular (epoch > 1) | 10.0 ± 0.0 (2 seeds) | 20.0 ± 0.0 (2 seeds) "
+                          "| 75.0 ± 7.1 (2 seeds) | 20 / 20 / 10 |")
     j = out.index("### Precision of modification (paper Figure 4 data)")
     assert out[j + 2] == "| Method | epoch 2 | epoch 3 |"
     assert out[j + 4] == "| LL-Ct | 85.0 ± 7.1 (2 seeds) | 65.0 ± 7.1 (2 seeds) |"
@@ -336,7 +339,8 @@ def test_predict_logits_and_score_epoch_with_a_model(tmp_path):
 
     net = Net().train()
     # sample ids 3, 0 | 2, 1 in two batches; image of sample i is filled with i (mean pixel i)
-    loader = [(torch.full((2, 3, 2, 2), 0, dtype=torch.uint8).index_fill_(0, torch.tensor([0]), 3), torch.tensor([3, 0])),
+    loader = [(torch.full((2, 3, 2, 2), 0, dtype=torch.uint8).index_fill_(0, torch.tensor([0]), 3),
+               torch.tensor([3, 0])),
               (torch.stack([torch.full((3, 2, 2), 2, dtype=torch.uint8), torch.full((3, 2, 2), 1, dtype=torch.uint8)]),
                torch.tensor([2, 1]))]
     tr = MemorizationTracker(store(), [0, 1, 2, 3], 30, seed=0, out_dir=tmp_path)

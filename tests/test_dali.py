@@ -120,7 +120,7 @@ def test_same_batches_and_labels_as_cpu_loader_per_rank(root, plan_workers):
             assert len(d) == len(c) == 4  # ceil(ceil(36 / 2) / 5)
             d_batches, c_batches = _epoch(d, epoch), _epoch(c, epoch)
             assert len(d_batches) == len(c_batches) == 4
-            for (d_img, d_ids), (c_img, c_ids) in zip(d_batches, c_batches):
+            for (d_img, d_ids), (_, c_ids) in zip(d_batches, c_batches):
                 assert d_ids.dtype == torch.int64 and d_ids.device.type == "cpu"
                 assert d_ids.tolist() == c_ids.tolist()
                 assert d_img.dtype == torch.uint8 and tuple(d_img.shape) == (len(d_ids), 3, 32, 32)

@@ -164,7 +164,8 @@ def test_train_writes_the_trainers_run_dir(dataset, feature_dir, tmp_path):
     run = tmp_path / "an"
     rows = read_metrics(run)
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
-    assert {"train_loss", "val_map", "modified", "images", "time_s", "label_generation", "frozen_backbone"} <= set(rows[0])
+    assert {"train_loss", "val_map", "modified", "images", "time_s", "label_generation",
+            "frozen_backbone"} <= set(rows[0])
     assert all(r["images"] == 32 and r["modified"] == 0 for r in rows)  # 80 % of 40 training images
     saved = json.loads((run / "result.json").read_text())
     assert saved == json.loads(json.dumps(res))

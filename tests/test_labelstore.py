@@ -228,7 +228,8 @@ def test_merge_errors(unk_file, tmp_path):
     r0, r1 = two_ranks(unk_file, d)
     r0.append_corrections(1, [2], [0])
     r0.flush_corrections(1)
-    with pytest.raises(FileNotFoundError, match=r"log-e0001-r1.bin: missing; every rank must call flush_corrections\(1\)"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"log-e0001-r1.bin: missing; every rank must call flush_corrections\(1\)"):
         r0.merge_corrections(1, world_size=2)
     r1.flush_corrections(1)
     with open(log_path(d, 1, 1), "ab") as f:
@@ -344,7 +345,7 @@ def test_merge_matches_set_union(unk_file, tmp_path, monkeypatch):
     ranks = [LabelStore(path, k, "given", corrections_dir=d, rank=r) for r in range(3)]
     expected = set()
     for epoch in (1, 2):
-        for r, store in enumerate(ranks):
+        for store in ranks:
             ids = gen.choice(n, size=15)
             _, unknown = store.targets(ids)
             pick = unknown.numpy() & (gen.random((15, k)) < 0.2)

@@ -309,7 +309,7 @@ def test_resume_point_continues_the_same_stream(counts):
         rotation, skips = resume_point(counts, consumed)
         n = len(counts)
         logical = [(p + rotation) % n for p in range(n)]
-        rest = interleave([counts[l] - skips[l] for l in logical])
+        rest = interleave([counts[shard] - skips[shard] for shard in logical])
         resumed = [(logical[p], skips[logical[p]] + k) for p, k in rest]
         assert resumed == full[consumed:]
 
@@ -411,8 +411,8 @@ def test_real_shards_two_ranks_two_workers(real_root):
     loaders = [ShardLoader(real_root, "train", batch_size=3, image_size=24, train=True, sample_ids=ALLOWED,
                            rank=r, world_size=2, num_workers=2, seed=5) for r in range(2)]
     # 19 samples: ranks get 9 and 10; ceil(10/3) = 4 batches each, so rank 0 ends [.., 2, 1], not empty
-    assert [len(l) for l in loaders] == [4, 4]
-    assert [l.plan().batch_sizes for l in loaders] == [[3, 3, 2, 1], [3, 3, 3, 1]]
+    assert [len(loader) for loader in loaders] == [4, 4]
+    assert [loader.plan().batch_sizes for loader in loaders] == [[3, 3, 2, 1], [3, 3, 3, 1]]
     epochs = {}
     for epoch in (0, 1):
         order, flips = [], []
@@ -583,9 +583,9 @@ def test_stopping_early_releases_the_workers(real_root, monkeypatch, ring_extra)
     loader = ShardLoader(real_root, "train", batch_size=2, image_size=24, train=True, sample_ids=ALLOWED,
                          num_workers=2, shuffle_buffer=3)
     t0 = time.perf_counter()
-    for images, ids in loader:
+    for _images, _ids in loader:
         break
-    del images, ids
+    del _images, _ids
     # a worker left waiting for a free slot would hold the DataLoader's shutdown for its 5 s join timeout
     assert time.perf_counter() - t0 < 4.0
     # and a full pass through the tiny ring yields exactly the stream of the default one

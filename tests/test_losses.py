@@ -269,7 +269,8 @@ def test_baselines_on_2x3_by_hand():
     wan = (2 * B_ + A + (2 * C + A) / 2) / 6
     assert wan == pytest.approx(0.2377587, abs=1e-7)
     assert run("wan", 1, data=SMALL).loss.item() == pytest.approx(wan, rel=1e-6)
-    assert run("wan", 1, data=SMALL, wan_weight=1.0).loss.item() == pytest.approx((2 * A + 2 * B_ + 2 * C) / 6, rel=1e-6)
+    assert run("wan", 1, data=SMALL, wan_weight=1.0).loss.item() == pytest.approx(
+        (2 * A + 2 * B_ + 2 * C) / 6, rel=1e-6)
     # LSAN, ls = 0.1: targets P -> 0.9, others -> 0.1; BCE(p, t) = -(t ln p + (1-t) ln(1-p)).
     #   (0,0) p=.75 t=.9: 0.9 B + 0.1 D = 0.3975433     (0,1) p=.5: C = 0.6931472
     #   (0,2) p=.25 t=.1: 0.1 D + 0.9 B = 0.3975433     (1,0) p=.5: C
@@ -394,6 +395,11 @@ def run_ranks(world, fn):
     return results
 
 
+def global_topk_masks(world, losses, unknown, k):
+    """select_global_topk(losses[r], unknown[r], k) on `world` simulated ranks: the mask of each rank."""
+    return run_ranks(world, lambda r, g: select_global_topk(losses[r], unknown[r], k, g, r))
+
+
 # Rank 1 of the simulated 2-rank batch (rank 0 is MAIN). Global flat index = 10 + local.
 #   local  state  x      loss          local  state  x      loss
 #   0      P      ln 9   A             5      u      0      C
@@ -419,7 +425,7 @@ def test_global_topk_two_ranks_by_hand():
     # Equal to the top-k of the concatenated [4, 5] batch, for every k (including k > #unknown = 14).
     cat_losses, cat_unknown = torch.cat(losses), torch.cat([u for _, _, u in per_rank])
     for k in range(0, 17):
-        masks = run_ranks(2, lambda r, g: select_global_topk(losses[r], per_rank[r][2], k, g, r))
+        masks = run_ranks(2, lambda r, g, k=k: select_global_topk(losses[r], per_rank[r][2], k, g, r))
         assert torch.equal(torch.cat(masks), select_topk(cat_losses, cat_unknown, k)), k
         assert torch.equal(torch.cat(masks), reference_topk(cat_losses, cat_unknown, k)), k
 
@@ -430,7 +436,7 @@ def test_global_topk_random_three_ranks():
         losses = [torch.tensor([[rng.randrange(4) / 2 for _ in range(6)] for _ in range(3)]) for _ in range(3)]
         unknown = [torch.tensor([[rng.random() < 0.6 for _ in range(6)] for _ in range(3)]) for _ in range(3)]
         for k in (0, 1, 4, 9, 30, 60):
-            masks = run_ranks(3, lambda r, g: select_global_topk(losses[r], unknown[r], k, g, r))
+            masks = global_topk_masks(3, losses, unknown, k)
             assert torch.equal(torch.cat(masks), reference_topk(torch.cat(losses), torch.cat(unknown), k))
 
 
@@ -443,7 +449,7 @@ def test_global_topk_ranks_with_different_batch_sizes():
         losses = [torch.tensor([[rng.randrange(4) / 2 for _ in range(5)] for _ in range(b)]) for b in sizes]
         unknown = [torch.tensor([[rng.random() < 0.7 for _ in range(5)] for _ in range(b)]) for b in sizes]
         for k in (0, 1, 3, 7, 12, 40):
-            masks = run_ranks(3, lambda r, g: select_global_topk(losses[r], unknown[r], k, g, r))
+            masks = global_topk_masks(3, losses, unknown, k)
             assert [m.shape[0] for m in masks] == sizes
             assert torch.equal(torch.cat(masks), reference_topk(torch.cat(losses), torch.cat(unknown), k))
     # compute_loss takes k from the global batch: B = 3 + 2 + 1 = 6, K = 5, LL-Cp at 10 % -> ceil(3.0) = 3

@@ -14,7 +14,8 @@ def test_small_cnn_shapes_and_normalisation():
     # ImageNet normalisation on the device: a pixel equal to the mean maps to 0
     mean = torch.tensor([0.485, 0.456, 0.406]) * 255
     px = mean.round().to(torch.uint8).view(1, 3, 1, 1)
-    assert torch.allclose(m.normalize(px).view(3), (px.float().view(3) - mean) / (torch.tensor([0.229, 0.224, 0.225]) * 255))
+    assert torch.allclose(m.normalize(px).view(3),
+                          (px.float().view(3) - mean) / (torch.tensor([0.229, 0.224, 0.225]) * 255))
 
 
 def test_head_learns_at_ten_times_the_backbone_rate():

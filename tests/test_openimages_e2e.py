@@ -35,7 +35,7 @@ def make_openimages_tree(root: Path, sizes=None, seed=0) -> dict:
     for split, n in sizes.items():
         rows = []
         (root / split).mkdir()
-        for i in range(n):
+        for _ in range(n):
             image_id = f"{rng.randint(0, 2**62):016x}"
             cls = rng.choice(200, size=rng.randint(3, 8), replace=False, p=p)
             npos = rng.randint(1, 4)
@@ -70,7 +70,7 @@ def test_ingest_labels_exact(oi):
         want = sorted((k[1], v) for k, v in truth.items() if k[0] == split)  # records in sorted ImageID order
         store = LabelStore(ds.labels_path(split), 5000, "given")
         target, unknown = store.targets(np.arange(len(want)))
-        for row, (image_id, (pos, neg)) in enumerate(want):
+        for row, (_, (pos, neg)) in enumerate(want):
             assert np.flatnonzero(target[row].numpy()).tolist() == pos
             known = np.flatnonzero(~unknown[row].numpy()).tolist()
             assert known == sorted(pos + neg)

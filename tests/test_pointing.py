@@ -1,5 +1,6 @@
 """eval.pointing: CAMs, the argmax point and its mapping to the original image, hit / miss per class, the
-run-directory CLI (train/pointing.py) (full models and heads on a frozen backbone), overlays, and the report's Table 4."""
+run-directory CLI (train/pointing.py) (full models and heads on a frozen backbone), overlays, and the
+report's Table 4."""
 from __future__ import annotations
 
 import json
@@ -76,7 +77,8 @@ def data(tmp_path_factory):
         ok, jpg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 100])
         assert ok
         boxes = [{"class": c, "bbox": b} for c, b in BOXES.items()]
-        recs.append(Record(source_id=str(i), rel_path=f"{i}.jpg", pos=[0, 1, 2], data=jpg.tobytes(), meta={"boxes": boxes}))
+        recs.append(Record(source_id=str(i), rel_path=f"{i}.jpg", pos=[0, 1, 2], data=jpg.tobytes(),
+                           meta={"boxes": boxes}))
     plan = IngestPlan(dataset="redsq", classes=[{"index": c, "id": f"c{c}", "name": f"c{c}"} for c in range(K)],
                       splits={"train": recs[:1], "test": recs}, unlisted=UNLISTED_NEGATIVE)
     write_dataset(root, plan, shard_size=2, progress=False)

@@ -149,18 +149,20 @@ def test_read_labels_errors_name_the_file(tmp_path):
     with ipc.new_file(str(path), schema) as w:
         w.write_batch(
             pa.record_batch(
-                [pa.array([0, 2, 1], pa.uint32()), pa.array(["a", "b", "c"]), pa.array([[0], [1], [2]], pa.list_(pa.uint16())),
-                 pa.array([[], [], []], pa.list_(pa.uint16()))],
+                [pa.array([0, 2, 1], pa.uint32()), pa.array(["a", "b", "c"]),
+                 pa.array([[0], [1], [2]], pa.list_(pa.uint16())), pa.array([[], [], []], pa.list_(pa.uint16()))],
                 schema=schema,
             )
         )
     with pytest.raises(FormatError, match="order.arrow: row 1 has sample 2"):
         read_labels(path, 4)
-    wrong = pa.schema([pa.field("sample", pa.uint32()), pa.field("key", pa.string()), pa.field("pos", pa.list_(pa.int32())),
+    wrong = pa.schema([pa.field("sample", pa.uint32()), pa.field("key", pa.string()),
+                       pa.field("pos", pa.list_(pa.int32())),
                        pa.field("neg", pa.list_(pa.uint16()))]).with_metadata({b"unlisted": b"negative"})
     path = tmp_path / "wrong.arrow"
     with ipc.new_file(str(path), wrong) as w:
-        w.write_batch(pa.record_batch([pa.array([0], pa.uint32()), pa.array(["a"]), pa.array([[0]], pa.list_(pa.int32())),
+        w.write_batch(pa.record_batch([pa.array([0], pa.uint32()), pa.array(["a"]),
+                                       pa.array([[0]], pa.list_(pa.int32())),
                                        pa.array([[]], pa.list_(pa.uint16()))], schema=wrong))
     with pytest.raises(FormatError, match="wrong.arrow: column 'pos' must be list<item: uint16>"):
         read_labels(path, 4)

@@ -36,8 +36,9 @@ def test_plan_names_states_and_validation(cfg_file, tmp_path):
     grid = parse_grid(["delta_rel=0.1,0.4", "train_fraction=0.5"])
     jobs = plan_jobs([cfg_file], ["an", "full"], grid, [0, 1], ["lr=0.01"], out)
     # methods x delta_rel x train_fraction x seeds = 2 x 2 x 1 x 2
-    assert [j.name for j in jobs[:4]] == ["an-delta_rel=0.1-train_fraction=0.5-s0", "an-delta_rel=0.1-train_fraction=0.5-s1",
-                                          "an-delta_rel=0.4-train_fraction=0.5-s0", "an-delta_rel=0.4-train_fraction=0.5-s1"]
+    assert [j.name for j in jobs[:4]] == [
+        "an-delta_rel=0.1-train_fraction=0.5-s0", "an-delta_rel=0.1-train_fraction=0.5-s1",
+        "an-delta_rel=0.4-train_fraction=0.5-s0", "an-delta_rel=0.4-train_fraction=0.5-s1"]
     assert len(jobs) == 8 and all(j.state == "new" for j in jobs)
     full = jobs[4]
     assert full.configs == [cfg_file, str(sweep.METHODS_DIR / "full.yaml")]

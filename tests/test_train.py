@@ -32,7 +32,7 @@ def run_cmd(args, env_extra=None, timeout=300):
 
 
 def read_metrics(run):
-    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_in_process_ll_cp_run_and_report(demo, tmp_path, capsys):

@@ -305,9 +305,9 @@ def test_cli_verify(tmp_path, capsys):
 
 
 def test_python_dash_m_ingest(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "largeloss.ingest", "voc", "--help"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=60)
-    assert r.returncode == 0 and "--split-lists" in r.stdout and "--shard-size" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "largeloss.ingest", "verify", str(tmp_path)], cwd=ROOT, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "largeloss.ingest", "voc", "--help"], cwd=ROOT, capture_output=True,
                        text=True, timeout=60)
+    assert r.returncode == 0 and "--split-lists" in r.stdout and "--shard-size" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "largeloss.ingest", "verify", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "Traceback" not in r.stderr

@@ -176,7 +176,8 @@ def coerce(key: str, value: Any, where: str, t: Any = None) -> Any:
             return value.lower() in ("true", "1", "yes", "on")
         raise ConfigError(f"{where}: {key} must be true/false, got {value!r}")
     if t is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit())):
+        if isinstance(value, bool) or not (isinstance(value, int)
+                                           or (isinstance(value, str) and value.lstrip("-").isdigit())):
             raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
         return int(value)
     if t is float:

@@ -25,7 +25,8 @@ DEFAULT_METHODS = ["full", "an", "ll_r", "ll_ct", "ll_cp"]
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="largeloss-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="largeloss-demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/demo", help="demo shards (built by `ingest demo` when missing)")
     p.add_argument("--runs", default="runs/demo", help="parent folder of the run directories")
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
@@ -43,7 +44,8 @@ def main(argv=None) -> int:
     if not (data / "manifest.json").is_file():
         from ..ingest.cli import main as ingest_main
 
-        rc = ingest_main(["demo", "--out", str(data), "--n-train", str(args.n_train), "--n-test", str(args.n_test), "--workers", str(args.workers)])
+        rc = ingest_main(["demo", "--out", str(data), "--n-train", str(args.n_train), "--n-test", str(args.n_test),
+                          "--workers", str(args.workers)])
         if rc:
             return rc
     failed = []
@@ -71,7 +73,8 @@ def main(argv=None) -> int:
                 failed.append(name)
     from ..eval.report import main as report_main
 
-    report_main([str(d) for d in run_dirs] + ["--plot", str(Path(args.runs) / "val_map.png"), "--csv", str(Path(args.runs) / "table.csv")])
+    report_main([str(d) for d in run_dirs]
+                + ["--plot", str(Path(args.runs) / "val_map.png"), "--csv", str(Path(args.runs) / "table.csv")])
     print(f"[demo] total wall time {time.time() - t_start:.0f} s", flush=True)
     if failed:
         print(f"[demo] failed runs: {', '.join(failed)}", file=sys.stderr)

@@ -56,7 +56,9 @@ def predict(model, loader, accelerator, expected: np.ndarray, sparse_store: Labe
         raise RuntimeError(f"evaluation saw {len(ids) - len(uniq)} samples twice across ranks/workers")
     if not np.array_equal(uniq, np.sort(expected)):
         missing = np.setdiff1d(expected, uniq)
-        raise RuntimeError(f"evaluation scored {len(uniq)} samples, expected {len(expected)} (missing e.g. {missing[:5]})")
+        raise RuntimeError(
+            f"evaluation scored {len(uniq)} samples, expected {len(expected)} (missing e.g. {missing[:5]})"
+        )
     if sparse_store is not None:
         local = tuple(np.concatenate(parts) if known else np.zeros(0, dt)
                       for parts, dt in zip(zip(*known) if known else ((), (), ()), (np.int32, np.float32, bool)))

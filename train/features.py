@@ -3,7 +3,8 @@
     python -m largeloss.train.features extract --data DIR --split train --arch efficientnet_lite0 \\
         --weights IMAGENET --image-size 224 --out FEATS/train.npy
     python -m largeloss.train.features extract --data DIR --split test  ... --out FEATS/test.npy
-    python -m largeloss.train.features train --features-dir FEATS --config CFG.yaml [--config METHOD.yaml] [key=value ...]
+    python -m largeloss.train.features train --features-dir FEATS --config CFG.yaml [--config METHOD.yaml] \\
+        [key=value ...]
     python -m largeloss.train.features train --features-dir FEATS resume=RUN_DIR
 
 ``train`` is the training loop of ``train/loop.py`` with ``FeatureSource``: a linear head on the outputs of a
@@ -159,17 +160,19 @@ def read_features(npy: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
     npy = Path(npy)
     side = sidecar_path(npy)
     if not npy.is_file():
-        raise FeaturesError(f"{npy}: not found; write it with `python -m largeloss.train.features extract ... --out {npy}`")
+        raise FeaturesError(f"{npy}: not found; write it with "
+                            f"`python -m largeloss.train.features extract ... --out {npy}`")
     if not side.is_file():
-        raise FeaturesError(f"{side}: sidecar not found; {npy} is incomplete or not from `largeloss.train.features extract`: "
-                            "extract it again")
+        raise FeaturesError(f"{side}: sidecar not found; {npy} is incomplete or not from "
+                            "`largeloss.train.features extract`: extract it again")
     try:
         meta = json.loads(side.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise FeaturesError(f"{side}:{e.lineno}: not valid JSON ({e.msg}); extract the features again") from None
     missing = [k for k in SIDECAR_KEYS if k not in meta]
     if missing or meta.get("format") != FORMAT:
-        raise FeaturesError(f"{side}: not a {FORMAT} sidecar (missing {missing or 'format'}); extract the features again")
+        raise FeaturesError(f"{side}: not a {FORMAT} sidecar (missing {missing or 'format'}); "
+                            "extract the features again")
     if meta["version"] != VERSION:
         raise FeaturesError(f"{side}: version {meta['version']}, this code reads {VERSION}; extract the features again")
     arr = np.load(npy, mmap_mode="r")
@@ -290,7 +293,8 @@ class FeatureSource:
 
 
 def train_on_features(cfg, features_dir: str | os.PathLike) -> dict[str, Any]:
-    """Train a linear head on cached features under ``cfg`` (a resolved train.config.Config); see the module docstring."""
+    """Train a linear head on cached features under ``cfg`` (a resolved train.config.Config); see the module
+    docstring."""
     return run(cfg, lambda cfg, ds: FeatureSource(cfg, ds, features_dir))
 
 

@@ -30,8 +30,10 @@ def parse_args(argv=None) -> Config:
     parser = argparse.ArgumentParser(
         prog="train/main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML config file (repeatable, applied in order)")
-    parser.add_argument("--list-keys", action="store_true", help="print every config key with its default and choices, and exit")
+    parser.add_argument("--config", action="append", default=[], metavar="FILE",
+                        help="YAML config file (repeatable, applied in order)")
+    parser.add_argument("--list-keys", action="store_true",
+                        help="print every config key with its default and choices, and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = parser.parse_args(argv)
     if args.list_keys:

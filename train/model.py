@@ -120,7 +120,9 @@ def resolve_weights_file(arch: str, weights: str) -> Path | None:
     if looks_like_path:
         p = Path(weights).expanduser()
         if not p.is_file():
-            raise WeightsError(f"weights file {p} not found; pass an existing file, a torchvision name, or weights=none")
+            raise WeightsError(
+                f"weights file {p} not found; pass an existing file, a torchvision name, or weights=none"
+            )
         return p
     if arch not in RESNETS:
         raise WeightsError(f"weights={weights!r}: {arch} accepts weights=none or a local file path")
@@ -159,7 +161,9 @@ def build_model(arch: str, num_classes: int, weights: str = "none") -> MultiLabe
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
-        raise WeightsError("arch=efficientnet_lite0 needs the PyPI package efficientnet-lite-pytorch (pip install 'largeloss[effnet]')") from None
+        raise WeightsError(
+            "arch=efficientnet_lite0 needs the PyPI package efficientnet-lite-pytorch (pip install 'largeloss[effnet]')"
+        ) from None
     net = EfficientNet.from_name("efficientnet-lite0")
     if path is not None:
         state = _load_state_dict(path)
@@ -184,5 +188,6 @@ class _EffNetFeatures(nn.Module):
 def param_groups(model: MultiLabelNet, lr: float, head_lr_mult: float, weight_decay: float) -> list[dict]:
     return [
         {"params": list(model.backbone_parameters()), "lr": lr, "weight_decay": weight_decay, "name": "backbone"},
-        {"params": list(model.head.parameters()), "lr": lr * head_lr_mult, "weight_decay": weight_decay, "name": "head"},
+        {"params": list(model.head.parameters()), "lr": lr * head_lr_mult, "weight_decay": weight_decay,
+         "name": "head"},
     ]

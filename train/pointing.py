@@ -67,7 +67,9 @@ def _build(run: RunModel, num_classes: int, device) -> torch.nn.Module:
         try:
             model.load_state_dict(run.state)
         except RuntimeError as e:
-            raise PointingError(f"{run.path}: best weights do not fit {cfg['arch']} with {num_classes} classes: {e}") from None
+            raise PointingError(
+                f"{run.path}: best weights do not fit {cfg['arch']} with {num_classes} classes: {e}"
+            ) from None
     return model.to(device).eval()
 
 
@@ -143,7 +145,8 @@ def main(argv=None) -> int:
     p.add_argument("--mode", choices=MODES, default="upsample")
     p.add_argument("--overlays", type=int, default=0, metavar="N", help="save CAM overlays of the first N images")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-images", type=int, default=None, metavar="N", help="evaluate only the first N images with boxes")
+    p.add_argument("--max-images", type=int, default=None, metavar="N",
+                   help="evaluate only the first N images with boxes")
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
     from ..shards.format import FormatError

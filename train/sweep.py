@@ -2,7 +2,8 @@
 
     python -m largeloss.train.sweep --config configs/coco.yaml --methods ll_ct --grid delta_rel=0.1,0.2,0.4 \\
         --seeds 0 1 2 [--out runs/sweep] [--jobs N] [key=value ...]
-    python -m largeloss.train.sweep --config configs/coco.yaml --methods full an ll_ct --grid train_fraction=0.1,0.5,1.0 --seeds 0
+    python -m largeloss.train.sweep --config configs/coco.yaml --methods full an ll_ct \\
+        --grid train_fraction=0.1,0.5,1.0 --seeds 0
     python -m largeloss.train.sweep --features-dir FEATS --config CFG.yaml --methods an ll_r ll_ct ll_cp --seeds 0 1 2
 
 A run is one combination of (method, every ``--grid`` value, seed). ``--grid KEY=V1,V2,...`` may be given
@@ -190,7 +191,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", default=[], metavar="FILE", help="trainer config (repeatable)")
     p.add_argument("--methods", nargs="+", default=[], metavar="M", help="add configs/methods/<M>.yaml per method")
-    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="values of a config key (repeatable)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="values of a config key (repeatable)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--out", default="runs/sweep", help="parent of the run directories (default runs/sweep)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")

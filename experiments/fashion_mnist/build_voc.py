@@ -51,7 +51,9 @@ FOLDER = "FMNIST"
 def read_idx(path: Path, magic: int) -> np.ndarray:
     """An IDX file (gzip) as a uint8 array: images (magic 2051) [N, 28, 28] or labels (2049) [N]."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; `apt-get install dataset-fashion-mnist` installs it, or pass --source")
+        raise FileNotFoundError(
+            f"{path}: not found; `apt-get install dataset-fashion-mnist` installs it, or pass --source"
+        )
     with gzip.open(path, "rb") as f:
         data = f.read()
     got = struct.unpack(">I", data[:4])[0]
@@ -83,7 +85,8 @@ def compose(rng: np.random.Generator, pools: list[np.ndarray], images: np.ndarra
         canvas[r0:r0 + CELL, c0:c0 + CELL] = cv2.resize(src, (CELL, CELL), interpolation=cv2.INTER_LINEAR)
         ys, xs = np.nonzero(src)
         # source pixel k covers upscaled pixels 2k, 2k+1 (0-based); VOC boxes are 1-based inclusive
-        box = [c0 + 2 * int(xs.min()) + 1, r0 + 2 * int(ys.min()) + 1, c0 + 2 * int(xs.max()) + 2, r0 + 2 * int(ys.max()) + 2]
+        box = [c0 + 2 * int(xs.min()) + 1, r0 + 2 * int(ys.min()) + 1,
+               c0 + 2 * int(xs.max()) + 2, r0 + 2 * int(ys.max()) + 2]
         objects.append((int(c), box))
     return np.repeat(canvas[:, :, None], 3, axis=2), objects
 
@@ -149,7 +152,8 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"build_voc: error: {e}", file=sys.stderr)
         return 1
-    print(f"build_voc: {args.n_train} train + {args.n_test} test images in {voc}; classes in {args.out / 'classes.txt'}")
+    print(f"build_voc: {args.n_train} train + {args.n_test} test images in {voc}; "
+          f"classes in {args.out / 'classes.txt'}")
     return 0
 
 

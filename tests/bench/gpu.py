@@ -74,7 +74,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the generated dataset")
     args = p.parse_args(argv)
     q = args.quick
-    for name, full, quick in (("images", 4096, 96), ("steps", 40, 3), ("warmup", 10, 1), ("rounds", 7, 1), ("block", 10, 2)):
+    for name, full, quick in (("images", 4096, 96), ("steps", 40, 3), ("warmup", 10, 1), ("rounds", 7, 1),
+                              ("block", 10, 2)):
         if getattr(args, name) is None:
             setattr(args, name, quick if q else full)
     return args
@@ -302,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             kind = "GPU, nvJPEG" if gpu else "CPU operators (no GPU)"
             row(f"DALI loader img/s @{S} ({kind})", f"{dali_rate:.0f}",
                 f"x{dali_rate / cpu_rate:.2f} of CPU; same batches as CPU: {'yes' if dali_ids == cpu_ids else 'NO'}")
-            row("DALI host feed per sample", f"{feed_cost_us(dali_loader):.1f} us", "pread JPEG + .idx member, id check")
+            row("DALI host feed per sample", f"{feed_cost_us(dali_loader):.1f} us",
+                "pread JPEG + .idx member, id check")
             eval_kw = dict(batch_size=B, image_size=S, train=False, seed=0)
             if decode_scale(HEIGHT, WIDTH, S) == 1:
                 expect = "expect mean <= 1 on GPU (nvJPEG's IDCT), <= 0.2 and max 1 on CPU"
@@ -339,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         memory_reset(device)
         timed(lambda: trainer.step(images, target, unknown, 1, an), args.warmup, device)
         synth = args.steps * batch / timed(lambda: trainer.step(images, target, unknown, 1, an), args.steps, device)
-        row(f"{arch} train img/s @{size}, synthetic batch {batch}", f"{synth:.0f}", "bf16 autocast, channels_last" + smoke)
+        row(f"{arch} train img/s @{size}, synthetic batch {batch}", f"{synth:.0f}",
+            "bf16 autocast, channels_last" + smoke)
         if gpu:
             peak, used = memory_now(device)
             row("peak GPU memory, synthetic training", f"{peak:.2f} GiB", f"torch peak; device in use {used:.2f} GiB")
@@ -370,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         times: dict[str, list[float]] = {"an": [], "ll_ct": []}
         for _ in range(args.rounds):
             for name, cfg, epoch in (("an", an, 10), ("ll_ct", ll_ct, 10)):
-                dt = timed(lambda: trainer.step(images, target, unknown, epoch, cfg), args.block, device)
+                dt = timed(lambda cfg=cfg, epoch=epoch: trainer.step(images, target, unknown, epoch, cfg),
+                           args.block, device)
                 times[name].append(dt / args.block)
         t_an, t_ll = statistics.median(times["an"]), statistics.median(times["ll_ct"])
         k = num_to_modify(batch * args.classes, 10, ll_ct)

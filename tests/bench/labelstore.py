@@ -149,7 +149,8 @@ def time_targets(store, rng, args) -> dict:
         wall[i] = (time.perf_counter_ns() - t0) / 1e6
     # wall time includes preemption on a loaded machine; the thread's CPU time does not
     return {
-        "p50_ms": float(np.percentile(wall, 50)), "p99_ms": float(np.percentile(wall, 99)), "mean_ms": float(wall.mean()),
+        "p50_ms": float(np.percentile(wall, 50)), "p99_ms": float(np.percentile(wall, 99)),
+        "mean_ms": float(wall.mean()),
         "cpu_p50_ms": float(np.percentile(cpu, 50)), "cpu_p99_ms": float(np.percentile(cpu, 99)),
     }
 
@@ -227,8 +228,10 @@ def report(args, b: dict, m: dict) -> str:
         rows.append((name, value, target, verdict, vs_dense))
 
     row("images x classes", f"{n:,} x {k:,}")
-    row("machine load (1-min loadavg, start / end)", f"{m['loadavg_start']:.1f} / {m['loadavg_end']:.1f} on {os.cpu_count()} CPUs")
-    row("known labels (pos + neg)", f"{b['known_labels']:,} ({b['known_labels'] / n:.2f}/image, {b['positives']:,} pos)")
+    row("machine load (1-min loadavg, start / end)",
+        f"{m['loadavg_start']:.1f} / {m['loadavg_end']:.1f} on {os.cpu_count()} CPUs")
+    row("known labels (pos + neg)",
+        f"{b['known_labels']:,} ({b['known_labels'] / n:.2f}/image, {b['positives']:,} pos)")
     row("dense uint8 baseline", f"{fmt_bytes(dense)} ({dense / 1e9:.1f} GB)", "(computed, not allocated)")
     row("build labels.arrow", f"{b['build_s']:.1f} s (generator peak RSS {fmt_bytes(b['build_peak_rss'])})")
     row("labels.arrow on disk", fmt_bytes(b["labels_bytes"]), "", None, f"{b['labels_bytes'] / dense:.4f} x dense")
@@ -236,24 +239,29 @@ def report(args, b: dict, m: dict) -> str:
     row("RSS after imports (python + numpy + torch + pyarrow)", fmt_bytes(m["rss_start"]))
     row(f"RSS after opening {args.ranks} stores (one per simulated rank)", fmt_bytes(m["rss_open"]),
         f"(+{fmt_bytes(m['rss_open'] - m['rss_start'])} over imports)", None, f"{m['rss_open'] / dense:.4f} x dense")
-    for key, label in (("targets", "targets() before corrections"), ("targets_corrected", "targets() with the generation mapped")):
+    for key, label in (("targets", "targets() before corrections"),
+                       ("targets_corrected", "targets() with the generation mapped")):
         t = m[key]
         row(f"{label}, batch {args.batch}: p50 / p99 / mean",
             f"{t['p50_ms']:.3f} / {t['p99_ms']:.3f} / {t['mean_ms']:.3f} ms",
             f"p99 <= {TARGET_P99_MS} ms ({t['p99_ms'] / TARGET_P99_MS:.2f} x target)", t["p99_ms"] <= TARGET_P99_MS)
         row("  same calls, thread CPU time: p50 / p99", f"{t['cpu_p50_ms']:.3f} / {t['cpu_p99_ms']:.3f} ms",
-            f"p99 <= {TARGET_P99_MS} ms ({t['cpu_p99_ms'] / TARGET_P99_MS:.2f} x target)", t["cpu_p99_ms"] <= TARGET_P99_MS)
+            f"p99 <= {TARGET_P99_MS} ms ({t['cpu_p99_ms'] / TARGET_P99_MS:.2f} x target)",
+            t["cpu_p99_ms"] <= TARGET_P99_MS)
     rate = m["appended"] / m["append_s"] if m["append_s"] else float("inf")
     row("corrections appended (1 epoch)", f"{m['appended']:,} ({m['appended'] / n:.2f}/image, {args.ranks} ranks)")
-    row("append rate (incl. validation)", f"{rate / 1e6:.2f} M corrections/s ({m['append_s']:.1f} s), flush {m['flush_s']:.2f} s")
+    row("append rate (incl. validation)",
+        f"{rate / 1e6:.2f} M corrections/s ({m['append_s']:.1f} s), flush {m['flush_s']:.2f} s")
     row("log bytes / correction", f"{m['log_bytes'] / max(m['appended'], 1):.2f} B")
-    row("merge (1 epoch into a generation)", f"{m['merge_s']:.1f} s", f"<= {TARGET_MERGE_S:.0f} s ({m['merge_s'] / TARGET_MERGE_S:.2f} x target)",
-        m["merge_s"] <= TARGET_MERGE_S)
-    row("RSS peak during merge", fmt_bytes(m["rss_merge_peak"]), f"(+{fmt_bytes(m['rss_merge_peak'] - m['rss_before_merge'])} over before)")
+    row("merge (1 epoch into a generation)", f"{m['merge_s']:.1f} s",
+        f"<= {TARGET_MERGE_S:.0f} s ({m['merge_s'] / TARGET_MERGE_S:.2f} x target)", m["merge_s"] <= TARGET_MERGE_S)
+    row("RSS peak during merge", fmt_bytes(m["rss_merge_peak"]),
+        f"(+{fmt_bytes(m['rss_merge_peak'] - m['rss_before_merge'])} over before)")
     bpc = m["gen_payload_bytes"] / max(m["corrections"], 1)
     row("generation on disk", f"{fmt_bytes(m['gen_bytes'])} for {m['corrections']:,} corrections", "", None,
         f"{m['gen_bytes'] / dense:.4f} x dense")
-    row("generation bytes / correction", f"{bpc:.2f} B", f"<= {TARGET_BYTES_PER_CORRECTION:.0f} B ({bpc / TARGET_BYTES_PER_CORRECTION:.2f} x target)",
+    row("generation bytes / correction", f"{bpc:.2f} B",
+        f"<= {TARGET_BYTES_PER_CORRECTION:.0f} B ({bpc / TARGET_BYTES_PER_CORRECTION:.2f} x target)",
         bpc <= TARGET_BYTES_PER_CORRECTION)
     row("RSS at end / process peak", f"{fmt_bytes(m['rss_end'])} / {fmt_bytes(m['peak_rss'])}",
         f"<= {fmt_bytes(TARGET_RSS)} ({m['peak_rss'] / TARGET_RSS:.2f} x target)", m["peak_rss"] <= TARGET_RSS,
@@ -280,7 +288,8 @@ def main(argv=None) -> int:
     temp = args.dir is None
     work = Path(tempfile.mkdtemp(prefix="bench-labelstore-")) if temp else args.dir
     work.mkdir(parents=True, exist_ok=True)
-    child = [f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items() if name not in ("dir", "phase")]
+    child = [f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items()
+             if name not in ("dir", "phase")]
     child.append(f"--dir={work}")
     try:
         b = run_phase("build", child)  # separate processes: the generator's memory is not the store's

@@ -202,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
 
         best = {"ours": (0, float("inf"), 0.0), "reference": (0, float("inf"), 0.0)}
         for rep in range(args.repeats):
-            for name, fn in (("ours", lambda: epoch_ours(work / "shards", args, rep)),
-                             ("reference", lambda: epoch_reference(files, args, rep))):
+            for name, fn in (("ours", lambda rep=rep: epoch_ours(work / "shards", args, rep)),
+                             ("reference", lambda rep=rep: epoch_reference(files, args, rep))):
                 n, wall, cpu = fn()
                 if n != len(files):
                     raise RuntimeError(f"{name} yielded {n} images, expected {len(files)}")

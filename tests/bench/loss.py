@@ -81,7 +81,8 @@ def single_positive(batch: int, classes: int, device: torch.device, gen: torch.G
     return target, target == 0
 
 
-def time_interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device) -> dict[str, float]:
+def time_interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int,
+                     device: torch.device) -> dict[str, float]:
     """Median seconds per call of each fn; one call of every fn per round, so drift is shared."""
     for _ in range(warmup):
         for fn in fns.values():
