@@ -69,3 +69,21 @@ def test_efficientnet_lite0_weights_from_the_wheel():
     # (x - 127) / 128: a mid-grey image is all zeros at the input
     assert torch.count_nonzero(m.normalize(x)) == 0
     assert m(x).shape == (1, 4)
+
+
+def test_head_computes_float32_logits_under_bf16_autocast():
+    # Under bf16 autocast the backbone runs in bf16, but the pool and the linear head run in float32 on its
+    # output: the logits are float32, equal to the float32 computation on the same (bf16) feature map, and not
+    # rounded to bf16's 8 significant bits (which ties the k-th largest loss in many batches).
+    torch.manual_seed(0)
+    m = build_model("small_cnn", 20)
+    x = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fmap = m.features(x)
+        logits = m(x)
+    assert fmap.dtype == torch.bfloat16  # the backbone is under autocast
+    assert logits.dtype == torch.float32
+    reference = fmap.float().mean(dim=(2, 3)) @ m.head.weight.T + m.head.bias
+    assert torch.allclose(logits, reference, rtol=1e-5, atol=1e-6)
+    # bf16 keeps 8 significant bits (128 values per power of two): the float32 logits are not all bf16 values
+    assert not torch.equal(logits, logits.to(torch.bfloat16).float())

@@ -1,5 +1,9 @@
 """Backbone + global average pool + linear head, with input normalisation done on the device.
 
+The pool and the head compute in float32 whatever the autocast dtype (``MultiLabelNet.classify``): mixed
+precision applies to the backbone only, so that the logits, and the large-loss selection made on them, are
+not rounded to bf16/fp16.
+
 The model takes the loader's uint8 NCHW images; ``normalize`` turns them into the backbone's expected
 input (ImageNet mean/std for torchvision ResNets, (x - 127) / 128 for EfficientNet-Lite). ``features``
 returns the last convolutional map so that class activation maps (pointing game) use the same head.
@@ -70,16 +74,24 @@ class MultiLabelNet(nn.Module):
         """The last convolutional feature map [B, D, h, w] of uint8 input images."""
         return self.backbone(self.normalize(images))
 
+    def classify(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """Logits [B, K] in float32 of a feature map [B, D, h, w] of any dtype: global average pool, then the
+        linear head, with autocast off. Under bf16 autocast the backbone's output is bf16, but logits rounded
+        to bf16 (8 significant bits) tie at the k-th largest loss in many batches, which decides the
+        large-loss selection; the official code runs in float32, so the head does too (README: benchmarks)."""
+        with torch.autocast(feature_map.device.type, enabled=False):
+            return self.head(feature_map.mean(dim=(2, 3), dtype=torch.float32))
+
     def forward(self, images: torch.Tensor, frozen_backbone: bool = False) -> torch.Tensor:
-        """Logits [B, K]. ``frozen_backbone`` (LinearInit): the backbone runs without gradient and with
-        its batch-norm statistics frozen; only the head learns."""
+        """Logits [B, K] in float32. ``frozen_backbone`` (LinearInit): the backbone runs without gradient and
+        with its batch-norm statistics frozen; only the head learns."""
         if frozen_backbone:
             self.backbone.eval()
             with torch.no_grad():
                 f = self.features(images)
         else:
             f = self.features(images)
-        return self.head(f.mean(dim=(2, 3)))
+        return self.classify(f)
 
     def backbone_parameters(self):
         return self.backbone.parameters()
