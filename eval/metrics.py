@@ -1,4 +1,4 @@
-"""Average precision, mAP over known labels, and the G1..G5 class groups (ARCHITECTURE.md section 7).
+"""Average precision, mAP over known labels, and the G1..G5 class groups (docs/ARCHITECTURE.md section 7).
 
 Label encoding (section 2): int8 ``+1`` observed/true positive, ``-1`` negative, ``0`` unknown. Every
 AP here is taken over the samples whose label for that class is known; unknown entries take no part.
@@ -29,8 +29,15 @@ a warning):
 
 - ``"exclude"`` (default): the class is left out of the mean and listed in ``MapResult.excluded``; its
   entry in ``per_class_ap`` is NaN.
-- ``"cole"``: AP = 0 and the class counts in the mean, as in Cole et al.'s evaluation code, for
-  comparing with the published VOC/COCO/NUS-WIDE/CUB tables.
+- ``"cole"``: AP = 0 and the class counts in the mean, as in Cole et al.'s evaluation code
+  (``compute_metrics``, also the official Large Loss code's for VOC/COCO/NUS-WIDE/CUB), for comparing
+  with the published tables of those datasets.
+- ``"openimages"``: a class with no known entry at all is left out (excluded, NaN); a class with known
+  entries but no known positive has AP = 0 and counts in the mean. This is the official Large Loss
+  code's OpenImages metric (``compute_metrics_openimages``: a class is skipped when none of its labels
+  is known, and ``compute_avg_precision`` scores a class without a positive as 0).
+
+The dense, flat and CSR entry points apply the same convention (``n_known`` and ``n_pos`` decide it).
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from typing import Literal, get_args
 
 import numpy as np
 
-Convention = Literal["exclude", "cole"]
+Convention = Literal["exclude", "cole", "openimages"]
 CONVENTIONS: tuple[str, ...] = get_args(Convention)
 
 __all__ = [
@@ -66,7 +73,7 @@ class MapResult:
     per_class_ap: np.ndarray  # float64 [K]; NaN for the classes in ``excluded``
     map: float  # mean of per_class_ap over the included classes; NaN if none is included
     excluded: np.ndarray  # int64 class indices left out of the mean (always empty under "cole")
-    convention: str  # "exclude" | "cole"
+    convention: str  # "exclude" | "cole" | "openimages"
     n_known: np.ndarray  # int64 [K]: evaluated samples whose label for the class is known
     n_pos: np.ndarray  # int64 [K]: of those, the positives
 
@@ -244,6 +251,9 @@ def _result(ap: np.ndarray, n_pos: np.ndarray, n_known: np.ndarray, convention: 
     if convention == "cole":
         ap[no_pos] = 0.0
         excluded = np.zeros(0, dtype=np.int64)
+    elif convention == "openimages":
+        ap[no_pos & (n_known > 0)] = 0.0
+        excluded = np.flatnonzero(n_known == 0).astype(np.int64)
     else:
         excluded = np.flatnonzero(no_pos).astype(np.int64)
     included = ~np.isnan(ap)
@@ -353,7 +363,7 @@ def class_groups(known_counts, n_groups: int = 5) -> list[np.ndarray]:
 
 def group_map(per_class_ap, groups) -> dict[str, float]:
     """Mean AP per group, keyed ``G1`` .. ``Gn``, plus ``All`` (every class). NaN entries (classes
-    excluded under the "exclude" convention) are left out of every mean; a group with no included
+    excluded under the "exclude" or "openimages" convention) are left out of every mean; a group with no included
     class gets NaN."""
     ap = np.asarray(per_class_ap, dtype=np.float64)
     if ap.ndim != 1:

@@ -15,7 +15,7 @@
 
 A ``Table`` holds its header and rows as strings and, per value cell, a record of the numbers behind
 it (``cells``: what ``report --csv`` / ``--json`` write). Tables give percent; every table says which mAP
-convention (eval.metrics: "exclude" or "cole") its runs used.
+convention (eval.metrics: "exclude", "cole" or "openimages") its runs used, and which classes it left out.
 """
 from __future__ import annotations
 
@@ -135,22 +135,27 @@ def _check_unique(groups: dict, what: str) -> None:
                               + ", ".join(str(r.path) for r in runs))
 
 
+#: why a convention leaves a class out of the mean (eval/metrics.py); "cole" leaves none out
+EXCLUDED_BECAUSE = {"exclude": "without a known test positive", "openimages": "without a known test label"}
+
+
 def _convention_footer(runs: list[Run], column_of) -> list[str]:
     by_col: dict[str, set] = {}
-    excluded: dict[str, set] = {}
+    excluded: dict[tuple[str, str], set] = {}
     for r in runs:
-        col = column_of(r)
-        by_col.setdefault(col, set()).add(r.result["map_convention"])
-        excluded.setdefault(col, set()).update(int(k) for k in r.result.get("excluded_classes") or [])
+        col, convention = column_of(r), r.result["map_convention"]
+        by_col.setdefault(col, set()).add(convention)
+        excluded.setdefault((col, convention), set()).update(int(k) for k in r.result.get("excluded_classes") or [])
     conventions = set().union(*by_col.values())
     if len(conventions) == 1:
         lines = [f"mAP convention: {conventions.pop()}."]
     else:
         lines = ["mAP convention: " + "; ".join(f"{c}: {'/'.join(sorted(v))}" for c, v in by_col.items()) + "."]
-    for col, ks in excluded.items():
+    for (col, convention), ks in excluded.items():
         if ks:
             shown = ", ".join(map(str, sorted(ks)[:20])) + (", ..." if len(ks) > 20 else "")
-            lines.append(f"{col}: {len(ks)} class(es) without a known test positive excluded: {shown}.")
+            why = EXCLUDED_BECAUSE.get(convention, "left out of the mean")
+            lines.append(f"{col}: {len(ks)} class(es) {why} excluded: {shown}.")
     return lines
 
 

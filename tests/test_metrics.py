@@ -190,6 +190,33 @@ def test_cole_convention():
         assert average_precision_score([0, 0, 0], [0.5, 0.4, 0.2]) == 0.0
 
 
+def test_openimages_convention():
+    # The official OpenImages metric: class 3 (nothing known) is skipped; class 2 (known negatives only) has
+    # AP 0 and counts. Per class [5/6, 7/12, 0, NaN]; mAP over three classes: (10/12 + 7/12 + 0) / 3 = 17/36.
+    scores, labels = convention_example()
+    r = mean_average_precision(scores, labels, convention="openimages")
+    assert r.convention == "openimages"
+    np.testing.assert_allclose(r.per_class_ap[:3], [5 / 6, 7 / 12, 0.0], atol=1e-12)
+    assert np.isnan(r.per_class_ap[3]) and r.excluded.tolist() == [3]
+    assert r.map == pytest.approx(17 / 36, abs=1e-12)
+    # The flat path (the known entries only, shuffled) and the CSR path give the same.
+    rows, cols = np.nonzero(labels)
+    perm = np.random.default_rng(0).permutation(rows.shape[0])
+    rows, cols = rows[perm], cols[perm]
+    flat = mean_average_precision_flat(cols, scores[rows, cols], labels[rows, cols] > 0, 4, convention="openimages")
+    pos_indptr, pos_indices = csr_of(labels > 0)
+    neg_indptr, neg_indices = csr_of(labels < 0)
+    csr = mean_average_precision_csr(scores, pos_indptr, pos_indices, neg_indptr, neg_indices, "openimages")
+    for other in (flat, csr):
+        np.testing.assert_allclose(other.per_class_ap, r.per_class_ap, atol=1e-12, equal_nan=True)
+        assert other.excluded.tolist() == [3] and other.map == pytest.approx(17 / 36, abs=1e-12)
+    # The three conventions side by side on the same classes: exclude 17/24, cole 17/48, openimages 17/36.
+    assert [mean_average_precision(scores, labels, c).map for c in ("exclude", "cole", "openimages")] == \
+        pytest.approx([17 / 24, 17 / 48, 17 / 36], abs=1e-12)
+    d = r.to_dict()
+    assert d["map_convention"] == "openimages" and d["per_class_ap"][2] == 0.0 and d["per_class_ap"][3] is None
+
+
 def test_no_class_with_a_positive_gives_nan_map():
     r = mean_average_precision(np.zeros((3, 2), np.float32), np.full((3, 2), -1, np.int8))
     assert np.isnan(r.map) and r.excluded.tolist() == [0, 1]

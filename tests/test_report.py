@@ -194,3 +194,14 @@ def test_mixed_conventions_in_one_cell(tmp_path, capsys):
     make_run(tmp_path, "b", "voc2012", "an", 2, 0.8, convention="cole")
     assert main([str(tmp_path)]) == 1
     assert "different mAP conventions ['cole', 'exclude']" in capsys.readouterr().err
+
+
+def test_openimages_convention_in_the_footer(tmp_path, capsys):
+    # VOC under "cole" (no class left out) beside OpenImages under "openimages", which leaves out the classes
+    # without any known test label (here 7 and 12) and scores those without a known positive as AP 0.
+    make_run(tmp_path, "voc", "voc2012", "an", 1, 0.8, convention="cole")
+    make_run(tmp_path, "oi", "openimages_v3", "an", 1, 0.7, convention="openimages", excluded=(12, 7))
+    assert main([str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "mAP convention: OpenImages: openimages; VOC: cole." in lines  # columns in the order of the runs found
+    assert "OpenImages: 2 class(es) without a known test label excluded: 7, 12." in lines
