@@ -42,9 +42,11 @@ and counted as ``incomplete``.
 Precision of modification (Figure 4)
 ------------------------------------
 ``PrecisionTracker.update(epoch, ids, modified)`` takes the loss's mask of modified entries of a batch
-(``LossOutput.modified``); ``end_epoch`` returns the record to log into metrics.jsonl: of the entries
-modified in the epoch, the number and the share that are truly positive (``precision_modified``), and the
-same accumulated over all epochs so far (``..._cum``). The paper plots the per-epoch precision for LL-R /
+(``LossOutput.modified``; for LL-Cp the trainer passes its permanent corrections, ``LossOutput.corrections``,
+which under ``ll_selection=official`` are fewer than the entries modified in the step); ``end_epoch``
+returns the record to log into metrics.jsonl: of the entries modified in the epoch, the number and the
+share that are truly positive (``precision_modified``), and the same accumulated over all epochs so far
+(``..._cum``). The paper plots the per-epoch precision for LL-R /
 LL-Ct and the accumulated one for LL-Cp, whose modifications are the permanent corrections (in LL-Cp an
 entry is modified at most once, so the accumulated count is the size of the corrections set; see
 ``corrections_precision``). Entries whose truth is unknown are counted apart and left out of the ratio.

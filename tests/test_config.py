@@ -1,9 +1,11 @@
 """Config: YAML files < key=value overrides; typos, duplicates and bad values fail naming the key and place."""
 import dataclasses
+from pathlib import Path
 
 import pytest
+import yaml
 
-from largeloss.train.config import ConfigError, build_config, describe_keys, from_dict, to_dict
+from largeloss.train.config import ConfigError, build_config, describe_keys, from_dict, resume_config, to_dict
 from largeloss.train.losses import LossConfig
 from largeloss.train.main import main as train_main
 
@@ -111,3 +113,34 @@ def test_loss_keys_and_choices(tmp_path):
         build_config([a], ["arch=resnet5"])
     with pytest.raises(ConfigError, match=r"command line: protocol 'partial:2': fraction must be in \(0, 1\]"):
         build_config([a], ["protocol=partial:2"])
+
+
+def test_dataset_configs_name_the_reference_rules():
+    # The paper's dataset configs use the official code's selection and the metric of the reference code:
+    # Cole et al.'s (AP 0 without a positive) for the four artificial datasets, the official OpenImages one there.
+    root = Path(__file__).resolve().parents[1] / "configs"
+    expected = {"voc": "cole", "coco": "cole", "nuswide": "cole", "cub": "cole", "openimages": "openimages"}
+    for name, convention in expected.items():
+        cfg = build_config([root / f"{name}.yaml"], ["method=ll_cp"])
+        assert (cfg.loss.ll_selection, cfg.map_convention) == ("official", convention), name
+    # A bare config takes the official rule too (the paper's numbers come from it); the demo keeps exact_k.
+    assert build_config([], ["data=d"]).loss.ll_selection == "official"
+    assert build_config([root / "demo.yaml"]).loss.ll_selection == "exact_k"
+    with pytest.raises(ConfigError, match=r"command line: ll_selection must be official\|exact_k, got 'exact'"):
+        build_config([], ["data=d", "ll_selection=exact"])
+
+
+def test_resume_of_a_run_saved_before_ll_selection(tmp_path):
+    # A run directory written before ll_selection existed was trained with exact_k: resume keeps it, while a
+    # saved value (or a new run) is taken as is.
+    cfg = build_config([], ["data=d", "method=ll_ct"])
+    saved = to_dict(cfg)
+    del saved["ll_selection"]
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert resume_config(str(old), []).loss.ll_selection == "exact_k"
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    assert resume_config(str(new), []).loss.ll_selection == "official"

@@ -72,7 +72,7 @@ class Config:
     arch: Arch = "resnet50"
     weights: str = "none"  # none | IMAGENET1K_V1 | IMAGENET1K_V2 | DEFAULT | path/to/weights.pth (train/model.py)
     image_size: int = 448
-    # ---- optimisation (ARCHITECTURE section 6) ----
+    # ---- optimisation (docs/ARCHITECTURE.md section 6) ----
     optimizer: Optimizer = "adam"
     lr: float = 1e-5  # backbone learning rate
     head_lr_mult: float = 10.0  # the linear head learns at head_lr_mult x lr
@@ -86,7 +86,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     # per-dataset delta_rel of the large-loss methods, used when delta_rel is not given
     delta_rel_table: Mapping[TableKey, float] = field(default_factory=lambda: types.MappingProxyType({}))
-    # ---- evaluation ----
+    # ---- evaluation (docs/ARCHITECTURE.md section 7; each dataset config names its reference's) ----
     map_convention: Convention = "exclude"
     eval_batch_size: int = 64
     # ---- runtime ----
@@ -302,14 +302,23 @@ def build_config(config_files: Iterable[str | Path] = (), overrides: Iterable[st
     return resolve(entries + parse_overrides(overrides))
 
 
+#: keys added after run directories were first written, with the value that reproduces such a run: a run saved
+#: without ``ll_selection`` selected exactly k entries (the rule before ``official`` existed)
+KEYS_ADDED_LATER = {"ll_selection": "exact_k"}
+
+
 def resume_config(run_dir: str, overrides: Iterable[str]) -> Config:
     """The config saved in ``run_dir``, continued from there (``resume``), with ``overrides`` (the caller
-    restricts them to keys that do not change what is computed)."""
+    restricts them to keys that do not change what is computed). A key of ``KEYS_ADDED_LATER`` missing from
+    the saved config takes the value the run was trained with, not today's default."""
     run_config = RunDir(run_dir).config
     if not run_config.is_file():
         raise ConfigError(f"resume={run_dir}: {run_config} not found; is this a run directory?")
     saved = [e for e in load_yaml(run_config) if e[0] != "resume"]
-    return resolve(saved + [("resume", str(run_dir), "command line")] + parse_overrides(overrides))
+    saved_keys = {e[0] for e in saved}
+    older = [(k, v, f"{run_config} (saved before {k} existed)") for k, v in KEYS_ADDED_LATER.items()
+             if k not in saved_keys]
+    return resolve(older + saved + [("resume", str(run_dir), "command line")] + parse_overrides(overrides))
 
 
 def resolve(entries: Iterable[Entry]) -> Config:

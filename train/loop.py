@@ -210,12 +210,16 @@ def train_epoch(epoch: int, model, optimizer, loader, store: LabelStore, cfg: Co
         accelerator.backward(out.loss)
         optimizer.step()
         if precision is not None:
-            precision.update(epoch, ids, out.modified)
+            # LL-Cp's precision is that of its permanent corrections (the paper's Figure 4, accumulated)
+            precision.update(epoch, ids, out.corrections if cfg.loss.method == "ll_cp" else out.modified)
         if cfg.loss.method == "ll_cp" and out.num_modified > 0:
-            rows, cols = torch.nonzero(out.modified, as_tuple=True)
-            sample_ids, class_ids = ids.numpy()[rows.cpu().numpy()], cols.cpu().numpy()
-            store.append_corrections(epoch, sample_ids, class_ids)
-            hooks.corrections(sample_ids, class_ids)
+            # the permanent set, not the in-step one: under ll_selection=official they differ (module
+            # docstring of train/losses.py)
+            rows, cols = torch.nonzero(out.corrections, as_tuple=True)
+            if len(rows):
+                sample_ids, class_ids = ids.numpy()[rows.cpu().numpy()], cols.cpu().numpy()
+                store.append_corrections(epoch, sample_ids, class_ids)
+                hooks.corrections(sample_ids, class_ids)
         stats.steps, stats.images = stats.steps + 1, stats.images + len(ids)
         stats.loss_sum += float(out.loss.detach())
         stats.modified += out.num_modified

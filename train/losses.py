@@ -4,8 +4,8 @@ Implements "Large Loss Matters in Weakly Supervised Multi-Label Classification" 
 section 3.3) and the baselines it compares against (Cole et al., CVPR 2021). Every function here is pure:
 it never mutates its inputs or the config, and the epoch schedule is a function of the epoch number.
 
-Conventions (ARCHITECTURE.md section 5)
----------------------------------------
+Conventions (docs/ARCHITECTURE.md section 5)
+--------------------------------------------
 - ``logits``  float ``[B, K]``: raw scores, before the sigmoid.
 - ``target``  float ``[B, K]``: the assume-negative (AN) target, 1.0 for observed positives (including
   LL-Cp corrections already applied by the LabelStore) and 0.0 for everything else. For method ``full`` it
@@ -16,15 +16,17 @@ Conventions (ARCHITECTURE.md section 5)
 - ``epoch`` is 1-based, as in the paper ("the first epoch, t = 1").
 - Per-entry losses are BCE on logits (``binary_cross_entropy_with_logits``, numerically stable). Half and
   bfloat16 logits are up-cast to float32 first, so the loss values and their ranking do not depend on the
-  autocast dtype of the model.
-- Unless stated otherwise a loss is the mean over all B*K entries (the paper's Eq. 2/3: 1/|D'| * 1/K * sum),
-  so a rejected (zeroed) entry still counts in the denominator.
+  autocast dtype of the loss (the model computes its logits in float32 anyway, train/model.py).
+- Unless stated otherwise a loss is the sum over all B*K entries divided by B*K (the paper's Eq. 2/3:
+  1/|D'| * 1/K * sum, and Cole et al.'s ``loss_denom_mtx``), so a rejected (zeroed) or unobserved entry
+  still counts in the denominator.
 
 Methods
 -------
 ``full``      BCE against complete labels (the upper bound; ``unknown`` must be all False).
 ``an``        Naive AN: mean BCE against the AN target over all B*K entries.
-``iu``        Ignore unobserved: mean BCE over the observed entries only.
+``iu``        Ignore unobserved: BCE summed over the observed entries, divided by B*K (Cole et al.'s
+              ``loss_iu`` under their ``loss_denom_mtx``), not by the number of observed entries.
 ``wan``       Weighted AN (Cole et al.): unknown entries (the assumed negatives) are weighted ``wan_weight``
               (default 1/(K-1)), observed entries 1. Normalised like Cole et al.: the weighted sum divided by
               B*K (not by the sum of the weights). Cole et al. weight every negative; in their single-positive
@@ -37,12 +39,13 @@ Methods
               Cole et al. sum over the observed positives (in their single-positive setting there is nothing
               else observed); here the observed negatives of a partial-label protocol are included too, since
               they are clean labels. Cole et al. compute -log(p + 1e-5); here BCE on logits (no epsilon).
-``ll_r``      LL-R: from epoch 2 the k unknown entries with the largest loss get loss 0 (still counted in the
-              mean); ``k = ceil(B*K*rate)``, ``rate = (t-1)*delta_rel/100``, capped at the number of unknowns.
+``ll_r``      LL-R: from epoch 2 the unknown entries with the k largest losses get loss 0 (still counted in
+              the mean); k from the schedule ``rate = (t-1)*delta_rel/100`` (see ``ll_selection`` below).
 ``ll_ct``     LL-Ct: as LL-R, but the selected entries get BCE against target 1 instead (paper Eq. 5/6).
-``ll_cp``     LL-Cp: as LL-Ct with a constant ``rate = delta_rel/100``; the returned ``modified`` mask is meant
-              for the LabelStore as permanent corrections (effective from the next epoch). In the current step
-              the selected entries already use target 1, as in LL-Ct.
+``ll_cp``     LL-Cp: as LL-Ct with a constant ``rate = delta_rel/100``; in the current step the selected
+              entries use target 1, as in LL-Ct (the official code does the same), and ``corrections``
+              holds the entries meant for the LabelStore as permanent corrections (effective from the
+              next epoch).
 ``ll_r_abs``  Absolute variants (paper, "Absolute variant"): the unknown entries with loss strictly greater
 ``ll_ct_abs`` than ``R(t) = r0 - t*delta_abs`` are rejected / temporarily corrected. ``t`` is the same 1-based
               epoch as everywhere else. The paper defines the variant "the same as Equation 4 except for
@@ -52,14 +55,34 @@ Methods
 ROLE (Cole et al.) is not implemented here: it needs a learned per-image label estimate, i.e. state outside a
 pure loss of (logits, target, unknown, epoch, config).
 
-Tie rule for the top-k (exact, identical on CPU and GPU)
---------------------------------------------------------
-Unknown entries are ranked by (loss descending, flat index ``b*K + c`` ascending) and the first k are taken:
-among entries whose loss equals the k-th largest value, those with the lower flat index win. Under the
-global top-k option the flat index is that of the batch concatenated over ranks in rank order,
-``rank*B*K + b*K + c``. Lower index first is an arbitrary but reproducible choice; it uses only exact
-comparisons and an integer prefix sum, so it does not depend on the order in which ``torch.topk`` returns
-equal values, nor on the device.
+Which entries LL-R / LL-Ct / LL-Cp modify: ``ll_selection``
+----------------------------------------------------------
+Two rules, both exact and identical on CPU and GPU (only exact comparisons, no dependence on the order in
+which ``torch.topk`` returns equal values):
+
+``official`` (the default, and what the paper's numbers come from): the rule of the authors' code
+    (snucml/LargeLossMatters at its first code commit). The k-th largest value of the batch's loss with every
+    observed entry set to 0 is the threshold; every unknown entry whose loss is >= the threshold is modified
+    in the step (ties at the k-th loss are all in, so more than k entries can be modified), and LL-Cp corrects
+    permanently only the unknown entries strictly above it (k - 1 without ties; none at all when k = 1). k is
+    the official floating-point k: the official loop starts from ``rate = 1`` and subtracts ``delta_rel/100``
+    in float after every epoch, then ``k = ceil(B*K*(1 - rate))``; LL-Cp, once that k is not 0, uses
+    ``ceil(B*K*(delta_rel/100))``. The float k is one more than the exact one in some settings (measured in
+    tests/test_losses.py::test_official_k_against_exact_k). When the k-th value is 0 (k above the number of
+    unknown entries, or an unknown loss that underflows to 0) the official code also modifies the observed
+    entries, whose masked loss is 0 too; here observed entries are never modified, the one difference. Where
+    the official code would fail (a rate above 1 asks for more than B*K entries) k is capped at B*K; where its
+    float ``1 - rate`` is exactly 0 (e.g. delta_rel 50 at epoch 3) nothing is modified, as there.
+``exact_k``: ``k = ceil(B*K*rate)`` in exact rational arithmetic, capped at the number of unknown entries,
+    and exactly k entries are modified: unknown entries ranked by (loss descending, flat index ``b*K + c``
+    ascending), the first k taken, so among entries equal to the k-th value the lower flat index wins. LL-Cp
+    corrects permanently the same k entries. Lower index first is an arbitrary but reproducible choice; it
+    uses only exact comparisons and an integer prefix sum.
+
+Under the global top-k option (``global_topk``) either rule is applied to the batch concatenated over ranks
+in rank order, as if one process held it: the flat index of ``exact_k`` is ``rank*B*K + b*K + c``, and the
+``official`` threshold is the k-th largest masked loss of the concatenated batch (0 when it holds fewer than
+k unknown entries). Each rank sends only its own top-k candidates, among which that k-th value always is.
 """
 
 from __future__ import annotations
@@ -76,6 +99,8 @@ import torch.nn.functional as F
 __all__ = [
     "METHODS",
     "Method",
+    "SELECTIONS",
+    "Selection",
     "LossConfig",
     "LossOutput",
     "GatherFn",
@@ -84,11 +109,15 @@ __all__ = [
     "num_to_modify",
     "abs_threshold",
     "select_topk",
+    "select_official",
     "select_global_topk",
 ]
 
 Method = Literal["full", "an", "iu", "wan", "lsan", "epr", "ll_r", "ll_ct", "ll_cp", "ll_r_abs", "ll_ct_abs"]
 METHODS: tuple[str, ...] = get_args(Method)
+#: which entries LL-R / LL-Ct / LL-Cp modify and LL-Cp corrects (module docstring)
+Selection = Literal["official", "exact_k"]
+SELECTIONS: tuple[str, ...] = get_args(Selection)
 _TOPK_METHODS = frozenset({"ll_r", "ll_ct", "ll_cp"})
 _ABS_METHODS = frozenset({"ll_r_abs", "ll_ct_abs"})
 _REJECT_METHODS = frozenset({"ll_r", "ll_r_abs"})
@@ -148,6 +177,9 @@ class LossConfig:
     epr_num_pos: float | None = None
     #: LL-R/Ct/Cp: take the top-k over the batch gathered from all ranks instead of per rank
     global_topk: bool = False
+    #: LL-R/Ct/Cp: which entries are modified and corrected (module docstring). ``official`` by default: the
+    #: paper's numbers come from the authors' code, and this reproduces its selection and its float k
+    ll_selection: Selection = "official"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -159,6 +191,9 @@ class LossConfig:
             raise TypeError(f"LossConfig.abs_skip_first_epoch must be a bool, got {self.abs_skip_first_epoch!r}")
         if not isinstance(self.global_topk, bool):
             raise TypeError(f"LossConfig.global_topk must be a bool, got {self.global_topk!r}")
+        if self.ll_selection not in SELECTIONS:
+            raise ValueError(f"LossConfig.ll_selection must be one of {', '.join(SELECTIONS)}, "
+                             f"got {self.ll_selection!r}")
         if self.method in _ABS_METHODS:
             _check_real("r0", self.r0)
             _check_real("delta_abs", self.delta_abs, minimum=0.0)
@@ -180,9 +215,15 @@ class LossOutput:
     modified: torch.Tensor
     #: number of True entries in ``modified``
     num_modified: int
-    #: entries modified over the whole selection: the capped k of the top-k (global k under global_topk),
-    #: the number above the threshold for the absolute variants, 0 for the other methods
+    #: the k of the selection (global k under global_topk): under ``exact_k`` capped at the number of unknown
+    #: entries, and the number modified over the whole selection; under ``official`` the official k capped at
+    #: B*K (ties can make more entries modified, fewer unknown entries fewer). The number above the threshold
+    #: for the absolute variants, 0 for the other methods
     k: int
+    #: bool [B, K]: LL-Cp's permanent corrections, what the trainer writes to the LabelStore (this rank's
+    #: entries): ``modified`` under ``exact_k``, the entries strictly above the k-th loss under ``official``.
+    #: All False for every other method
+    corrections: torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -195,11 +236,15 @@ def _check_epoch(epoch: object) -> int:
     return epoch
 
 
+def _check_topk_method(cfg: LossConfig, what: str) -> None:
+    if cfg.method not in _TOPK_METHODS:
+        raise ValueError(f"{what} is defined for {sorted(_TOPK_METHODS)}, not {cfg.method!r}")
+
+
 def modification_rate(epoch: int, cfg: LossConfig) -> Fraction:
     """Exact fraction of the B*K entries that LL-R/Ct/Cp modify in ``epoch`` (1-based); 0 in epoch 1."""
     epoch = _check_epoch(epoch)
-    if cfg.method not in _TOPK_METHODS:
-        raise ValueError(f"modification_rate is defined for {sorted(_TOPK_METHODS)}, not {cfg.method!r}")
+    _check_topk_method(cfg, "modification_rate")
     if epoch == 1:
         return Fraction(0)
     steps = 1 if cfg.method == "ll_cp" else epoch - 1
@@ -207,14 +252,36 @@ def modification_rate(epoch: int, cfg: LossConfig) -> Fraction:
 
 
 def num_to_modify(num_entries: int, epoch: int, cfg: LossConfig) -> int:
-    """``ceil(num_entries * rate)`` in exact rational arithmetic, before the cap at the number of unknowns.
+    """The k of LL-R/Ct/Cp for a batch of ``num_entries`` = B*K entries, under ``cfg.ll_selection``, before
+    any cap (compute_loss caps it at B*K, and ``exact_k`` at the number of unknown entries).
 
-    Floating point would over-count: with delta_rel = 0.2 at epoch 4 and B*K = 1000 the float product is
-    6.000000000000001 and its ceil 7; the exact value is 6.
+    ``exact_k``: ``ceil(num_entries * rate)`` in exact rational arithmetic. ``official``: the official code's
+    floating-point k (``_official_k``), which can be one more: with delta_rel = 0.2 at epoch 4 and
+    B*K = 1000 the exact k is 6, the official float k 7.
     """
     if isinstance(num_entries, bool) or not isinstance(num_entries, int) or num_entries < 0:
         raise ValueError(f"num_entries must be an int >= 0, got {num_entries!r}")
+    if cfg.ll_selection == "official":
+        _check_topk_method(cfg, "num_to_modify")
+        return _official_k(num_entries, _check_epoch(epoch), cfg)
     return math.ceil(num_entries * modification_rate(epoch, cfg))
+
+
+def _official_k(num_entries: int, epoch: int, cfg: LossConfig) -> int:
+    """The official code's k, step by step in its float arithmetic (snucml/LargeLossMatters ``config.py``,
+    ``train.py``, ``losses.py`` at its first code commit): ``delta_rel`` is divided by 100 once, the remaining
+    share ``1 - rate`` starts at 1 and loses that float after every epoch, and a remaining share of exactly 0
+    disables the modification."""
+    step = cfg.delta_rel / 100
+    remaining: float = 1
+    for _ in range(epoch - 1):
+        remaining -= step
+    if remaining == 0:
+        return 0
+    k = math.ceil(num_entries * (1 - remaining))
+    if k != 0 and cfg.method == "ll_cp":
+        k = math.ceil(num_entries * step)
+    return k
 
 
 def abs_threshold(epoch: int, cfg: LossConfig) -> float:
@@ -227,7 +294,7 @@ def abs_threshold(epoch: int, cfg: LossConfig) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# exact top-k selection
+# selection of the entries to modify: exact top-k (``exact_k``) and the official threshold (``official``)
 
 
 def _topk_positional(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -269,6 +336,33 @@ def select_topk(losses: torch.Tensor, unknown: torch.Tensor, k: int) -> torch.Te
         return _topk_positional(_masked_flat(losses.detach(), unknown), k).view(unknown.shape)
 
 
+def _above_threshold(losses: torch.Tensor, unknown: torch.Tensor,
+                     kth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official rule's two sets for the threshold ``kth``: unknown entries with loss >= kth (modified in the
+    step, ties included) and > kth (LL-Cp's permanent corrections)."""
+    kth = kth.to(losses.dtype)  # a value of losses (or 0), exact in their dtype
+    return unknown & (losses >= kth), unknown & (losses > kth)
+
+
+def select_official(losses: torch.Tensor, unknown: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official rule on one batch: bool ``[B, K]`` masks ``(modified, corrections)``.
+
+    The threshold is the k-th largest value of ``losses`` with every non-unknown entry set to 0 (k capped at
+    B*K), as in the official code; ``modified`` = unknown entries >= it, ``corrections`` = unknown entries > it.
+    k = 0 selects nothing. ``losses`` is read without gradient.
+    """
+    _check_pair(losses, unknown, "losses")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"k must be an int >= 0, got {k!r}")
+    k = min(k, unknown.numel())
+    if k == 0:
+        return torch.zeros_like(unknown), torch.zeros_like(unknown)
+    with torch.no_grad():
+        detached = losses.detach()
+        masked = torch.where(unknown, detached, torch.zeros_like(detached)).reshape(-1)
+        return _above_threshold(detached, unknown, torch.topk(masked, k, sorted=False).values.amin())
+
+
 def select_global_topk(losses: torch.Tensor, unknown: torch.Tensor, k: int, gather_fn: GatherFn,
                        rank: int) -> torch.Tensor:
     """This rank's share of the top-k over the batch concatenated from all ranks.
@@ -282,12 +376,16 @@ def select_global_topk(losses: torch.Tensor, unknown: torch.Tensor, k: int, gath
     return _global_topk(losses, unknown, k, gather_fn, rank)[0]
 
 
-def _global_topk(losses: torch.Tensor, unknown: torch.Tensor, k: int, gather_fn: GatherFn,
-                 rank: int, world_size: int | None = None) -> tuple[torch.Tensor, int]:
-    """``select_global_topk`` plus the global number of winners, ``min(k, global #unknown)``.
+def _global_topk(losses: torch.Tensor, unknown: torch.Tensor, k: int, gather_fn: GatherFn, rank: int,
+                 world_size: int | None = None,
+                 selection: Selection = "exact_k") -> tuple[torch.Tensor, torch.Tensor, int]:
+    """This rank's ``(modified, corrections)`` under ``selection`` over the batch concatenated from all ranks,
+    and the k of the selection: ``min(k, global #unknown)`` under ``exact_k`` (then corrections = modified),
+    ``k`` under ``official`` (the caller caps it at the global B*K).
 
     Each rank contributes only its local top-k candidates: under one total order a global winner is always
-    among its own rank's top-k, so the gather moves 2k + 3 numbers per rank instead of B*K.
+    among its own rank's top-k, and so is the global k-th largest value, so the gather moves 2k + 3 numbers
+    per rank instead of B*K.
     """
     _check_pair(losses, unknown, "losses")
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
@@ -332,7 +430,16 @@ def _global_topk(losses: torch.Tensor, unknown: torch.Tensor, k: int, gather_fn:
                 "must follow rank order")
         # Capping at the number of valid candidates is capping at the global number of unknowns: a rank
         # with fewer unknowns than `width` contributes all of them.
-        k_eff = min(k, int(check[-1]))
+        n_valid = int(check[-1])
+        if selection == "official":
+            # The k-th largest masked loss of the concatenated batch: among the candidates, or, when the
+            # batch holds fewer than k unknown entries, one of the zeros of its other entries.
+            if k == 0:
+                return torch.zeros_like(unknown), torch.zeros_like(unknown), 0
+            kth = (torch.topk(all_val, k, sorted=False).values.amin() if k <= n_valid
+                   else torch.zeros((), dtype=torch.float64, device=flat.device))
+            return (*_above_threshold(losses.detach(), unknown, kth), k)
+        k_eff = min(k, n_valid)
         # Global flat index = local index + the B*K of the ranks before (the batch concatenated in rank
         # order). Valid candidates are laid out rank by rank in ascending local index, i.e. in ascending
         # global index, so "lower position first" in _topk_positional is "lower global flat index first".
@@ -340,7 +447,8 @@ def _global_topk(losses: torch.Tensor, unknown: torch.Tensor, k: int, gather_fn:
         mine = winners[winners // width == rank]
         mask = torch.zeros(n, dtype=torch.bool, device=flat.device)
         mask[all_idx[mine].to(torch.int64)] = True
-    return mask.view(batch, classes), k_eff
+        mask = mask.view(batch, classes)
+    return mask, mask, k_eff
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -433,37 +541,39 @@ def compute_loss(logits: torch.Tensor, target: torch.Tensor, unknown: torch.Tens
     method = cfg.method
     none_modified = torch.zeros_like(unknown)
 
+    def unmodified(loss: torch.Tensor) -> LossOutput:
+        return LossOutput(loss, none_modified, 0, 0, none_modified)
+
     if method == "full":
         if bool(unknown.any()):
             raise ValueError("method 'full' needs complete labels (protocol 'full'), but unknown has True "
                              "entries; use 'iu' to train on the observed labels only")
-        return LossOutput(_bce(x, y).mean(), none_modified, 0, 0)
+        return unmodified(_bce(x, y).mean())
     if method == "an":
-        return LossOutput(_bce(x, y).mean(), none_modified, 0, 0)
+        return unmodified(_bce(x, y).mean())
     if method == "iu":
-        observed = ~unknown
-        summed = _bce(x, y).masked_fill(unknown, 0.0).sum()
-        # No observed entry in the batch: loss 0 (still attached to the graph), not 0/0.
-        return LossOutput(summed / observed.sum().clamp_min(1), none_modified, 0, 0)
+        # Over B*K like every other loss here (Cole et al.): a batch without an observed entry gives 0.
+        return unmodified(_bce(x, y).masked_fill(unknown, 0.0).sum() / n)
     if method == "wan":
         if cfg.wan_weight is None and classes < 2:
             raise ValueError("WAN's default weight 1/(K-1) needs K >= 2; set LossConfig.wan_weight")
         weight = cfg.wan_weight if cfg.wan_weight is not None else 1.0 / (classes - 1)
         per_entry = _bce(x, y)
         weighted = torch.where(unknown, per_entry * weight, per_entry)
-        return LossOutput(weighted.sum() / n, none_modified, 0, 0)
+        return unmodified(weighted.sum() / n)
     if method == "lsan":
         smoothed = y * (1.0 - 2.0 * cfg.ls_coef) + cfg.ls_coef  # 1 -> 1 - ls, 0 -> ls
-        return LossOutput(_bce(x, smoothed).mean(), none_modified, 0, 0)
+        return unmodified(_bce(x, smoothed).mean())
     if method == "epr":
         assert cfg.epr_num_pos is not None  # guaranteed by LossConfig.__post_init__
         observed_sum = _bce(x, y).masked_fill(unknown, 0.0).sum()
         expected_pos = torch.sigmoid(x).sum(dim=1).mean()
         reg = (expected_pos - cfg.epr_num_pos) ** 2 / classes**2
-        return LossOutput(observed_sum / n + reg, none_modified, 0, 0)
+        return unmodified(observed_sum / n + reg)
 
     # Large-loss methods. The selection uses the loss against the AN target, without gradient.
     per_entry = _bce(x, y)
+    corrections = none_modified
     if method in _TOPK_METHODS:
         gather, rank, world_size = (_process_group(gather_fn, rank, world_size) if cfg.global_topk
                                     else (None, 0, 1))
@@ -472,22 +582,31 @@ def compute_loss(logits: torch.Tensor, target: torch.Tensor, unknown: torch.Tens
             total = int(gather(torch.tensor([float(n)], dtype=torch.float64, device=x.device)).sum())
         else:
             total = n
-        k_raw = num_to_modify(total, epoch, cfg)
+        k_raw = min(num_to_modify(total, epoch, cfg), total)
         if k_raw == 0:  # epoch 1, or delta_rel == 0
-            return LossOutput(per_entry.mean(), none_modified, 0, 0)
+            return unmodified(per_entry.mean())
         detached = per_entry.detach()
-        (n_unknown,) = _check_unknown_losses(detached, y, unknown)
         if gather is not None:
-            modified, k = _global_topk(detached, unknown, k_raw, gather, rank, world_size)
+            _check_unknown_losses(detached, y, unknown)
+            modified, corrections, k = _global_topk(detached, unknown, k_raw, gather, rank, world_size,
+                                                    cfg.ll_selection)
             num_modified = int(modified.sum())
+        elif cfg.ll_selection == "official":
+            k = k_raw
+            modified, corrections = select_official(detached, unknown, k)
+            # one host sync for the check and the count; the masks are not used when the check fails
+            _, num_modified = _check_unknown_losses(detached, y, unknown, extra=modified)
         else:
+            (n_unknown,) = _check_unknown_losses(detached, y, unknown)
             k = min(k_raw, n_unknown)
             with torch.no_grad():
                 modified = _topk_positional(_masked_flat(detached, unknown), k).view(unknown.shape)
-            num_modified = k
+            corrections, num_modified = modified, k
+        if method != "ll_cp":
+            corrections = none_modified
     else:  # absolute variants
         if epoch == 1 and cfg.abs_skip_first_epoch:
-            return LossOutput(per_entry.mean(), none_modified, 0, 0)
+            return unmodified(per_entry.mean())
         threshold = abs_threshold(epoch, cfg)
         detached = per_entry.detach()
         modified = unknown & (detached > threshold)  # strict, as in the paper's "l_i > R(t)"
@@ -499,4 +618,4 @@ def compute_loss(logits: torch.Tensor, target: torch.Tensor, unknown: torch.Tens
     else:
         # Temporary correction: the selected (unknown, target 0) entries are scored against target 1.
         loss = _bce(x, torch.where(modified, torch.ones_like(y), y)).mean()
-    return LossOutput(loss, modified, num_modified, k)
+    return LossOutput(loss, modified, num_modified, k, corrections)
