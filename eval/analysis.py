@@ -2,8 +2,8 @@
 modification (section 4.3, Figure 4). ANALYSIS ONLY: this is the one place besides evaluation that reads the
 truth of training labels (``LabelStore.truth_for_analysis``), and nothing here feeds the loss.
 
-Entry types (ARCHITECTURE.md section 2; label encoding +1 / -1 / 0)
--------------------------------------------------------------------
+Entry types (docs/ARCHITECTURE.md section 2; label encoding +1 / -1 / 0)
+------------------------------------------------------------------------
 An *entry* is one (training sample, class) pair. With the observed labels of the run's protocol and the
 truth of the source:
 

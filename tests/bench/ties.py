@@ -22,7 +22,7 @@ its delta_rel (configs/*.yaml) at epochs 2..10 with the official k; every batch 
 Printed: per (dataset, method), the share of batches whose k-th largest unknown loss equals another unknown
 entry's loss, before and after.
 
-    python tests/bench/ties.py                       # 300 batches of 16, about a minute on 2 cores
+    python tests/bench/ties.py                       # 300 batches of 16 per dataset: ~6 CPU-minutes
     python tests/bench/ties.py --batches 1000 --threads 2
 """
 
