@@ -84,7 +84,10 @@ def test_two_process_ll_cp_merge_resume_and_groups(oi, tmp_path, capsys):
     out, _ = oi
     base = ["--config", str(ROOT / "configs/openimages.yaml"), "--config", str(ROOT / "configs/methods/ll_cp.yaml"),
             f"data={out}", f"out={tmp_path}", "epochs=3", "arch=small_cnn", "weights=none", "image_size=64",
-            "batch_size=8", "eval_batch_size=16", "num_workers=0", "progress=false", "lr=1e-3", "early_stop_drop=100"]
+            "batch_size=8", "eval_batch_size=16", "num_workers=0", "progress=false", "lr=1e-3", "early_stop_drop=100",
+            # exactly k per batch, so that the counts below are known in advance (the config's official rule
+            # modifies every entry tied at the k-th loss, and identical generated images tie)
+            "ll_selection=exact_k"]
     ok = _run_accelerate(base + ["run_name=straight", "debug_dump=true"])
     assert ok.returncode == 0, ok.stderr[-3000:]
     run = tmp_path / "straight"
