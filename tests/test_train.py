@@ -26,7 +26,9 @@ def demo(tmp_path_factory):
 
 
 def run_cmd(args, env_extra=None, timeout=300):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env_extra or {}))
+    # PYTHONPATH as conftest.py sets it (the link that makes this checkout the package largeloss): with the
+    # checkout's own path, `-m largeloss...` would import whatever copy of largeloss is installed
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
     return subprocess.run([sys.executable, "-m", "largeloss.train.main", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
