@@ -65,14 +65,15 @@ which ``torch.topk`` returns equal values):
     observed entry set to 0 is the threshold; every unknown entry whose loss is >= the threshold is modified
     in the step (ties at the k-th loss are all in, so more than k entries can be modified), and LL-Cp corrects
     permanently only the unknown entries strictly above it (k - 1 without ties; none at all when k = 1). k is
-    the official floating-point k: the official loop starts from ``rate = 1`` and subtracts ``delta_rel/100``
-    in float after every epoch, then ``k = ceil(B*K*(1 - rate))``; LL-Cp, once that k is not 0, uses
-    ``ceil(B*K*(delta_rel/100))``. The float k is one more than the exact one in some settings (measured in
-    tests/test_losses.py::test_official_k_against_exact_k). When the k-th value is 0 (k above the number of
-    unknown entries, or an unknown loss that underflows to 0) the official code also modifies the observed
-    entries, whose masked loss is 0 too; here observed entries are never modified, the one difference. Where
-    the official code would fail (a rate above 1 asks for more than B*K entries) k is capped at B*K; where its
-    float ``1 - rate`` is exactly 0 (e.g. delta_rel 50 at epoch 3) nothing is modified, as there.
+    the official floating-point k: the official loop keeps ``rate_left``, starting at 1 and losing
+    ``delta_rel/100`` in float after every epoch, and takes ``k = ceil(B*K*(1 - rate_left))``; LL-Cp, once
+    that k is not 0, uses ``ceil(B*K*(delta_rel/100))``. The float k is one more than the exact one in some
+    settings (measured in tests/test_losses.py::test_official_k_against_exact_k). When the k-th value is 0
+    (k above the number of unknown entries, or fewer than k unknown entries with a loss above 0: float32 BCE
+    against 0 is exactly 0 for very negative logits) the official code also modifies the observed entries,
+    whose masked loss is 0 too; here observed entries are never modified, the one difference. Where the
+    official code would fail (``rate_left`` below 0 asks for more than B*K entries) k is capped at B*K; where
+    ``rate_left`` is exactly 0 (e.g. delta_rel 50 at epoch 3) nothing is modified, as there.
 ``exact_k``: ``k = ceil(B*K*rate)`` in exact rational arithmetic, capped at the number of unknown entries,
     and exactly k entries are modified: unknown entries ranked by (loss descending, flat index ``b*K + c``
     ascending), the first k taken, so among entries equal to the k-th value the lower flat index wins. LL-Cp
@@ -269,16 +270,16 @@ def num_to_modify(num_entries: int, epoch: int, cfg: LossConfig) -> int:
 
 def _official_k(num_entries: int, epoch: int, cfg: LossConfig) -> int:
     """The official code's k, step by step in its float arithmetic (snucml/LargeLossMatters ``config.py``,
-    ``train.py``, ``losses.py`` at its first code commit): ``delta_rel`` is divided by 100 once, the remaining
-    share ``1 - rate`` starts at 1 and loses that float after every epoch, and a remaining share of exactly 0
-    disables the modification."""
+    ``train.py``, ``losses.py`` at its first code commit): ``delta_rel`` is divided by 100 once, ``rate_left``
+    (the share of entries left alone) starts at 1 and loses that float after every epoch, and a ``rate_left``
+    of exactly 0 disables the modification."""
     step = cfg.delta_rel / 100
-    remaining: float = 1
+    rate_left: float = 1
     for _ in range(epoch - 1):
-        remaining -= step
-    if remaining == 0:
+        rate_left -= step
+    if rate_left == 0:
         return 0
-    k = math.ceil(num_entries * (1 - remaining))
+    k = math.ceil(num_entries * (1 - rate_left))
     if k != 0 and cfg.method == "ll_cp":
         k = math.ceil(num_entries * step)
     return k
@@ -583,7 +584,7 @@ def compute_loss(logits: torch.Tensor, target: torch.Tensor, unknown: torch.Tens
         else:
             total = n
         k_raw = min(num_to_modify(total, epoch, cfg), total)
-        if k_raw == 0:  # epoch 1, or delta_rel == 0
+        if k_raw == 0:  # epoch 1, delta_rel == 0, or (official) a float rate_left of exactly 0
             return unmodified(per_entry.mean())
         detached = per_entry.detach()
         if gather is not None:
