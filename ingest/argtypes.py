@@ -12,3 +12,15 @@ def positive_int(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
     return v
+
+
+def positive_int_at_most(limit: int):
+    """A ``positive_int`` type that also refuses values above ``limit``."""
+
+    def parse(text: str) -> int:
+        v = positive_int(text)
+        if v > limit:
+            raise argparse.ArgumentTypeError(f"expected a positive integer of at most {limit}, got {v}")
+        return v
+
+    return parse

@@ -25,15 +25,16 @@ from types import ModuleType
 from typing import Any
 
 from ..shards.format import FormatError, IngestError, IngestPlan
+from ..shards.jpeg import DEFAULT_MAX_PIXELS, MAX_PIXELS_LIMIT
 from ..shards.reader import open_dataset, verify
 from ..shards.writer import CHECK_MODES, summary_table, write_dataset
 from . import coco, cub, demo, nuswide, openimages, voc
-from .argtypes import positive_int
+from .argtypes import positive_int, positive_int_at_most
 
 #: sub-command -> adapter module, in the order of ``ingest --help``
 ADAPTERS: dict[str, ModuleType] = {m.NAME: m for m in (voc, coco, nuswide, cub, openimages, demo)}
 #: the dests of the options ``_add_common`` adds to every adapter's sub-command
-COMMON_OPTIONS = ("out", "shard_size", "workers", "check", "strict", "overwrite", "no_progress")
+COMMON_OPTIONS = ("out", "shard_size", "workers", "check", "max_pixels", "strict", "overwrite", "no_progress")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -48,6 +49,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--check", choices=CHECK_MODES, default="fast",
                    help="JPEG validation: fast = header + marker structure + end marker (default); "
                         "full = decode every image strictly (about 20x slower)")
+    g.add_argument("--max-pixels", type=positive_int_at_most(MAX_PIXELS_LIMIT), default=DEFAULT_MAX_PIXELS,
+                   metavar="N",
+                   help=f"an image whose JPEG header declares more than N pixels is counted as corrupt (default "
+                        f"{DEFAULT_MAX_PIXELS}, 16384 x 16384; at most {MAX_PIXELS_LIMIT}, OpenCV's limit)")
     g.add_argument("--strict", action="store_true",
                    help="stop at the first missing or corrupt image instead of skipping and counting it")
     g.add_argument("--overwrite", action="store_true",
@@ -111,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         common = {k: options.pop(k) for k in COMMON_OPTIONS}  # what is left are the adapter's own options
         plan = adapter_plan(command, options, common)
         manifest = write_dataset(common["out"], plan, shard_size=common["shard_size"], workers=common["workers"],
-                                 strict=common["strict"], check=common["check"], overwrite=common["overwrite"],
-                                 progress=not common["no_progress"])
+                                 strict=common["strict"], check=common["check"], max_pixels=common["max_pixels"],
+                                 overwrite=common["overwrite"], progress=not common["no_progress"])
     except (IngestError, FormatError, OSError) as e:
         print(f"ingest {command}: error: {e}", file=sys.stderr)
         return 1

@@ -22,7 +22,9 @@ Conventions
 - **Metadata** per image: ``width``/``height`` from the json, and ``boxes`` in annotation-id order as
   ``{"class", "bbox": [x, y, x + w, y + h], "iscrowd"}`` (COCO's ``bbox`` is ``[x, y, w, h]`` in
   absolute float pixels; the sum is plain float arithmetic, no rounding).
-- Images are not opened here: ``path`` names the file and the writer counts missing/corrupt ones.
+- Images are not opened here: ``path`` names the file and the writer counts missing/corrupt ones. A
+  ``file_name`` that would leave the image folder (absolute, ``..``) is an error naming the json and
+  the entry (``shards.format.source_path``).
 
 Memory
 ======
@@ -46,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from ..shards.format import UNLISTED_NEGATIVE, IngestError, IngestPlan, Record
+from ..shards.format import UNLISTED_NEGATIVE, IngestError, IngestPlan, Record, source_path
 
 NAME = "coco"
 HELP = "MS COCO 2014 instances json -> 80-class multi-label shards (boxes kept in the sample json)"
@@ -130,7 +132,7 @@ def split_records(data: dict[str, Any], where: Path, image_dir: Path, rel_dir: s
     if not isinstance(images, list) or not isinstance(anns, list):
         raise IngestError(f"{where}: 'images' and 'annotations' must be lists; is this an instances_*.json?")
 
-    by_id: dict[int, tuple[str, int, int]] = {}
+    by_id: dict[int, tuple[str, str, int, int]] = {}
     for i, im in enumerate(images):
         try:
             iid, fname, w, h = im["id"], im["file_name"], im["width"], im["height"]
@@ -138,7 +140,9 @@ def split_records(data: dict[str, Any], where: Path, image_dir: Path, rel_dir: s
             raise IngestError(f"{where}: images[{i}] needs id, file_name, width and height, got {im!r}") from None
         if iid in by_id:
             raise IngestError(f"{where}: images[{i}] repeats image id {iid}")
-        by_id[iid] = (fname, int(w), int(h))
+        if not isinstance(fname, str):
+            raise IngestError(f"{where}: images[{i}] (id {iid}): file_name must be a string, got {fname!r}")
+        by_id[iid] = (fname, source_path(image_dir, fname, f"{where}: images[{i}] (id {iid})"), int(w), int(h))
 
     # Annotations packed into arrays: (image id, class index, annotation id, iscrowd, bbox)
     n = len(anns)
@@ -185,7 +189,7 @@ def split_records(data: dict[str, Any], where: Path, image_dir: Path, rel_dir: s
     records: list[Record] = []
     no_annotations = 0
     for iid in sorted(by_id, key=_image_order_key):
-        fname, w, h = by_id[iid]
+        fname, path, w, h = by_id[iid]
         s, e = span.get(iid, (0, 0))
         if s == e and not keep_empty:
             no_annotations += 1
@@ -195,7 +199,7 @@ def split_records(data: dict[str, Any], where: Path, image_dir: Path, rel_dir: s
             source_id=str(iid),
             rel_path=f"{rel_dir}/{fname}",
             pos=sorted(set(cls_list[s:e])),
-            path=str(image_dir / fname),
+            path=path,
             meta={"width": w, "height": h, "boxes": boxes},
         ))
     # listed = written + missing + corrupt + skipped.no_annotations (the writer adds the middle three)

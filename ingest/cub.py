@@ -29,7 +29,8 @@ Conventions
 - **Splits**: ``train_test_split.txt`` (``<image_id> 1`` = train, ``0`` = test) -> ``train`` / ``test``.
 - **Order**: image id order (the order of ``images.txt`` in the release).
 - **Paths**: ``images.txt`` paths are used verbatim (folder and file-name case differ:
-  ``001.Black_footed_Albatross/Black_Footed_Albatross_0046_18.jpg``), under ``CUB_200_2011/images/``.
+  ``001.Black_footed_Albatross/Black_Footed_Albatross_0046_18.jpg``), under ``CUB_200_2011/images/``;
+  one that would leave that folder (absolute, ``..``) is an error naming the line.
   Some JPEGs are grayscale; the loader converts to RGB. Images are not opened here.
 """
 from __future__ import annotations
@@ -44,7 +45,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from ..shards.format import UNLISTED_NEGATIVE, IngestError, IngestPlan, Record
+from ..shards.format import UNLISTED_NEGATIVE, IngestError, IngestPlan, Record, source_path
 
 NAME = "cub"
 HELP = "CUB-200-2011 birds as 312 binary attributes (image_attribute_labels.txt)"
@@ -134,12 +135,13 @@ def read_attributes(path: Path) -> list[dict[str, Any]]:
 
 
 def read_images(cub: Path) -> tuple[list[int], dict[int, str], dict[int, str]]:
-    """(image ids in id order, id -> path under images/, id -> split)."""
+    """(image ids in id order, id -> path under images/ (checked: ``source_path``), id -> split)."""
     images_path, split_path = cub / "images.txt", cub / "train_test_split.txt"
     paths: dict[int, str] = {}
     for n, iid, rel in _id_value_file(images_path, "relative path"):
         if iid in paths:
             raise IngestError(f"{images_path}:{n}: image id {iid} repeats")
+        source_path(cub / "images", rel, f"{images_path}:{n}")
         paths[iid] = rel
     split: dict[int, str] = {}
     for n, iid, flag in _id_value_file(split_path, "0 or 1"):

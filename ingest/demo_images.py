@@ -68,12 +68,15 @@ leaves a half-written ``VOCDEMO`` behind.
 from __future__ import annotations
 
 import colorsys
+import ctypes
 import json
 import math
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -465,8 +468,41 @@ def _write_chunk(devkit: str, seed: int, split: int, first: int, count: int, id_
     return labels
 
 
-def _worker_init() -> None:
+#: prctl(2) option: the signal a process gets when its parent dies
+_PR_SET_PDEATHSIG = 1
+
+
+def _worker_init(parent: int) -> None:
     cv2.setNumThreads(1)  # one process per core already; the drawing calls are small
+    _die_with(parent)
+
+
+def _die_with(parent: int) -> None:
+    """Make this worker exit when process ``parent`` (the generator) dies, even by kill -9, which gives the pool
+    no chance to stop its workers (a worker left alive also keeps multiprocessing's resource tracker alive).
+
+    Linux: the kernel sends SIGKILL when the parent dies (prctl PR_SET_PDEATHSIG; it fires when the thread
+    that started the worker exits: the pool starts its workers from the thread that submits, the main
+    thread, as long as max_tasks_per_child is not set). Elsewhere, or if prctl fails: a daemon thread
+    checks the parent pid every second.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            ok = libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            ok = False
+        if ok:
+            if os.getppid() != parent:  # it died before the prctl call
+                os._exit(1)
+            return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def tree_params(n_train: int, n_test: int, seed: int, min_size: int, max_size: int) -> dict[str, Any]:
@@ -534,7 +570,7 @@ def write_voc_tree(root: Path, *, n_train: int = 2000, n_test: int = 500, seed: 
         if workers > 1:
             # spawn, not fork: a forked child could inherit OpenCV's or torch's thread pools mid-operation
             with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                     initializer=_worker_init) as ex:
+                                     initializer=_worker_init, initargs=(os.getpid(),)) as ex:
                 results = list(ex.map(_write_chunk, *zip(*jobs)))
         else:
             results = [_write_chunk(*job) for job in jobs]

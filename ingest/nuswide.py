@@ -22,7 +22,8 @@ Conventions
 - **Order**: the order of the image list (or of the npy rows). ``meta`` keeps the 1-based line of the
   image list (``list_line``) or the 0-based npy row (``npy_row``) so that a sample can be traced back.
 - Images are looked up under ``ROOT/Flickr`` (official; ``DIR/Flickr`` for the npy source) or
-  ``--images``. Many Flickr images are gone: the writer counts those as missing.
+  ``--images``. Many Flickr images are gone: the writer counts those as missing. A list path that
+  would leave that folder (absolute, ``..``) is an error naming the list and line (npy: entry).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ..shards.format import UNLISTED_NEGATIVE, IngestError, IngestPlan, Record
+from ..shards.format import UNLISTED_NEGATIVE, IngestError, IngestPlan, Record, source_path
 
 NAME = "nuswide"
 HELP = "NUS-WIDE 81 concepts (official image lists + TrainTestLabels, or Cole et al.'s npy files)"
@@ -161,9 +162,10 @@ def _line_of_token(raw: bytes, k: int) -> int:
     return len(raw.splitlines())
 
 
-def _records(entries: list[str], labels: np.ndarray, image_dir: Path, where_key: str, *, keep_no_positive: bool
-             ) -> tuple[list[Record], int]:
-    """Records in list order from a bool matrix (n x K); returns (records, number dropped for no positive)."""
+def _records(entries: list[str], labels: np.ndarray, image_dir: Path, where_key: str, source: Path, *,
+             keep_no_positive: bool) -> tuple[list[Record], int]:
+    """Records in list order from a bool matrix (n x K); returns (records, number dropped for no positive).
+    ``source`` is the file the entries come from (for messages)."""
     rows, cols = np.nonzero(labels)  # row-major: columns ascending within a row
     offsets = np.searchsorted(rows, np.arange(len(entries) + 1))
     cols_list = cols.tolist()
@@ -175,8 +177,9 @@ def _records(entries: list[str], labels: np.ndarray, image_dir: Path, where_key:
             dropped += 1
             continue
         meta = {"list_line": i + 1} if where_key == "list_line" else {"npy_row": i}
-        records.append(Record(source_id=entry, rel_path=entry, pos=cols_list[a:b], path=str(image_dir / entry),
-                              meta=meta))
+        where = f"{source}:{i + 1}" if where_key == "list_line" else f"{source}: entry {i} (0-based)"
+        records.append(Record(source_id=entry, rel_path=entry, pos=cols_list[a:b],
+                              path=source_path(image_dir, entry, where), meta=meta))
     return records, dropped
 
 
@@ -193,7 +196,8 @@ def _official(root: Path, image_dir: Path, keep_no_positive: bool
         for c in classes:
             path = root / "Groundtruth" / "TrainTestLabels" / f"Labels_{c['name']}_{LABEL_SUFFIX[split]}.txt"
             labels[:, c["index"]] = read_label_column(path, len(entries))
-        splits[split], dropped = _records(entries, labels, image_dir, "list_line", keep_no_positive=keep_no_positive)
+        splits[split], dropped = _records(entries, labels, image_dir, "list_line", list_path,
+                                          keep_no_positive=keep_no_positive)
         counts[split] = {"listed": len(entries), "skipped": {"no_positive": dropped}}
     source = {"labels_from": "official-lists", "concepts": os.fspath(concepts_path),
               "lists": [os.fspath(root / "ImageList" / n) for n in LIST_FILES.values()],
@@ -240,7 +244,8 @@ def _from_npy(npy_dir: Path, root: Path | None, image_dir: Path, keep_no_positiv
         for i, e in enumerate(entries):
             if not e:
                 raise IngestError(f"{img_path}: entry {i} (0-based) is an empty path")
-        splits[split], dropped = _records(entries, pos, image_dir, "npy_row", keep_no_positive=keep_no_positive)
+        splits[split], dropped = _records(entries, pos, image_dir, "npy_row", img_path,
+                                          keep_no_positive=keep_no_positive)
         counts[split] = {"listed": len(entries), "skipped": {"no_positive": dropped}}
         files += [os.fspath(img_path), os.fspath(lab_path)]
     source = {"labels_from": "cole-npy", "concepts": os.fspath(concepts_path), "files": files}

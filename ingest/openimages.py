@@ -20,8 +20,9 @@ Conventions
   the pipeline cannot see.
 - **Images**: those of the CSV with at least one trainable, non-conflicting label; an image whose rows
   are all non-trainable (or all conflicting) is counted as skipped ``no_trainable_label``. ImageIDs are
-  opaque strings (16 hex digits): they are never parsed as numbers. Records come in sorted ImageID
-  order (byte-wise string order).
+  opaque strings (16 hex digits): they are never parsed as numbers, but they name files, so one
+  holding '/' or a NUL byte is an error naming its line. Records come in sorted ImageID order
+  (byte-wise string order).
 - **Files on disk**: ``<images>/<split>/<ImageID>.jpg`` (default ``<images>`` = ``--root``), or a flat
   ``<images>/<ImageID>.jpg`` when ``--images`` has no split folders (detected). Many images of the
   release cannot be downloaded any more (the paper trains on ~3.4M of 9M): each image folder is
@@ -264,6 +265,7 @@ def parse_annotations(path: Path, mids: list[str], *, strict: bool = False) -> P
         cls = dict_cls[labels.indices.to_numpy(zero_copy_only=False)]
         trainable = cls >= 0
         enc = pc.dictionary_encode(ids)
+        _check_image_ids(path, enc.dictionary, ids, rows)
         batch_dicts.append(enc.dictionary)
         code = enc.indices.to_numpy(zero_copy_only=False)[trainable].astype(np.uint32)
         code += np.uint32(dict_offset)
@@ -286,6 +288,18 @@ def parse_annotations(path: Path, mids: list[str], *, strict: bool = False) -> P
         log.warning("%s: %d rows with a wrong field count skipped (first: %r)", path, malformed, first.text)
 
     return _group(path, batch_dicts, pre_codes, classes, values, rows, non_trainable, malformed)
+
+
+def _check_image_ids(path: Path, distinct: pa.Array, ids: pa.Array, rows: int) -> None:
+    """ImageIDs name files (``<images>/<ImageID>.jpg``): one holding '/' or a NUL byte is an error naming its
+    line (``distinct``: the batch's distinct ids; ``rows``: data rows before the batch)."""
+    bad = pc.match_substring_regex(distinct, r"[/\x00]")
+    if not pc.any(bad).as_py():
+        return
+    image_id = distinct.filter(bad)[0].as_py()
+    k = rows + int(np.argmax(pc.equal(ids, image_id).to_numpy(zero_copy_only=False)))
+    raise IngestError(f"{path}:{_physical_line(path, k)}: ImageID {image_id!r} is not a plain file name (it names "
+                      "<images>/<ImageID>.jpg); fix or remove the row")
 
 
 def _group(path: Path, batch_dicts: list[pa.Array], pre_codes: list[np.ndarray | None],

@@ -18,19 +18,27 @@ Conventions
 - **Consistency rule**: every class list of a split must name the same set of images. An image in some
   lists but not in others is an error that names both files (a partial download or a hand-edited list
   would otherwise give it silent negatives). Rows may end in CRLF or LF; blank lines are ignored; a
-  row that is not ``<id> <-1|0|1>`` or an id listed twice in one file is an error naming file and line.
+  row that is not ``<id> <-1|0|1>``, an id listed twice in one file, or an id that would leave
+  ``JPEGImages`` (absolute, or a ``..`` component: ``shards.format.source_path``) is an error naming
+  file and line.
 - **Boxes**: ``Annotations/<id>.xml`` (parsed with defusedxml). Only direct ``object/name`` children are
   classes: the ``part/name`` elements nested in person objects (head, hand, foot) are not. Every
   object whose class is known becomes ``{"class": i, "bbox": [xmin, ymin, xmax, ymax], "difficult":
   0|1}`` in XML order, coordinates as floats (some VOC 2012 files have fractional ones). Objects of
-  classes outside the class list are left out and counted (``unknown_box_classes``). A missing XML is
-  not an error: the sample has no ``boxes`` key and is counted (``missing_annotations``).
+  classes outside the class list are left out and counted (``unknown_box_classes``). A box must hold
+  ``0 <= xmin <= xmax <= width`` and ``0 <= ymin <= ymax <= height`` (VOC's 1-based inclusive pixel
+  coordinates; the size from the XML's ``<size>``, else 65535, the largest JPEG side): an inverted,
+  negative or oversized box is dropped (the image and its labels stay: labels come from the lists),
+  counted (``invalid_boxes``) and logged with its file and object, or is an error under ``--strict``.
+  A missing XML is not an error: the sample has no ``boxes`` key and is counted
+  (``missing_annotations``); an XML path that is a folder is an error naming it.
 - Images are not opened here: ``path`` names ``JPEGImages/<id>.jpg`` and the writer counts missing
   and corrupt ones.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 from pathlib import Path
 from typing import Any, Iterator
@@ -38,7 +46,7 @@ from typing import Any, Iterator
 import defusedxml
 import defusedxml.ElementTree as ET
 
-from ..shards.format import UNLISTED_NEGATIVE, IngestError, IngestPlan, Record
+from ..shards.format import UNLISTED_NEGATIVE, IngestError, IngestPlan, Record, source_path
 
 NAME = "voc"
 HELP = "Pascal VOC (or any VOC-layout dataset) classification lists -> multi-label shards, boxes kept"
@@ -66,6 +74,10 @@ VOC_CLASSES: tuple[str, ...] = (
 LIST_NAMES = ("train", "val", "trainval", "test")
 DEFAULT_SPLIT_LISTS = {"train": "train", "test": "val"}
 _LABELS = {"-1": -1, "0": 0, "1": 1}
+#: the box bound when an XML gives no <size>: the largest side a JPEG can have
+_MAX_SIDE = 65535
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------- parsing
@@ -129,6 +141,8 @@ def read_split_lists(voc_root: Path, classes: list[str], list_name: str) -> tupl
                               f"<class>_{list_name}.txt for each of the {len(classes)} classes")
         tables.append((path, parse_list_file(path)))
     ref_path, ref = tables[0]
+    for image_id, (_, lineno) in ref.items():  # every list must name the same ids (checked below)
+        source_path(voc_root / "JPEGImages", image_id, f"{ref_path}:{lineno}", what="image id")
     for path, rows in tables[1:]:
         if rows.keys() != ref.keys():
             extra = sorted(rows.keys() - ref.keys())
@@ -143,18 +157,48 @@ def read_split_lists(voc_root: Path, classes: list[str], list_name: str) -> tupl
     return ids, positives
 
 
-def parse_annotation(xml_path: Path, class_index: dict[str, int]) -> tuple[list[dict[str, Any]], int] | None:
-    """Boxes of one ``Annotations/<id>.xml`` and the number of objects of unknown classes; None if absent."""
+def _box_problem(bbox: list[float], width: float, height: float) -> str | None:
+    """Why a [xmin, ymin, xmax, ymax] box cannot be in an image of ``width`` x ``height``, or None."""
+    for lo, hi, (a, b), side, side_name in ((bbox[0], bbox[2], ("xmin", "xmax"), width, "width"),
+                                             (bbox[1], bbox[3], ("ymin", "ymax"), height, "height")):
+        if lo < 0:
+            return f"{a} {lo:g} < 0"
+        if hi < lo:
+            return f"{b} {hi:g} < {a} {lo:g}"
+        if hi > side:
+            return f"{b} {hi:g} > {side_name} {side:g}"
+    return None
+
+
+def _image_size(root, xml_path: Path) -> tuple[float, float]:
+    """(width, height) from the XML's <size>, or the largest JPEG side for each when it gives none."""
+    try:
+        w, h = float(root.findtext("size/width")), float(root.findtext("size/height"))
+    except (TypeError, ValueError):
+        return _MAX_SIDE, _MAX_SIDE
+    if not (math.isfinite(w) and math.isfinite(h) and w > 0 and h > 0):
+        raise IngestError(f"{xml_path}: <size> gives {w:g} x {h:g}, not an image size")
+    return w, h
+
+
+def parse_annotation(xml_path: Path, class_index: dict[str, int], strict: bool = False
+                     ) -> tuple[list[dict[str, Any]], int, int] | None:
+    """Boxes of one ``Annotations/<id>.xml``, the number of objects of unknown classes and the number of
+    invalid boxes dropped (an error under ``strict``); None if the file is absent."""
     try:
         root = ET.parse(xml_path).getroot()
     except FileNotFoundError:
         return None
+    except IsADirectoryError:
+        raise IngestError(f"{xml_path}: is a folder, not an XML file; remove it or replace it with the image's "
+                          "annotation") from None
     except ET.ParseError as e:
         raise IngestError(f"{xml_path}:{e.position[0]}: malformed XML ({e})") from None
     except defusedxml.DefusedXmlException as e:
         raise IngestError(f"{xml_path}: refused to parse ({e!r}); VOC annotations need no DTD or entities") from None
+    width, height = _image_size(root, xml_path)
     boxes: list[dict[str, Any]] = []
-    unknown = 0
+    unknown = invalid = 0
     for j, obj in enumerate(root.findall("object")):  # direct children only: part/name is not a class
         name = (obj.findtext("name") or "").strip()
         if not name:
@@ -180,16 +224,25 @@ def parse_annotation(xml_path: Path, class_index: dict[str, int]) -> tuple[list[
         if difficult not in ("0", "1"):
             raise IngestError(
                 f"{xml_path}: object {j} ({name}) has <difficult>{difficult}</difficult>; expected 0 or 1")
+        problem = _box_problem(bbox, width, height)
+        if problem is not None:
+            if strict:
+                raise IngestError(f"{xml_path}: object {j} ({name}): invalid box: {problem}; fix the XML, or run "
+                                  "without --strict to drop and count such boxes")
+            log.warning("%s: object %d (%s): box dropped: %s", xml_path, j, name, problem)
+            invalid += 1
+            continue
         boxes.append({"class": c, "bbox": bbox, "difficult": int(difficult)})
-    return boxes, unknown
+    return boxes, unknown, invalid
 
 
 class _SplitRecords:
     """The records of one split: sized and re-iterable; each image's XML is parsed as it is reached."""
 
     def __init__(self, voc_root: Path, ids: list[str], positives: list[list[int]], classes: list[str],
-                 counts: dict[str, Any]):
+                 counts: dict[str, Any], strict: bool):
         self.voc_root = voc_root
+        self.strict = strict
         self.ids = ids
         self.positives = positives
         self.class_index = {name: c for c, name in enumerate(classes)}
@@ -199,27 +252,31 @@ class _SplitRecords:
         return len(self.ids)
 
     def __iter__(self) -> Iterator[Record]:
-        missing_xml = unknown_classes = 0
+        missing_xml = unknown_classes = invalid_boxes = 0
         for image_id, pos in zip(self.ids, self.positives):
             rel = f"JPEGImages/{image_id}.jpg"
-            parsed = parse_annotation(self.voc_root / "Annotations" / f"{image_id}.xml", self.class_index)
+            parsed = parse_annotation(self.voc_root / "Annotations" / f"{image_id}.xml", self.class_index,
+                                      self.strict)
             if parsed is None:
                 missing_xml += 1
                 meta: dict[str, Any] = {}
             else:
                 meta = {"boxes": parsed[0]}
                 unknown_classes += parsed[1]
+                invalid_boxes += parsed[2]
             yield Record(source_id=image_id, rel_path=rel, pos=pos, path=str(self.voc_root / rel), meta=meta)
         self.counts["missing_annotations"] = missing_xml
         self.counts["unknown_box_classes"] = unknown_classes
+        self.counts["invalid_boxes"] = invalid_boxes
 
 
 def plan_from_devkit(voc_root: Path, classes: list[str], dataset: str, source: dict[str, Any],
-                     split_lists: dict[str, str] | None = None) -> IngestPlan:
+                     split_lists: dict[str, str] | None = None, strict: bool = False) -> IngestPlan:
     """The plan for one VOC-layout folder (``VOCdevkit/VOC<year>``: ImageSets/Main, JPEGImages, Annotations).
 
     ``split_lists`` maps output split -> VOC list name (default ``{"train": "train", "test": "val"}``).
     Reads and checks every list now; the XML files are parsed while the writer iterates the records.
+    ``strict``: an invalid box is an error instead of a dropped, counted one.
     """
     voc_root = Path(voc_root).resolve()
     split_lists = dict(DEFAULT_SPLIT_LISTS if split_lists is None else split_lists)
@@ -253,9 +310,10 @@ def plan_from_devkit(voc_root: Path, classes: list[str], dataset: str, source: d
             "skipped": {"no_positive": len(ids) - len(keep)},
             "missing_annotations": 0,
             "unknown_box_classes": 0,
+            "invalid_boxes": 0,
         }
         splits[split] = _SplitRecords(voc_root, [ids[j] for j in keep], [positives[j] for j in keep], classes,
-                                      counts[split])
+                                      counts[split], strict)
     return IngestPlan(
         dataset=dataset,
         classes=[{"index": i, "id": name, "name": name} for i, name in enumerate(classes)],
@@ -300,12 +358,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def plan(root: Path, *, year: int = 2012, folder: str | None = None, classes_file: Path | None = None,
-         split_lists: dict[str, str] | None = None, dataset: str | None = None) -> IngestPlan:
+         split_lists: dict[str, str] | None = None, dataset: str | None = None, strict: bool = False) -> IngestPlan:
     """The plan for ``root/<folder>`` (default ``VOC<year>``) of a VOCdevkit folder ``root``.
 
     ``classes_file`` replaces the 20 VOC classes (one name per line); ``split_lists`` maps output split ->
     VOC list (default ``{"train": "train", "test": "val"}``); ``dataset`` names the manifest's dataset
-    (default ``voc<year>``, or the folder name in lower case with ``folder`` or ``classes_file``).
+    (default ``voc<year>``, or the folder name in lower case with ``folder`` or ``classes_file``); ``strict``
+    makes an invalid box an error.
     """
     root = Path(root)
     if not root.is_dir():
@@ -324,4 +383,4 @@ def plan(root: Path, *, year: int = 2012, folder: str | None = None, classes_fil
         "folder": name,
         "classes_file": str(Path(classes_file).resolve()) if classes_file else None,
     }
-    return plan_from_devkit(voc_root, classes, dataset, source, split_lists)
+    return plan_from_devkit(voc_root, classes, dataset, source, split_lists, strict)

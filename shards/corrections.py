@@ -8,7 +8,8 @@ LL-Cp corrections (unknown -> positive, permanent) live on disk in ``corrections
     gen-{epoch:04d}/               generation = every correction merged up to and including that epoch:
         offsets.bin                int64 [N + 1], CSR offsets (little-endian, raw)
         values.bin                 uint16 [count], class ids, sorted and unique within each row
-        meta.json                  counts, base generation, protocol, seed, the logs merged
+        meta.json                  counts, base generation, protocol, seed, the logs merged, and the
+                                   sha256 of offsets.bin and values.bin (version 2)
     CURRENT                        JSON integer: the newest committed generation (for tools; training
                                    restores the generation recorded in its checkpoint)
 
@@ -21,11 +22,20 @@ generation)`` and ``discard_logs_after(e)``. (``shards.labelstore.LabelStore`` e
 
 Opening the log of epoch t truncates any older log of the same rank and epoch: one left by an
 interrupted attempt is stale, because a resumed run repeats epoch t from the checkpoint's generation.
+
+``use(g)`` trusts nothing on disk: meta.json must describe this label file, both files must have the
+size and sha256 meta.json records, offsets must be monotone from 0 to the number of values, and every
+row's classes must be sorted, unique and < K. A damaged generation is a ValueError naming the file (a
+class id >= K would otherwise land on the next sample, and a monotone edit of the offsets would move a
+correction to another sample). A generation written before the checksums (meta version 1) is used with
+a warning, so that a run started before them can still resume; the other checks apply to it.
 A ``Corrections`` is not thread-safe and holds open files: make one per process.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import mmap
 import os
 import re
@@ -36,13 +46,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .format import UNLISTED_NEGATIVE, fsync_dir, write_json_atomic
-from .labels import SparseLabels, as_sample_ids, gather_rows, row_ids
+from .format import UNLISTED_NEGATIVE, file_sha256, fsync_dir, write_json_atomic
+from .labels import SparseLabels, as_sample_ids, gather_rows, row_ids, rows_sorted_unique
+
+logger = logging.getLogger(__name__)
 
 LOG_MAGIC = b"LLCPLOG1"
 _LOG_HEADER = struct.Struct("<8sII")  # magic, epoch, rank
 LOG_RECORD = np.dtype([("sample", "<u4"), ("cls", "<u2")])  # packed: 6 bytes
 CURRENT_NAME = "CURRENT"
+#: meta.json "version": 2 records the sha256 of offsets.bin and values.bin; 1 did not
+META_VERSION = 2
+_FIX = "remove the generation and redo the merge from the logs"
 _GEN_RE = re.compile(r"^gen-(\d{4,})$")
 _LOG_RE = re.compile(r"^log-e(\d{4,})-r(\d+)\.bin$")
 _FLUSH_RECORDS = 1 << 18  # buffered records per rank before a write (1.5 MB)
@@ -262,11 +277,11 @@ class Corrections:
         keys.sort()
         tmp = d / f".tmp-gen-{epoch:04d}-{os.getpid()}"
         tmp.mkdir()
-        total, added = self._write_generation(tmp, keys, epoch)
+        total, added, sha256 = self._write_generation(tmp, keys, epoch)
         del keys
         meta = {
             "format": "largeloss-corrections",
-            "version": 1,
+            "version": META_VERSION,
             "generation": epoch,
             "base_generation": self._gen,
             "num_samples": self.num_samples,
@@ -277,6 +292,7 @@ class Corrections:
             "seed": self.seed,
             "labels": self.where,
             "logs": {p.name: n for p, n in zip(logs, log_counts)},
+            "sha256": sha256,
         }
         write_json_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
         fsync_dir(tmp)
@@ -298,7 +314,12 @@ class Corrections:
                 f"{gdir}: no such corrections generation (have {list_generations(d)}); the checkpoint and "
                 "corrections_dir do not match, or the generation was removed"
             )
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{meta_path}: not JSON ({e}); {_FIX}") from None
+        if not isinstance(meta, dict) or meta.get("version") not in (1, META_VERSION):
+            raise ValueError(f"{meta_path}: not a corrections generation of version 1 or {META_VERSION}; {_FIX}")
         expected = {
             "generation": g,
             "num_samples": self.num_samples,
@@ -312,11 +333,31 @@ class Corrections:
                     f"{meta_path}: {key} is {meta.get(key)!r} but this store has {value!r}; these corrections "
                     "belong to another run or label file"
                 )
-        count = int(meta["num_corrections"])
+        count = meta.get("num_corrections")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"{meta_path}: num_corrections is {count!r}, not a count; {_FIX}")
         offsets = _map_array(gdir / "offsets.bin", np.dtype("<i8"), self.num_samples + 1)
         values = _map_array(gdir / "values.bin", np.dtype("<u2"), count)
+        sums = meta.get("sha256")
+        if meta["version"] == 1:
+            logger.warning("%s: version 1 generation has no checksums; only its structure is checked", meta_path)
+        elif not isinstance(sums, dict):
+            raise ValueError(f"{meta_path}: no sha256 of offsets.bin and values.bin; {_FIX}")
+        else:
+            for name in ("offsets.bin", "values.bin"):
+                digest = file_sha256(gdir / name)
+                if digest != sums.get(name):
+                    raise ValueError(
+                        f"{gdir / name}: sha256 {digest} differs from meta.json ({sums.get(name)}); {_FIX}")
         if offsets[0] != 0 or offsets[-1] != count or (np.diff(offsets) < 0).any():
-            raise ValueError(f"{gdir / 'offsets.bin'}: not valid CSR offsets; remove the generation and redo the merge")
+            raise ValueError(f"{gdir / 'offsets.bin'}: not valid CSR offsets; {_FIX}")
+        if count and int(values.max()) >= self.num_classes:
+            raise ValueError(f"{gdir / 'values.bin'}: holds class {int(values.max())}, but the labels have "
+                             f"{self.num_classes} classes; {_FIX}")
+        if not rows_sorted_unique(offsets, values):
+            keys = row_ids(offsets) * self.num_classes + values.astype(np.int64)
+            row = int(keys[np.flatnonzero(np.diff(keys) <= 0)[0]] // self.num_classes)
+            raise ValueError(f"{gdir / 'values.bin'}: the classes of sample {row} are not sorted and unique; {_FIX}")
         self._gen, self._offsets, self._values = g, offsets, values
 
     def remove_generations(self, keep) -> list[str]:
@@ -505,16 +546,17 @@ class Corrections:
         assert at == len(keys)
         return keys, counts
 
-    def _write_generation(self, tmp: Path, keys: np.ndarray, epoch: int) -> tuple[int, int]:
+    def _write_generation(self, tmp: Path, keys: np.ndarray, epoch: int) -> tuple[int, int, dict[str, str]]:
         """Union of the generation in use and the sorted new ``keys`` as CSR files in ``tmp``.
 
         Row chunks bound the temporaries. New keys that are observed or already corrected are an error.
-        Returns (total corrections, newly added).
+        Returns (total corrections, newly added, the sha256 of each file written).
         """
         n, k, obs = self.num_samples, self.num_classes, self.observed
         offsets = np.zeros(n + 1, dtype=np.int64)
         added = 0
         lo = 0
+        values_sha = hashlib.sha256()
         with open(tmp / "values.bin", "wb") as vf:
             for s0 in range(0, n, _MERGE_ROWS):
                 s1 = min(n, s0 + _MERGE_ROWS)
@@ -556,13 +598,17 @@ class Corrections:
                 else:
                     merged = old
                 offsets[s0 + 1 : s1 + 1] = np.bincount(merged // k - s0, minlength=s1 - s0)
-                (merged % k).astype("<u2").tofile(vf)
+                chunk = (merged % k).astype("<u2").tobytes()
+                vf.write(chunk)
+                values_sha.update(chunk)
             vf.flush()
             os.fsync(vf.fileno())
         assert lo == len(keys)
         np.cumsum(offsets, out=offsets)
+        raw = offsets.astype("<i8", copy=False).tobytes()
         with open(tmp / "offsets.bin", "wb") as f:
-            offsets.astype("<i8", copy=False).tofile(f)
+            f.write(raw)
             f.flush()
             os.fsync(f.fileno())
-        return int(offsets[-1]), added
+        return int(offsets[-1]), added, {"offsets.bin": hashlib.sha256(raw).hexdigest(),
+                                         "values.bin": values_sha.hexdigest()}

@@ -69,24 +69,35 @@ so there the CPU loader is the faster choice (``loader=auto`` takes it); the CPU
 CI tests this module without a GPU.
 
 Errors: a missing shard or index file and an index that does not describe the manifest's samples are
-``FormatError`` (naming the file and line); a short read, a mismatched ``<key>.idx`` member, or an
-image DALI cannot decode is ``shards.loader.SampleError`` naming the shard and key(s). DALI decodes
-a whole batch at once, so there is no ``on_error="skip"`` here: use the CPU loader for a damaged
-dataset, or re-run ``ingest``.
+``FormatError`` (naming the file and line). A sample that cannot be used is, as in the CPU loader,
+``shards.loader.SampleError`` naming the shard and key under ``on_error="raise"``, and counted in
+``skipped`` (by reason, with the first messages in ``skip_log``) and left out of its batch under
+``on_error="skip"`` (a batch left empty repeats the rank's previous good sample, ``skipped["repeated"]``).
+Such a sample is found in three places: reading it (a short read or a mismatched ``<key>.idx``: reason
+"read"), its JPEG header before DALI sees it (more pixels than ``shards.jpeg.MAX_PIXELS_LIMIT``, which
+DALI would try to allocate: "decode"), and DALI's decoder, which fails a whole batch: the batch's
+images are then decoded on the CPU (``shards.jpeg.decode_image``) to name the ones that fail ("decode";
+if the CPU decodes them all, the whole batch is named), the pipeline is rebuilt and, when skipping,
+the epoch resumes at that batch without them. Skipped samples are counted when their batch is output.
 """
 from __future__ import annotations
 
+import logging
 import os
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from .format import FormatError, sample_key
-from .loader import SampleError
+from .jpeg import DecodeError, decode_image, header_problem
+from .loader import FIX_DECODE, FIX_READ, SKIP_LOG_LIMIT, SampleError
 from .schedule import EpochPlan, EpochSchedule, select_split
 from .tar import FIX_SHARD, SAMPLE_ID, ShardIndex, decode_sample_id, read_dali_index
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_SHUFFLE_BUFFER", "DaliLoader", "available"]
 
@@ -163,29 +174,29 @@ class _ShardFiles:
     def shard_of(self, ids: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.firsts, ids, side="right") - 1
 
-    def read(self, ids: np.ndarray) -> list[np.ndarray]:
-        """Encoded JPEG bytes of each id (uint8 arrays), after checking the sample's ``.idx`` member."""
-        out = []
-        for sid, shard in zip(ids.tolist(), self.shard_of(ids).tolist()):
-            index = self.index(shard)
-            row = sid - index.first_sample
-            fd = self._fd(shard)
-            path = self.tar_paths[shard]
-            try:
-                head = os.pread(fd, SAMPLE_ID.size, int(index.idx_offset[row]))
-                size = int(index.jpg_size[row])
-                data = os.pread(fd, size, int(index.jpg_offset[row]))
-            except OSError as e:
-                raise SampleError(f"{path}: sample {sample_key(sid)}: read failed ({e}); {FIX_SHARD}") from e
-            if len(head) != SAMPLE_ID.size or len(data) != size:
-                raise SampleError(f"{path}: sample {sample_key(sid)}: the shard ends before the bytes its DALI index "
-                                  f"names (truncated shard or stale index); {FIX_SHARD}")
-            stored = decode_sample_id(head)
-            if stored != sid:
-                raise SampleError(f"{path}: sample {sample_key(sid)}: the .idx member at the indexed offset says "
-                                  f"sample {stored} (the DALI index does not match the shard); {FIX_SHARD}")
-            out.append(np.frombuffer(data, dtype=np.uint8))
-        return out
+    def where(self, sid: int) -> str:
+        """"<shard path>: sample <key>", how messages name a sample."""
+        return f"{self.tar_paths[int(self.shard_of(np.array([sid]))[0])]}: sample {sample_key(sid)}"
+
+    def read(self, sid: int) -> tuple[bytes | None, str | None]:
+        """(encoded JPEG bytes, None) of sample ``sid`` after checking its ``.idx`` member, or (None, why not)."""
+        shard = int(self.shard_of(np.array([sid]))[0])
+        index = self.index(shard)
+        row = sid - index.first_sample
+        fd = self._fd(shard)
+        try:
+            head = os.pread(fd, SAMPLE_ID.size, int(index.idx_offset[row]))
+            size = int(index.jpg_size[row])
+            data = os.pread(fd, size, int(index.jpg_offset[row]))
+        except OSError as e:
+            return None, f"read failed ({e})"
+        if len(head) != SAMPLE_ID.size or len(data) != size:
+            return None, "the shard ends before the bytes its DALI index names (truncated shard or stale index)"
+        stored = decode_sample_id(head)
+        if stored != sid:
+            return None, (f"the .idx member at the indexed offset says sample {stored} (the DALI index does not match "
+                          "the shard)")
+        return data, None
 
     def close(self) -> None:
         while self._fds:
@@ -193,25 +204,56 @@ class _ShardFiles:
             os.close(fd)
 
 
+@dataclass
+class _Fed:
+    """One batch handed to DALI: its ids, the samples left out of it, and the rank's last good sample after it."""
+
+    ids: np.ndarray
+    skips: list[tuple[str, str]] = field(default_factory=list)  # (reason, message)
+    last_good: tuple[int, bytes, int] | None = None  # (id, bytes, flip)
+
+
 class _Feed:
     """The ``external_source`` callback: the current epoch's batches, one call per batch.
 
     Raises StopIteration at the end of the epoch (DALI's end-of-data signal) and when stopped.
-    ``fed`` holds the ids of the batches handed to DALI and not yet returned, oldest first: DALI
-    returns batches in the order they were fed, so ``fed[0]`` is the batch of the next output.
+    ``fed`` holds the batches handed to DALI and not yet returned, oldest first: DALI returns batches in
+    the order they were fed, so ``fed[0]`` is the batch of the next output. A sample that cannot be read,
+    whose header declares too many pixels, or that is in ``bad`` (DALI failed on it before) is a
+    ``SampleError`` (``on_error="raise"``) or left out of its batch and noted in its ``_Fed``.
     """
 
-    def __init__(self, files: _ShardFiles):
+    def __init__(self, files: _ShardFiles, on_error: str):
         self.files = files
+        self.on_error = on_error
         self.batches: Iterator[tuple[np.ndarray, np.ndarray]] | None = None
-        self.fed: deque[np.ndarray] = deque()
+        self.fed: deque[_Fed] = deque()
+        #: samples DALI's decoder failed on: id -> message (kept across epochs)
+        self.bad: dict[int, str] = {}
+        self.last_good: tuple[int, bytes, int] | None = None
 
-    def start(self, batches: Iterator[tuple[np.ndarray, np.ndarray]]) -> None:
+    def start(self, batches: Iterator[tuple[np.ndarray, np.ndarray]], last_good) -> None:
         self.batches = batches
         self.fed.clear()
+        self.last_good = last_good
 
     def stop(self) -> None:
         self.batches = None
+
+    def _problem(self, sid: int, data: bytes | None, error: str | None) -> tuple[str, str] | None:
+        if data is None:
+            reason, why = "read", error
+        elif sid in self.bad:
+            reason, why = "decode", self.bad[sid]
+        else:
+            why = header_problem(data)
+            if why is None:
+                return None
+            reason = "decode"
+        message = f"{self.files.where(sid)}: {why}"
+        if self.on_error == "raise":
+            raise SampleError(f"{message}; {FIX_DECODE if reason == 'decode' else FIX_READ}")
+        return reason, message
 
     def __call__(self) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
         if self.batches is None:
@@ -220,11 +262,30 @@ class _Feed:
         if nxt is None:
             self.batches = None
             raise StopIteration
-        ids, flips = nxt
-        data = self.files.read(ids)
-        self.fed.append(ids)
+        batch = _Fed(np.zeros(0, np.int64))
+        ids, data, flips = [], [], []
+        for sid, flip in zip(nxt[0].tolist(), nxt[1].tolist()):
+            got, error = self.files.read(sid)
+            problem = self._problem(sid, got, error)
+            if problem is not None:
+                batch.skips.append(problem)
+                continue
+            ids.append(sid)
+            data.append(got)
+            flips.append(flip)
+            self.last_good = (sid, got, flip)
+        if not ids:  # every sample skipped: the rank's previous good sample again, as the CPU loader does
+            if self.last_good is None:
+                raise SampleError(f"{self.files.where(int(nxt[0][0]))}: every sample of the rank's first batch was "
+                                  f"skipped ({batch.skips[-1][1]}); re-run `ingest` for this split")
+            sid, got, flip = self.last_good
+            ids, data, flips = [sid], [got], [flip]
+            batch.skips.append(("repeated", ""))
+        batch.ids = np.array(ids, dtype=np.int64)
+        batch.last_good = self.last_good
+        self.fed.append(batch)
         # ids as int64 scalars, flips as the int32 per-sample `mirror` argument of crop_mirror_normalize
-        return data, ids.astype(np.int64), flips.astype(np.int32)
+        return [np.frombuffer(d, dtype=np.uint8) for d in data], batch.ids, np.array(flips, dtype=np.int32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,7 +302,8 @@ class DaliLoader:
     ``plan_workers`` is the CPU loader's ``num_workers`` whose exact batches to reproduce (see the
     module docstring); ``num_threads`` are DALI's CPU threads (default: 4 with a GPU, otherwise the
     available cores up to 8); ``prefetch`` batches are prepared ahead; ``hw_decoder_load`` is the share
-    of images nvJPEG sends to the GPU's hardware JPEG decoder where there is one (None: DALI's default).
+    of images nvJPEG sends to the GPU's hardware JPEG decoder where there is one (None: DALI's default);
+    ``on_error`` is "raise" or "skip", as in the CPU loader (see the module docstring).
     """
 
     def __init__(
@@ -262,6 +324,7 @@ class DaliLoader:
         num_threads: int | None = None,
         prefetch: int = 2,
         hw_decoder_load: float | None = None,
+        on_error: str = "raise",
     ):
         if batch_size < 1 or image_size < 1:
             raise ValueError(f"batch_size and image_size must be >= 1, got {batch_size} and {image_size}")
@@ -273,6 +336,8 @@ class DaliLoader:
             raise ValueError(f"prefetch and num_threads must be >= 1, got {prefetch} and {num_threads}")
         if hw_decoder_load is not None and not 0.0 <= hw_decoder_load <= 1.0:
             raise ValueError(f"hw_decoder_load must be in [0, 1], got {hw_decoder_load}")
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self._fn, self._types, self._Pipeline = _import_dali()
         dev = torch.device("cpu") if device is None else torch.device(device)
         if dev.type == "cuda":
@@ -307,8 +372,13 @@ class DaliLoader:
         self.num_threads = num_threads or (4 if self.device_id is not None else max(1, min(8, os.cpu_count() or 1)))
         self.prefetch = prefetch
         self.hw_decoder_load = hw_decoder_load
+        self.on_error = on_error
+        #: skipped samples by reason ("read", "decode") and "repeated" (batches refilled), over the loader's life
+        self.skipped: Counter[str] = Counter()
+        #: the first SKIP_LOG_LIMIT skip messages ("<shard path>: sample <key>: <why>")
+        self.skip_log: list[str] = []
         self._pipe = None
-        self._feed = _Feed(self._files)
+        self._feed = _Feed(self._files, on_error)
         self._generation = 0  # bumped by every __iter__; an older, abandoned iteration stops
         self._in_flight = False  # the pipeline may hold batches of an iteration that was not finished
 
@@ -412,42 +482,81 @@ class DaliLoader:
             self._drain()
         if not batches:
             return
-        if self._pipe is None:
-            self._pipe = self._build()
-        pipe = self._pipe
-        self._feed.start(iter(batches))
-        self._in_flight = True
-        for expected_ids, _ in batches:
-            if generation != self._generation:
-                raise RuntimeError("a newer iteration over this DaliLoader was started; this one is abandoned")
-            try:
-                out_images, out_ids = pipe.run()
-            except StopIteration:
-                self._discard_pipeline()
-                raise RuntimeError(
-                    f"internal error: DALI ended rank {self.schedule.rank}'s epoch before its planned batches"
-                ) from None
-            except SampleError:
-                self._discard_pipeline()
-                raise
-            except RuntimeError as e:
-                failed = self._feed.fed[0] if self._feed.fed else expected_ids
-                self._discard_pipeline()
-                raise SampleError(f"DALI failed on a batch of {len(failed)} samples ({self._describe(failed)}): {e}; "
-                                  "the image bytes cannot be decoded: re-run `ingest` or train with loader=cpu, "
-                                  "which can skip bad samples (on_error=skip)") from e
-            ids = np.array(out_ids.as_array(), dtype=np.int64).reshape(-1)
-            fed = self._feed.fed.popleft()
-            assert np.array_equal(ids, fed) and np.array_equal(ids, expected_ids), "DALI returns batches in feed order"
-            yield self._to_torch(out_images), torch.from_numpy(ids)
+        b = 0  # the next batch to output
+        last_good = None  # the rank's last good sample after batch b - 1 (for a batch whose samples are all skipped)
+        while b < len(batches):
+            # (re)start the pipeline at batch b: at the start, and after DALI failed on batch b (skip mode)
+            if self._pipe is None:
+                self._pipe = self._build()
+            pipe = self._pipe
+            self._feed.start(iter(batches[b:]), last_good)
+            self._in_flight = True
+            while b < len(batches):
+                if generation != self._generation:
+                    raise RuntimeError("a newer iteration over this DaliLoader was started; this one is abandoned")
+                try:
+                    out_images, out_ids = pipe.run()
+                except StopIteration:
+                    self._discard_pipeline()
+                    raise RuntimeError(
+                        f"internal error: DALI ended rank {self.schedule.rank}'s epoch before its planned batches"
+                    ) from None
+                except SampleError:
+                    self._discard_pipeline()
+                    raise
+                except RuntimeError as e:
+                    failed = self._feed.fed[0].ids if self._feed.fed else batches[b][0]
+                    self._discard_pipeline()
+                    self._name_undecodable(failed, e)  # raises, or marks them to be skipped from batch b on
+                    break
+                ids = np.array(out_ids.as_array(), dtype=np.int64).reshape(-1)
+                fed = self._feed.fed.popleft()
+                assert np.array_equal(ids, fed.ids), "DALI returns batches in feed order"
+                for reason, message in fed.skips:
+                    self._record_skip(reason, message)
+                last_good = fed.last_good
+                b += 1
+                yield self._to_torch(out_images), torch.from_numpy(ids)
         try:
-            pipe.run()
+            self._pipe.run()
         except StopIteration:
-            pipe.reset()
+            self._pipe.reset()
         else:
             self._discard_pipeline()
             raise RuntimeError(f"internal error: DALI has more batches than rank {self.schedule.rank}'s plan")
         self._in_flight = False
+
+    def _name_undecodable(self, ids: np.ndarray, error: RuntimeError) -> None:
+        """DALI failed on the batch ``ids``: find its images the CPU cannot decode either (DALI names none), and
+        raise a SampleError naming them, or (skip mode) mark them to be skipped from now on."""
+        bad = {}
+        for sid in ids.tolist():
+            data, read_error = self._files.read(sid)
+            if data is None:  # read when it was fed, unreadable now
+                bad[sid] = read_error
+                continue
+            try:
+                decode_image(data, self.image_size)
+            except DecodeError as e:
+                bad[sid] = f"DALI cannot decode it ({e})"
+        if not bad:  # the CPU decodes every image of the batch: all that can be named is the batch
+            lines = str(error).strip().splitlines()
+            bad = {sid: f"DALI failed on its batch ({self._describe(ids)}; {lines[-1] if lines else type(error)}), "
+                        "the CPU decodes each image" for sid in ids.tolist()}
+        if self.on_error == "raise" or not set(bad) - set(self._feed.bad):
+            # (skip mode: a batch that fails again on samples already marked would fail for ever)
+            sid, why = next(iter(bad.items()))
+            more = f" (and {len(bad) - 1} more in its batch)" if len(bad) > 1 else ""
+            raise SampleError(f"{self._files.where(sid)}: {why}{more}; {FIX_DECODE}") from error
+        self._feed.bad.update(bad)
+
+    def _record_skip(self, reason: str, message: str) -> None:
+        self.skipped[reason] += 1
+        if reason == "repeated":
+            return
+        if len(self.skip_log) < SKIP_LOG_LIMIT:
+            self.skip_log.append(message)
+        logger.warning("skipped %s", message)
 
     def _to_torch(self, images) -> torch.Tensor:
         if self.device_id is None:

@@ -13,20 +13,25 @@ The writer (``shards.writer``) commits shards one after the other: shard ``k`` g
 ``<split>/.NNNNNN.tar.tmp``, is fsynced, its DALI index goes to ``.NNNNNN.idx.tmp`` (fsynced), both are
 renamed into place (index first) and the directory is fsynced; only then is the sidecar
 ``.ingest/<split>/NNNNNN.json`` written atomically (``write_sidecar``). The sidecar records the shard's
-size and sha256 (and the index's), its first sample id, the range of source records it consumed
-(including the skipped ones before each of its samples, with their reasons) and a sha256 over those
-records' contents (``record_digest``).
+manifest entry (size and sha256 of the tar and of its index, first sample id, sample count), the range
+of source records it consumed (including the skipped ones before each of its samples, with their
+reasons) and a sha256 over those records' contents and their image files' size and mtime
+(``record_digest``, ``source_stat``).
 
 A re-run into the same folder first checks ``.ingest/state.json`` (``prepare_output``): the dataset,
 classes, ``unlisted``, split names, ``plan.source`` and the arguments that change the output (shard size,
-strict, check, the format and writer versions: ``fingerprint``) must equal the interrupted run's, or the
-run stops with an error naming each difference (``overwrite=True`` discards the old output instead).
-Then, per split, ``kept_shards`` keeps the longest prefix of shards whose sidecar exists and whose files
-still have the recorded size and sha256, and deletes every later shard file and sidecar. The writer
-replays the kept shards' record ranges from the plan without reading any image (checking the records'
-digest, so a changed source is an error rather than a silent mix) and continues with the next shard.
-``labels.arrow`` and the manifest are rebuilt from the full record stream, so the result is
-byte-identical to an uninterrupted run.
+strict, check, max_pixels, the format and writer versions: ``fingerprint``) must equal the interrupted
+run's, or the run stops with an error naming each difference (``overwrite=True`` discards the old output
+instead). Then, per split, ``kept_shards`` keeps the longest prefix of shards whose sidecar exists and
+whose files still have the recorded size and sha256, and deletes every later shard file and sidecar. The
+writer replays the kept shards' record ranges from the plan without reading any image, recomputing each
+shard's digest from the records and a ``stat`` of their files: from the first shard whose digest differs
+(a record, a label or an image file changed, an image was deleted or appeared, or the source now ends
+inside the shard), every shard is deleted (``remove_shards_from``) and rewritten from the current
+source. ``labels.arrow`` and the manifest are rebuilt from the full record stream, so the result is
+byte-identical to an uninterrupted run over the current source. An image rewritten with the same size
+and the same mtime (to the nanosecond) is not noticed: that takes hashing every image, which is what
+resuming avoids.
 """
 from __future__ import annotations
 
@@ -34,8 +39,10 @@ import errno
 import fcntl
 import hashlib
 import json
+import os
 import re
 import shutil
+import stat
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -63,7 +70,7 @@ _SIDECAR_RE = re.compile(r"^(\d{6})\.json$")
 
 # ------------------------------------------------------------------------------------ the output folder
 
-def fingerprint(plan: IngestPlan, shard_size: int, strict: bool, check: str) -> dict[str, Any]:
+def fingerprint(plan: IngestPlan, shard_size: int, strict: bool, check: str, max_pixels: int) -> dict[str, Any]:
     """Everything the output bytes depend on; a resumed run must match it exactly."""
     return json.loads(json.dumps({
         "format_version": FORMAT_VERSION,
@@ -76,6 +83,7 @@ def fingerprint(plan: IngestPlan, shard_size: int, strict: bool, check: str) -> 
         "shard_size": shard_size,
         "strict": strict,
         "check": check,
+        "max_pixels": max_pixels,
     }))
 
 
@@ -172,13 +180,12 @@ def sidecar_path(state_dir: Path, index: int) -> Path:
     return state_dir / f"{index:06d}.json"
 
 
-def write_sidecar(state_dir: Path, index: int, info: ShardInfo, idx_path: Path, first_record: int,
-                  num_records: int, records_sha256: str, skipped: list) -> None:
-    """Mark shard ``index`` as committed; its tar and DALI index (``idx_path``) must be in place and fsynced."""
+def write_sidecar(state_dir: Path, index: int, info: ShardInfo, first_record: int, num_records: int,
+                  records_sha256: str, skipped: list) -> None:
+    """Mark shard ``index`` as committed; its tar and DALI index must be in place and fsynced."""
     sidecar = {
         "writer_version": WRITER_VERSION,
         "shard": info.__dict__,
-        "idx": {"size": idx_path.stat().st_size, "sha256": file_sha256(idx_path)},
         "first_record": first_record,
         "num_records": num_records,
         "records_sha256": records_sha256,
@@ -196,9 +203,9 @@ def _valid_sidecar(split_dir: Path, state_dir: Path, index: int, first_sample: i
                 or info.first_sample != first_sample or sc["first_record"] != first_record or info.num_samples < 1):
             return None
         tar, idx = split_dir / info.file, split_dir / f"{info.file[:-4]}.idx"
-        if tar.stat().st_size != info.size or idx.stat().st_size != sc["idx"]["size"]:
+        if tar.stat().st_size != info.size or idx.stat().st_size != info.idx_size:
             return None
-        if file_sha256(tar) != info.sha256 or file_sha256(idx) != sc["idx"]["sha256"]:
+        if file_sha256(tar) != info.sha256 or file_sha256(idx) != info.idx_sha256:
             return None
     except (OSError, ValueError, KeyError, TypeError):
         # absent, unreadable or damaged sidecar or shard: the shard is rewritten from here on
@@ -206,7 +213,7 @@ def _valid_sidecar(split_dir: Path, state_dir: Path, index: int, first_sample: i
     return sc
 
 
-def _remove_shards_from(split_dir: Path, state_dir: Path, first: int) -> None:
+def remove_shards_from(split_dir: Path, state_dir: Path, first: int) -> None:
     """Delete shard files and sidecars with index >= first, and temporary files of an interrupted run."""
     for d, pattern in ((split_dir, _SHARD_FILE_RE), (state_dir, _SIDECAR_RE)):
         for p in d.iterdir():
@@ -224,16 +231,30 @@ def kept_shards(split_dir: Path, state_dir: Path) -> list[dict]:
         kept.append(sc)
         first_sample += sc["shard"]["num_samples"]
         first_record += sc["num_records"]
-    _remove_shards_from(split_dir, state_dir, len(kept))
+    remove_shards_from(split_dir, state_dir, len(kept))
     return kept
 
 
-def record_digest(rec: Record, pos: tuple[int, ...], neg: tuple[int, ...], where: str) -> bytes:
-    """sha256 of one source record's contents (ids, paths, labels, meta); a sidecar's ``records_sha256``
-    is the sha256 over those of its records."""
+def source_stat(path: str | None) -> list[int] | None:
+    """[size, mtime_ns] of the image file a record names, None when there is none (missing, a folder, or a
+    record that carries its bytes). The writer records the same values from the file it read."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):  # ValueError: a NUL byte in the path
+        return None
+    return [st.st_size, st.st_mtime_ns] if stat.S_ISREG(st.st_mode) else None
+
+
+def record_digest(rec: Record, pos: tuple[int, ...], neg: tuple[int, ...], where: str,
+                  file_stat: list[int] | None) -> bytes:
+    """sha256 of one source record: its contents (ids, paths, labels, meta, the bytes it carries) and
+    ``file_stat``, the [size, mtime_ns] of its image file (``source_stat``); a sidecar's ``records_sha256`` is
+    the sha256 over those of its records."""
     data_sha = hashlib.sha256(rec.data).hexdigest() if rec.data is not None else None
     try:
-        text = json.dumps([rec.source_id, rec.rel_path, pos, neg, rec.path, data_sha, rec.meta],
+        text = json.dumps([rec.source_id, rec.rel_path, pos, neg, rec.path, data_sha, file_stat, rec.meta],
                           sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise IngestError(f"{where}: meta is not plain JSON ({e}); "

@@ -1,11 +1,14 @@
 """JPEG bytes: validation at ingest (``validate_jpeg``) and decoding for training (``decode_image``).
 
 Validation (the writer stores the source bytes, never re-encoded). ``full=False`` (``ingest --check
-fast``, the default) validates the JPEG header with libjpeg-turbo (``simplejpeg.decode_jpeg_header``)
-and the marker structure: the segments up to the first scan must be well formed and an end-of-image
-marker must follow the first scan, which catches truncated files. ``full=True`` (``--check full``)
-decodes every image in strict mode (libjpeg warnings such as "Premature end of JPEG file" are
-errors); it costs a full entropy decode per image, so it is opt-in.
+fast``, the default) validates the JPEG header with libjpeg-turbo (``simplejpeg.decode_jpeg_header``),
+the pixel count the header declares (at most ``max_pixels``, ``ingest --max-pixels``: a few hundred
+bytes can declare 60000 x 60000 pixels, which no decoder should be asked to allocate) and the marker
+structure: the segments up to the first scan must be well formed and an end-of-image marker must
+follow the first scan, which catches truncated files. ``full=True`` (``--check full``) also decodes
+every image in strict mode (libjpeg warnings such as "Premature end of JPEG file" are errors), at 1/8
+scale: every block is still entropy-decoded, which is what finds corrupt data, but the output is 64x
+smaller; it still costs an entropy decode per image, so it is opt-in.
 
 Decoding. simplejpeg (libjpeg-turbo) first, OpenCV as a fallback for what simplejpeg refuses (e.g. PNG
 bytes named .jpg). The two decode at about the same speed (tests/bench/loader.py); simplejpeg stays
@@ -15,13 +18,23 @@ IMREAD_REDUCED_* / IMREAD_COLOR_RGB flags would also do). Grayscale and CMYK JPE
 it is decoded at a reduced DCT scale, 1/2, 1/4 or 1/8, the largest that keeps both sides >= S (only
 powers of two: libjpeg-turbo has SIMD IDCTs for them, and a 5/8 scale was slower than a full decode),
 then squash-resized to (S, S) with ``cv2.INTER_LINEAR``. EXIF orientation is ignored, as PIL's
-``Image.open`` does. Normalisation is left to the device.
+``Image.open`` does. Normalisation is left to the device. Every failure is a ``DecodeError`` (an image
+whose header declares more than ``MAX_PIXELS_LIMIT`` pixels is one, before any allocation), which the
+loaders report as ``SampleError`` naming the shard and key.
 """
 from __future__ import annotations
 
 import cv2
 import numpy as np
 import simplejpeg
+
+#: default of ``ingest --max-pixels``: 2^28 (268 megapixels, e.g. 16384 x 16384), five times a 50-megapixel
+#: camera photo, so that no photo of the five datasets is refused (VOC, COCO, CUB and NUS-WIDE images are
+#: under 1 MP; OpenImages ships camera originals); a refused image is counted as corrupt, naming its size.
+DEFAULT_MAX_PIXELS = 1 << 28
+#: the most pixels an image may have at all (``--max-pixels`` may not exceed it): OpenCV's own limit
+#: (CV_IO_MAX_IMAGE_PIXELS, 2^30), so that every image ingest accepts decodes with both decoders
+MAX_PIXELS_LIMIT = 1 << 30
 
 
 class CorruptImage(ValueError):
@@ -67,13 +80,21 @@ def _first_scan_offset(data: bytes) -> int:
             return pos
 
 
-def validate_jpeg(data: bytes, *, full: bool = False) -> tuple[int, int]:
+def too_many_pixels(width: int, height: int, limit: int) -> str | None:
+    """Why an image of ``width`` x ``height`` is refused under ``limit`` pixels, or None."""
+    if width * height <= limit:
+        return None
+    return f"the JPEG header declares {width}x{height} = {width * height:,} pixels, more than the limit of {limit:,}"
+
+
+def validate_jpeg(data: bytes, *, full: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
     """Check that ``data`` is a complete JPEG and return its (width, height) from the header.
 
-    Raises ``CorruptImage`` naming the problem. ``full=False``: header + marker structure + an EOI
-    marker after the first scan (a truncated file has none: inside entropy-coded data 0xFF is always
-    followed by 0x00 or a restart marker). ``full=True``: additionally decode the whole image in strict
-    mode, which also rejects corrupt entropy-coded data that libjpeg would only warn about.
+    Raises ``CorruptImage`` naming the problem. ``full=False``: header, at most ``max_pixels`` pixels,
+    marker structure, an EOI marker after the first scan (a truncated file has none: inside entropy-coded
+    data 0xFF is always followed by 0x00 or a restart marker). ``full=True``: additionally decode the
+    whole image at 1/8 scale in strict mode, which also rejects corrupt entropy-coded data that libjpeg
+    would only warn about.
     """
     if len(data) == 0:
         raise CorruptImage("empty file")
@@ -89,21 +110,37 @@ def validate_jpeg(data: bytes, *, full: bool = False) -> tuple[int, int]:
         raise CorruptImage(f"unreadable JPEG header: {e}") from None
     if width <= 0 or height <= 0:
         raise CorruptImage(f"JPEG header gives size {width}x{height}")
+    too_large = too_many_pixels(width, height, max_pixels)
+    if too_large:
+        raise CorruptImage(f"{too_large} (--max-pixels)")
     scan = _first_scan_offset(data)
     if data.rfind(b"\xff\xd9", scan) < 0:  # rfind: the marker is normally in the last bytes
         raise CorruptImage("truncated: no end-of-image marker after the scan data")
     if full:
         # Decoding to GRAY (CMYK stays CMYK: libjpeg cannot convert it) at 1/8 scale still entropy-decodes
-        # every block, which is what finds corrupt data, at ~15 % less cost than full-size RGB.
+        # every block, which is what finds corrupt data. The scale comes from min_height/min_width: libjpeg
+        # picks the smallest M/8 scale whose output is at least that (1 x 1: 1/8); min_factor alone does not
+        # reduce the scale.
         try:
-            simplejpeg.decode_jpeg(data, colorspace="CMYK" if colorspace == "CMYK" else "GRAY", min_factor=8,
-                                   strict=True)
+            simplejpeg.decode_jpeg(data, colorspace="CMYK" if colorspace == "CMYK" else "GRAY", min_height=1,
+                                   min_width=1, strict=True)
         except ValueError as e:
             raise CorruptImage(f"JPEG does not decode cleanly: {e}") from None
     return width, height
 
 
 # ------------------------------------------------------------------------------------------- decoding
+
+def header_problem(data: bytes) -> str | None:
+    """Why no decoder may be given ``data``: a JPEG header that declares more than ``MAX_PIXELS_LIMIT`` pixels;
+    None otherwise (bytes that are no readable JPEG too: the decoder reports those). For decoders that
+    allocate the full image first (the DALI loader's); ``decode_rgb`` makes the same check itself."""
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    return too_many_pixels(width, height, MAX_PIXELS_LIMIT)
+
 
 def decode_scale(height: int, width: int, size: int) -> int:
     """Largest DCT reduction in (1, 2, 4, 8) that keeps both sides >= size (so 1 below 2x the target)."""
@@ -117,14 +154,23 @@ def decode_rgb(data: bytes, size: int) -> np.ndarray:
     """Decode to an HxWx3 uint8 RGB array, at reduced scale when the image is >= 2x ``size``."""
     try:
         height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        too_large = too_many_pixels(width, height, MAX_PIXELS_LIMIT)
+        if too_large:  # no decoder is asked to allocate it (ingest refuses such images; this one was altered)
+            raise DecodeError(too_large)
         f = decode_scale(height, width, size)
         # libjpeg-turbo picks the smallest M/8 scale whose output is >= the minimum; ceil(h/f) makes
         # that exactly 1/f (scaled sizes are rounded up).
         scaled = {} if f == 1 else {"min_height": -(-height // f), "min_width": -(-width // f)}
         return simplejpeg.decode_jpeg(data, colorspace="RGB", **scaled)
+    except DecodeError:
+        raise
     except ValueError as e:  # not a JPEG libjpeg-turbo accepts (PNG bytes, some exotic JPEGs)
         first_error = e
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    except cv2.error as e:  # e.g. its own pixel limit: a failure like any other, not a raw cv2.error
+        raise DecodeError(f"simplejpeg ({first_error}) and OpenCV ({str(e).strip().splitlines()[-1]}) cannot "
+                          f"decode these {len(data)} bytes") from None
     if img is None:
         raise DecodeError(f"neither simplejpeg ({first_error}) nor OpenCV can decode these {len(data)} bytes")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)

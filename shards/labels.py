@@ -237,13 +237,12 @@ def read_labels(path: str | os.PathLike, num_classes: int) -> SparseLabels:
         raise FormatError(f"{where}: not found; run `ingest` for this split or check the dataset directory")
     if not 1 <= num_classes <= MAX_CLASSES:
         raise ValueError(f"{where}: num_classes must be 1..65535 (from the manifest), got {num_classes}")
-    source = pa.memory_map(str(path), "r")
-    try:
-        reader = ipc.open_file(source)
-    except pa.ArrowInvalid as e:
-        raise FormatError(f"{where}: not an Arrow IPC file ({e}); re-run ingest for this split") from e
+    reader = open_labels_file(path)
     unlisted = check_label_schema(reader.schema, where)
-    batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+    try:
+        batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+    except (pa.ArrowInvalid, OSError) as e:
+        raise FormatError(f"{where}: a record batch is unreadable ({e}); re-run ingest for this split") from e
 
     first = 0
     pos_parts, neg_parts = [], []
@@ -371,20 +370,29 @@ def write_labels(path: Path, labels: LabelsBuilder, unlisted: str) -> None:
 # ---------------------------------------------------------------------------------------------- verify
 
 
+def open_labels_file(path: Path, split: str | None = None) -> ipc.RecordBatchFileReader:
+    """``labels.arrow`` memory-mapped, as an Arrow IPC file reader; a ``FormatError`` naming the file when it is
+    missing or not an IPC file (a damaged footer included: pyarrow's message names no file)."""
+    fix = f"re-run ingest for split {split!r}" if split else "re-run ingest for this split"
+    try:
+        return ipc.open_file(pa.memory_map(str(path), "r"))
+    except FileNotFoundError:
+        raise FormatError(f"{path}: not found; {fix}") from None
+    except (pa.ArrowInvalid, OSError) as e:
+        raise FormatError(f"{path}: not an Arrow IPC file ({e}); {fix}") from e
+
+
 def check_labels_file(path: Path, split: str) -> str:
     """Open ``labels.arrow`` of ``split`` and validate its schema (not its rows); return its ``unlisted``."""
-    try:
-        schema = ipc.open_file(pa.memory_map(str(path), "r")).schema
-    except FileNotFoundError:
-        raise FormatError(f"{path}: not found; re-run ingest for split {split!r}") from None
-    except pa.ArrowInvalid as e:
-        raise FormatError(f"{path}: not an Arrow IPC file ({e}); re-run ingest for split {split!r}") from e
-    return check_label_schema(schema, str(path))
+    return check_label_schema(open_labels_file(path, split).schema, str(path))
 
 
 def read_labels_table(path: Path) -> pa.Table:
     """``labels.arrow`` as a memory-mapped Arrow table (zero-copy)."""
-    return ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+    try:
+        return open_labels_file(path).read_all()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise FormatError(f"{path}: a record batch is unreadable ({e}); re-run ingest for this split") from e
 
 
 def verify_labels(path: Path, info: SplitInfo, num_classes: int) -> list[str]:
@@ -393,8 +401,8 @@ def verify_labels(path: Path, info: SplitInfo, num_classes: int) -> list[str]:
     k = num_classes
     try:
         table = read_labels_table(path)
-    except (OSError, pa.ArrowInvalid) as e:
-        return [f"{path}: unreadable ({e})"]
+    except FormatError as e:
+        return [str(e)]
     n = info.num_samples
     if table.num_rows != n:
         return [f"{path}: {table.num_rows} rows, manifest.json says {n} samples"]

@@ -11,7 +11,8 @@ Which samples each rank reads, in which order and in which batches is ``shards.s
   of its slots in shared memory and sends only the slot index; the main process copies the slot into
   the batch and frees it (see ``_ShardStream``). OpenCV is set to one thread in the calling process
   before the workers fork (the workers are the parallelism; see ``ShardLoader.__iter__``).
-- **Errors.** ``on_error="raise"`` (default) raises ``SampleError`` naming the shard file and the key.
+- **Errors.** ``on_error="raise"`` (default) raises ``SampleError`` naming the shard file and the key, for
+  any read or decode failure (``shards.jpeg.decode_image`` reports every failure as ``DecodeError``).
   ``on_error="skip"`` counts skipped samples in ``ShardLoader.skipped`` (by reason) and keeps the first
   messages in ``ShardLoader.skip_log``. Skipping breaks the guarantees as follows: a skipped sample
   still occupies its slot in the planned stream (the worker sends a marker instead of pixels), so the
@@ -49,13 +50,14 @@ _RING_EXTRA = 2
 #: skipped-sample messages kept in ``ShardLoader.skip_log`` (the counters keep counting past it)
 SKIP_LOG_LIMIT = 1000
 
-_FIX_READ = (
+#: the fix a SampleError names (both loaders); on_error is the loaders' argument and the training config key
+FIX_READ = (
     "the shard is damaged or incomplete: re-run `ingest` for this split (finished shards are verified), "
-    "or pass on_error='skip' to count and skip such samples"
+    "or set on_error=skip to count and skip such samples"
 )
-_FIX_DECODE = (
+FIX_DECODE = (
     "the image bytes cannot be decoded: re-run `ingest` (it counts undecodable images as corrupt), "
-    "or pass on_error='skip' to count and skip such samples"
+    "or set on_error=skip to count and skip such samples"
 )
 
 
@@ -177,7 +179,7 @@ class _ShardStream(IterableDataset):
                         yield sid, physical, slot, None, None
                     continue
             path = self.paths[pieces[int(np.searchsorted(piece_start, i, side="right")) - 1].shard]
-            fix = _FIX_DECODE if reason == "decode" else _FIX_READ
+            fix = FIX_DECODE if reason == "decode" else FIX_READ
             message = f"{path}: sample {sample_key(sid)}: {error}"
             if self.on_error == "raise":
                 raise SampleError(f"{message}; {fix}")

@@ -1,22 +1,30 @@
 """Read a dataset directory written by ``ingest``: manifest, shard paths, samples, and a full ``verify``.
 
-``open_dataset`` validates the manifest and each split's ``labels.arrow`` schema (not the shard
-bytes, which would mean reading everything); ``verify`` reads every byte and reports every problem it
-finds as one line each, so ``ingest verify DIR`` can list them all. The checks themselves belong to the
-contract they check: ``shards.tar.verify_shard`` (a shard and its DALI index) and
+``open_dataset`` validates the manifest, that every file it lists (shards, DALI indexes, labels.arrow)
+exists with the listed size, and each split's ``labels.arrow`` schema: cheap (one ``stat`` per file),
+it catches a truncated, extended or replaced file. ``verify="full"`` also hashes every file against the
+manifest's sha256 (a same-size change: one byte of a label offset moves a label to another sample).
+``verify`` reads every byte and reports every problem it finds as one line each, so ``ingest verify
+DIR`` can list them all: every file's size and sha256 (``file_problems``), then the structure, whose
+checks belong to the contract they check: ``shards.tar.verify_shard`` (a shard and its DALI index) and
 ``shards.labels.verify_labels`` (``labels.arrow``).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
+from tqdm import tqdm
 
 from .format import LABELS_NAME, FormatError, Manifest, read_manifest
 from .labels import check_labels_file, read_labels_table, verify_labels
 from .tar import Sample, iter_samples, verify_shard
+
+#: what ``open_dataset`` checks of every file: its size (default), or also its sha256 (reads everything)
+VERIFY_MODES = ("size", "full")
 
 
 class Dataset:
@@ -80,14 +88,52 @@ class Dataset:
                 yield sample
 
 
-def open_dataset(root: str | os.PathLike) -> Dataset:
-    """Open a dataset directory; validates manifest.json, that every shard exists, and each labels.arrow schema."""
+def file_problems(root: Path, manifest: Manifest, *, full: bool,
+                  progress: bool = False) -> Iterator[tuple[str, str, bool]]:
+    """(split, problem, whether the file is missing) for every file of ``manifest`` that is missing or whose
+    size, or with ``full`` whose sha256, differs from the manifest's; a problem names the file and what
+    differs, not the fix."""
+    files = manifest.files()
+    sizes = {}
+    for rel, size, _ in files:
+        path = root / rel
+        try:
+            sizes[rel] = path.stat().st_size
+        except OSError:
+            yield rel.split("/")[0], f"{path}: listed in manifest.json but not found", True
+            continue
+        if sizes[rel] != size:
+            yield rel.split("/")[0], f"{path}: {sizes[rel]} bytes, manifest.json says {size}", False
+    if not full:
+        return
+    todo = [(rel, sha) for rel, size, sha in files if sizes.get(rel) == size]
+    with tqdm(total=sum(sizes[rel] for rel, _ in todo), desc=f"verify {root}", unit="B", unit_scale=True,
+              disable=not progress, dynamic_ncols=True, mininterval=0.5) as bar:
+        for rel, sha in todo:
+            path = root / rel
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    h.update(chunk)
+                    bar.update(len(chunk))
+            if h.hexdigest() != sha:
+                yield rel.split("/")[0], f"{path}: sha256 {h.hexdigest()} differs from manifest.json ({sha})", False
+
+
+def open_dataset(root: str | os.PathLike, verify: str = "size", progress: bool = False) -> Dataset:
+    """Open a dataset directory: validates manifest.json, that every file it lists exists with its size
+    (``verify="full"``: and its sha256, with a progress bar if ``progress``), and each labels.arrow schema.
+
+    A problem is a ``FormatError`` naming the file and the fix.
+    """
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
     root = Path(root)
     manifest = read_manifest(root)
+    for split, problem, missing in file_problems(root, manifest, full=verify == "full", progress=progress):
+        why = "" if missing else "the file was changed after the ingest: run `ingest verify` on the dataset and "
+        raise FormatError(f"{problem}; {why}re-run ingest for split {split!r}")
     for split, info in manifest.splits.items():
-        for sh in info.shards:
-            if not (root / split / sh.file).is_file():
-                raise FormatError(f"{root / split / sh.file}: listed in manifest.json but not found; re-run ingest")
         path = root / split / LABELS_NAME
         unlisted = check_labels_file(path, split)
         if unlisted != info.unlisted:
@@ -100,18 +146,31 @@ def open_dataset(root: str | os.PathLike) -> Dataset:
 def verify(root: str | os.PathLike) -> list[str]:
     """Read everything under ``root`` and return the problems found, one line each (empty: intact).
 
-    Checks per split: each shard's size and sha256 against the manifest; its members (keys in order,
-    ``.idx`` holding the sample id, the json fields) and sample count; its DALI index against one rebuilt
-    from the tar; labels.arrow's row count, ``sample`` == 0..N-1, keys, class range, sorted unique lists,
-    and the per-class counts in the manifest.
+    Checks the manifest, then every file's size and sha256 against it (``file_problems``), then per split:
+    each shard's members (keys in order, ``.idx`` holding the sample id, the json fields) and sample count,
+    its DALI index against one rebuilt from the tar; labels.arrow's schema, row count, ``sample`` ==
+    0..N-1, keys, class range, sorted unique lists, and the per-class counts in the manifest.
     """
+    root = Path(root)
     try:
-        ds = open_dataset(root)
+        manifest = read_manifest(root)
     except FormatError as e:
         return [str(e)]
-    problems: list[str] = []
-    for split, info in ds.manifest.splits.items():
+    problems = [f"{problem}; re-run ingest for split {split!r}"
+                for split, problem, _ in file_problems(root, manifest, full=True)]
+    for split, info in manifest.splits.items():
         for sh in info.shards:
-            problems += verify_shard(ds.root / split / sh.file, sh)
-        problems += verify_labels(ds.labels_path(split), info, ds.num_classes)
+            if (root / split / sh.file).is_file():
+                problems += verify_shard(root / split / sh.file, sh)
+        path = root / split / LABELS_NAME
+        if not path.is_file():
+            continue  # reported above
+        try:
+            unlisted = check_labels_file(path, split)
+        except FormatError as e:
+            problems.append(str(e))
+            continue
+        if unlisted != info.unlisted:
+            problems.append(f"{path}: unlisted={unlisted!r} but manifest.json says {info.unlisted!r}")
+        problems += verify_labels(path, info, manifest.num_classes)
     return problems

@@ -14,21 +14,25 @@ Conventions
 - Sample ids are dense 0..N-1 per split in record order, counting only the records whose image was
   written; a missing or corrupt image takes no id (it is counted, and named in the sidecar).
 - Images are stored as the source bytes, never re-encoded; each is validated first
-  (``shards.jpeg.validate_jpeg``: ``check="fast"``, the default, checks the header and the marker
-  structure; ``check="full"`` also decodes it in strict mode).
+  (``shards.jpeg.validate_jpeg``: ``check="fast"``, the default, checks the header, its pixel count
+  against ``max_pixels`` and the marker structure; ``check="full"`` also decodes it in strict mode).
+- The manifest lists the size and sha256 of every file it describes (shards, DALI indexes,
+  ``labels.arrow``): ``ingest verify`` and the trainer check them (``shards.reader``).
 - Work is spread over threads: ``workers`` loader threads read and validate images, the main thread
   orders samples and builds the tar bytes, one thread hashes them (sha256) and one writes, fsyncs and
   commits shards (see ``_ShardSink``). The output does not depend on ``workers``.
 - Shards are committed one after the other and an interrupted run resumes after the last committed
-  one, byte-identical to an uninterrupted run (``shards.ingest_state`` describes how).
+  one whose source records and image files (size and mtime) are unchanged, byte-identical to an
+  uninterrupted run over the current source (``shards.ingest_state`` describes how).
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import logging
 import os
 import queue
-import re
 import statistics
 import threading
 from collections import deque
@@ -46,6 +50,7 @@ from .format import (
     LABELS_NAME,
     MANIFEST_NAME,
     MAX_CLASSES,
+    SPLIT_NAME_RE,
     UNLISTED_NEGATIVE,
     WRITER_VERSION,
     IngestError,
@@ -54,6 +59,7 @@ from .format import (
     Record,
     ShardInfo,
     SplitInfo,
+    file_sha256,
     fsync_dir,
     shard_name,
     write_json_atomic,
@@ -65,10 +71,11 @@ from .ingest_state import (
     kept_shards,
     prepare_output,
     record_digest,
-    sidecar_path,
+    remove_shards_from,
+    source_stat,
     write_sidecar,
 )
-from .jpeg import CorruptImage, validate_jpeg
+from .jpeg import DEFAULT_MAX_PIXELS, MAX_PIXELS_LIMIT, CorruptImage, validate_jpeg
 from .labels import LabelsBuilder, label_schema, write_labels
 from .tar import TarBytes, format_dali_index, sample_members, write_synced_text
 
@@ -76,7 +83,7 @@ CHECK_MODES = ("fast", "full")
 #: at most this many missing/corrupt files are named per split in the manifest counts ("problems")
 MAX_PROBLEMS_LISTED = 20
 
-_SPLIT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ the writer
@@ -88,28 +95,32 @@ class _Loaded:
     width: int = 0
     height: int = 0
     detail: str = ""
+    stat: list[int] | None = None  # [size, mtime_ns] of the file read (``ingest_state.source_stat``)
 
 
-def _load(rec: Record, full: bool) -> _Loaded:
+def _load(rec: Record, full: bool, max_pixels: int) -> _Loaded:
+    stat = None
     if rec.data is not None:
         data = bytes(rec.data)
     else:
         try:
             with open(rec.path, "rb") as f:
                 data = f.read()
+                st = os.fstat(f.fileno())  # of the file whose bytes were read, for the resume check
+                stat = [st.st_size, st.st_mtime_ns]
         except (FileNotFoundError, NotADirectoryError):
             return _Loaded("missing", detail="file not found")
         except IsADirectoryError:
             return _Loaded("corrupt", detail="is a directory, not a file")
     try:
-        w, h = validate_jpeg(data, full=full)
+        w, h = validate_jpeg(data, full=full, max_pixels=max_pixels)
     except CorruptImage as e:
-        return _Loaded("corrupt", detail=str(e))
-    return _Loaded("ok", data, w, h)
+        return _Loaded("corrupt", detail=str(e), stat=stat)
+    return _Loaded("ok", data, w, h, stat=stat)
 
 
-def _load_in_order(items: Iterator[tuple[int, Record]], workers: int,
-                   full: bool) -> Iterator[tuple[int, Record, _Loaded]]:
+def _load_in_order(items: Iterator[tuple[int, Record]], workers: int, full: bool,
+                   max_pixels: int) -> Iterator[tuple[int, Record, _Loaded]]:
     """Read and validate images, ``workers`` at a time, yielding results in record order.
 
     Threads, not processes: file reads and libjpeg-turbo (simplejpeg) release the GIL (measured: 2 threads
@@ -117,13 +128,13 @@ def _load_in_order(items: Iterator[tuple[int, Record]], workers: int,
     """
     if workers <= 1:
         for i, rec in items:
-            yield i, rec, _load(rec, full)
+            yield i, rec, _load(rec, full, max_pixels)
         return
     window: deque = deque()
     ex = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest-load")
     try:
         for i, rec in items:
-            window.append((i, rec, ex.submit(_load, rec, full)))
+            window.append((i, rec, ex.submit(_load, rec, full, max_pixels)))
             if len(window) >= 4 * workers:  # bounded read-ahead: at most 4*workers images in memory
                 j, r, fut = window.popleft()
                 yield j, r, fut.result()
@@ -186,6 +197,7 @@ class _Run:
     workers: int
     strict: bool
     full_check: bool
+    max_pixels: int
     progress: bool
 
 
@@ -220,14 +232,16 @@ def _commit_shard(split_dir: Path, state_dir: Path, shard: _OpenShard) -> ShardI
     tmp_tar = _tmp_tar_path(split_dir, shard.index)
     tmp_idx = split_dir / f".{name[:-4]}.idx.tmp"
     # the same text as write_dali_index(tar) gives, from the offsets noted while building (no re-read)
-    write_synced_text(tmp_idx, format_dali_index(shard.tar.members, str(tmp_tar)))
-    idx = split_dir / f"{name[:-4]}.idx"
-    os.replace(tmp_idx, idx)
+    index_text = format_dali_index(shard.tar.members, str(tmp_tar))
+    write_synced_text(tmp_idx, index_text)
+    os.replace(tmp_idx, split_dir / f"{name[:-4]}.idx")
     os.replace(tmp_tar, split_dir / name)
     fsync_dir(split_dir)
+    index_bytes = index_text.encode("ascii")
     info = ShardInfo(file=name, num_samples=shard.num_samples, first_sample=shard.first_sample,
-                     size=shard.tar.size, sha256=shard.tar.sha.hexdigest())
-    write_sidecar(state_dir, shard.index, info, idx, shard.first_record, shard.last_record - shard.first_record + 1,
+                     size=shard.tar.size, sha256=shard.tar.sha.hexdigest(), idx_size=len(index_bytes),
+                     idx_sha256=hashlib.sha256(index_bytes).hexdigest())
+    write_sidecar(state_dir, shard.index, info, shard.first_record, shard.last_record - shard.first_record + 1,
                   shard.digest.hexdigest(), shard.skipped)
     return info
 
@@ -344,7 +358,6 @@ def _write_split(run: _Run, split: str, records: Iterable[Record]) -> _SplitResu
 
     # the longest intact prefix of committed shards survives; everything after it is rewritten
     kept = kept_shards(split_dir, state_dir)
-    first_record = sum(sc["num_records"] for sc in kept)
 
     k = run.num_classes
     labels = LabelsBuilder()
@@ -354,7 +367,8 @@ def _write_split(run: _Run, split: str, records: Iterable[Record]) -> _SplitResu
     total = len(records) if hasattr(records, "__len__") else None
     bar = tqdm(total=total, desc=f"ingest {split}", unit="img", disable=not run.progress, dynamic_ncols=True,
                mininterval=0.5)
-    items = enumerate(records)
+    items: Iterator[tuple[int, Record]] = enumerate(records)
+    first_record = 0
 
     shard: _OpenShard | None = None
     sink: _ShardSink | None = None
@@ -367,43 +381,48 @@ def _write_split(run: _Run, split: str, records: Iterable[Record]) -> _SplitResu
             problems.append(entry)
 
     try:
-        # replay the kept shards: labels and counts from the records, no image is read
+        # replay the kept shards: labels and counts from the records, no image is read; the first shard whose
+        # records or image files (size, mtime) changed since the interrupted run is rewritten, and all after it
         for sc in kept:
             skipped = {e[0]: e for e in sc["skipped"]}
             digest = hashlib.sha256()
+            consumed: list[tuple[int, Record]] = []
+            rows: list[tuple[tuple[int, ...], tuple[int, ...]] | list] = []
             for _ in range(sc["num_records"]):
                 item = next(items, None)
                 if item is None:
-                    raise IngestError(
-                        f"{sidecar_path(state_dir, len(shards))}: the interrupted run had more records in split "
-                        f"{split!r} than the source yields now (the source changed); re-run with --overwrite to "
-                        "start over")
+                    break  # the source now ends inside this shard
+                consumed.append(item)
                 i, rec = item
                 where = _record_where(split, i, rec)
                 pos, neg = _record_labels(rec, k, where)
-                digest.update(record_digest(rec, pos, neg, where))
-                if i in skipped:
-                    note_skip(skipped[i])
+                digest.update(record_digest(rec, pos, neg, where, source_stat(rec.path)))
+                rows.append(skipped[i] if i in skipped else (pos, neg))
+            if len(consumed) < sc["num_records"] or digest.hexdigest() != sc["records_sha256"]:
+                log.warning("%s: shard %s of split %r: its source records or image files changed since the "
+                            "interrupted run; rewriting from it", run.out, sc["shard"]["file"][:-4], split)
+                remove_shards_from(split_dir, state_dir, len(shards))
+                items = itertools.chain(consumed, items)
+                break
+            for row in rows:
+                if isinstance(row, list):
+                    note_skip(row)
                 else:
-                    labels.add(pos, neg)
-            if digest.hexdigest() != sc["records_sha256"]:
-                raise IngestError(
-                    f"{sidecar_path(state_dir, len(shards))}: records {sc['first_record']}.."
-                    f"{sc['first_record'] + sc['num_records'] - 1} of split {split!r} differ from those of the "
-                    "interrupted run (the source changed); re-run with --overwrite to start over")
+                    labels.add(*row)
             assert len(labels) == sc["shard"]["first_sample"] + sc["shard"]["num_samples"]
             shards.append(ShardInfo(**sc["shard"]))
+            first_record += sc["num_records"]
             bar.update(sc["num_records"])
 
         # write the rest
         sink = _ShardSink(split_dir, state_dir)
         pending_digests: list[bytes] = []
         pending_skips: list[list] = []
-        loaded = _load_in_order(_with_image(items, split), run.workers, run.full_check)
+        loaded = _load_in_order(_with_image(items, split), run.workers, run.full_check, run.max_pixels)
         for i, rec, res in loaded:
             where = _record_where(split, i, rec)
             pos, neg = _record_labels(rec, k, where)
-            pending_digests.append(record_digest(rec, pos, neg, where))
+            pending_digests.append(record_digest(rec, pos, neg, where, res.stat))
             bar.update(1)
             if res.status != "ok":
                 src = rec.path if rec.path is not None else f"<bytes of {rec.rel_path}>"
@@ -449,12 +468,14 @@ def _write_split(run: _Run, split: str, records: Iterable[Record]) -> _SplitResu
         if sink is not None:  # failed: stop the writer threads; a shard they had open is not committed
             sink.close(raise_error=False)
         bar.close()
-    write_labels(split_dir / LABELS_NAME, labels, run.plan.unlisted)
+    labels_path = split_dir / LABELS_NAME
+    write_labels(labels_path, labels, run.plan.unlisted)
     fsync_dir(split_dir)
 
     n = len(labels)
     positives, known = labels.class_counts(k, run.plan.unlisted)
     info = SplitInfo(num_samples=n, shards=shards, unlisted=run.plan.unlisted,
+                     labels_size=labels_path.stat().st_size, labels_sha256=file_sha256(labels_path),
                      known_per_class=[int(x) for x in known], positives_per_class=[int(x) for x in positives])
     return _SplitResult(info, {"written": n, **counts, "problems": problems})
 
@@ -493,7 +514,7 @@ def _check_plan(plan: IngestPlan) -> None:
     if not plan.splits:
         raise ValueError("plan has no splits")
     for split in plan.splits:
-        if not isinstance(split, str) or not _SPLIT_NAME_RE.match(split):
+        if not isinstance(split, str) or not SPLIT_NAME_RE.match(split):
             raise ValueError(f"split name {split!r} must be letters, digits, '_' or '-' (it names a folder)")
     for split in plan.counts:
         if split not in plan.splits:
@@ -508,6 +529,7 @@ def write_dataset(
     workers: int = 1,
     strict: bool = False,
     check: str = "fast",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Manifest:
@@ -516,7 +538,8 @@ def write_dataset(
     Resumes an interrupted run with the same plan and arguments (see ``shards.ingest_state``); a folder
     holding another ingest is an ``IngestError`` unless ``overwrite``. ``workers`` threads read and
     validate images; the output does not depend on it. ``strict`` makes a missing or corrupt image an
-    error instead of a counted skip. ``check`` is "fast" (header + structure) or "full" (strict decode).
+    error instead of a counted skip. ``check`` is "fast" (header + structure) or "full" (strict decode);
+    an image whose header declares more than ``max_pixels`` pixels (1 .. ``jpeg.MAX_PIXELS_LIMIT``) is corrupt.
     """
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
@@ -524,6 +547,8 @@ def write_dataset(
         raise ValueError(f"workers must be a positive int, got {workers!r}")
     if check not in CHECK_MODES:
         raise ValueError(f"check must be one of {CHECK_MODES}, got {check!r}")
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or not 1 <= max_pixels <= MAX_PIXELS_LIMIT:
+        raise ValueError(f"max_pixels must be an int in 1..{MAX_PIXELS_LIMIT}, got {max_pixels!r}")
     _check_plan(plan)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -531,9 +556,9 @@ def write_dataset(
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
     lock = OutputLock(out)
     try:
-        fp = fingerprint(plan, shard_size, strict, check)
+        fp = fingerprint(plan, shard_size, strict, check, max_pixels)
         prepare_output(out, fp, overwrite)
-        run = _Run(out, plan, len(plan.classes), shard_size, workers, strict, check == "full", progress)
+        run = _Run(out, plan, len(plan.classes), shard_size, workers, strict, check == "full", max_pixels, progress)
         results = {split: _write_split(run, split, records) for split, records in plan.splits.items()}
         # adapters may fill plan.counts while their records are iterated, so merge only now
         counts = {split: _merge_counts(split, plan.counts.get(split, {}), r.counts) for split, r in results.items()}
@@ -544,7 +569,8 @@ def write_dataset(
             splits={split: r.info for split, r in results.items()},
             counts=counts,
             source={**fp["source"], "ingest": {
-                "writer_version": WRITER_VERSION, "shard_size": shard_size, "strict": strict, "check": check}},
+                "writer_version": WRITER_VERSION, "shard_size": shard_size, "strict": strict, "check": check,
+                "max_pixels": max_pixels}},
         )
         write_json_atomic(out / MANIFEST_NAME, manifest.to_json() + "\n")
     finally:

@@ -18,3 +18,13 @@ for name in [m for m in sys.modules if m == "largeloss" or m.startswith("largelo
 
 #: real sample files in the datasets' native formats (provenance and terms: tests/fixtures/README.md)
 FIXTURES = ROOT / "tests" / "fixtures"
+
+
+def declare_size(jpeg: bytes, width: int, height: int) -> bytes:
+    """The same JPEG bytes with the SOF0 header claiming ``width`` x ``height`` pixels (the scan data stays as
+    it was: what a hostile or damaged file looks like to a decoder that trusts the header)."""
+    data = bytearray(jpeg)
+    sof = data.find(b"\xff\xc0")
+    assert sof > 0, "not a baseline JPEG"
+    data[sof + 5: sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import cv2
@@ -156,6 +157,23 @@ def test_category_lists_must_agree(tmp_path: Path):
     d["categories"] = d["categories"][1:] + d["categories"][:1]
     val.write_text(json.dumps(d))
     with pytest.raises(IngestError, match="instances_val2014.json: 'categories' differ"):
+        coco.plan(root)
+
+
+@pytest.mark.parametrize("file_name, reason", [
+    ("../../secret.jpg", "leaves the image folder"),
+    ("/etc/secret.jpg", "leaves the image folder"),
+    ("a/../../b.jpg", "leaves the image folder"),
+    ("x\x00.jpg", "is not a file name (NUL byte)"),
+])
+def test_file_name_that_leaves_the_image_folder_is_refused(tmp_path: Path, file_name: str, reason: str):
+    root = make_tree(tmp_path / "coco", [image(9, "train2014")], [ann(1, 9, 1, [0.0, 0.0, 2.0, 2.0])], [], [])
+    path = root / "annotations" / "instances_train2014.json"
+    d = json.loads(path.read_text())
+    d["images"][0]["file_name"] = file_name
+    path.write_text(json.dumps(d))
+    with pytest.raises(IngestError, match=rf"^{path}: images\[0\] \(id 9\): image path {re.escape(repr(file_name))} "
+                                          rf"{re.escape(reason)}"):
         coco.plan(root)
 
 

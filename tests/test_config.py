@@ -72,6 +72,17 @@ def test_bad_values(tmp_path, override, message):
         build_config([a], [override])
 
 
+def test_data_integrity_keys():
+    cfg = build_config([], ["data=d"])
+    assert (cfg.verify, cfg.on_error) == ("size", "raise")
+    cfg = build_config([], ["data=d", "verify=full", "on_error=skip"])
+    assert (cfg.verify, cfg.on_error) == ("full", "skip")
+    with pytest.raises(ConfigError, match=r"verify must be size\|full, got 'sha'"):
+        build_config([], ["data=d", "verify=sha"])
+    with pytest.raises(ConfigError, match=r"on_error must be raise\|skip, got 'ignore'"):
+        build_config([], ["data=d", "on_error=ignore"])
+
+
 def test_missing_data_is_an_error():
     with pytest.raises(ConfigError, match="`data`"):
         build_config([], [])

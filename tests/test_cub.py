@@ -189,6 +189,18 @@ def test_wrong_field_count_in_images_txt_is_fatal(tmp_path: Path):
         cub.plan(root)
 
 
+def test_image_path_that_leaves_the_image_folder_is_refused(tmp_path: Path):
+    root = make_tree(tmp_path)
+    p = root / "CUB_200_2011" / "images.txt"
+    lines = p.read_text().splitlines()
+    first_id = lines[0].split()[0]
+    lines[0] = f"{first_id} ../../../secret.jpg"
+    p.write_text("\n".join(lines) + "\n")
+    with pytest.raises(IngestError, match=r"images\.txt:1: image path '\.\./\.\./\.\./secret\.jpg' leaves the image "
+                                          r"folder"):
+        cub.plan(root)
+
+
 def test_write_dataset_end_to_end(tmp_path: Path):
     import pyarrow.ipc as ipc
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import shutil
 
 import numpy as np
@@ -18,6 +19,7 @@ pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip ins
 
 import simplejpeg  # noqa: E402
 
+from conftest import declare_size  # noqa: E402
 from largeloss.shards import dali  # noqa: E402
 from largeloss.shards.dali import DaliLoader  # noqa: E402
 from largeloss.shards.format import FormatError, IngestPlan, Record  # noqa: E402
@@ -286,12 +288,44 @@ def test_stale_index_is_detected_by_the_idx_member(root, tmp_path):
         _epoch(d, 1)
 
 
-def test_undecodable_image_names_shard_and_keys(root, tmp_path):
+def _damage_sample(ds: str, split: str, shard: str, first: int, count: int, row: int, edit) -> None:
+    """Replace the .jpg bytes of one sample in place (same size) by ``edit(bytes)``."""
+    index = read_dali_index(os.path.join(ds, split, shard[:-4] + ".idx"), first, count)
+    offset, size = int(index.jpg_offset[row]), int(index.jpg_size[row])
+    with open(os.path.join(ds, split, shard), "r+b") as f:
+        f.seek(offset)
+        data = edit(f.read(size))
+        assert len(data) == size
+        f.seek(offset)
+        f.write(data)
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda b: b"\x00" * 64 + b[64:], "DALI cannot decode it"),  # no JPEG (or other image) signature left
+    (lambda b: declare_size(b, 60000, 60000), "the JPEG header declares 60000x60000 = 3,600,000,000 pixels"),
+])
+def test_undecodable_image_names_shard_and_key_or_is_skipped(root, tmp_path, damage, reason):
     ds = _copy(root, tmp_path)
-    index = read_dali_index(os.path.join(ds, "test", "000001.idx"), 8, 2)
-    with open(os.path.join(ds, "test", "000001.tar"), "r+b") as f:
-        f.seek(int(index.jpg_offset[1]))
-        f.write(b"\x00" * 64)  # sample 9: no JPEG (or other image) signature left
+    _damage_sample(ds, "test", "000001.tar", 8, 2, 1, damage)  # sample 9
     d = DaliLoader(ds, "test", batch_size=4, image_size=16, train=False, num_threads=1)
-    with pytest.raises(SampleError, match=r"DALI failed on a batch of 2 samples .*000001\.tar.*000000009"):
+    shard = os.path.join(ds, "test", "000001.tar")
+    with pytest.raises(SampleError, match=re.escape(f"{shard}: sample 000000009: {reason}")):
         _epoch(d, 1)
+    # the loader is usable again after the error, and on_error="skip" skips exactly that sample
+    d = DaliLoader(ds, "test", batch_size=4, image_size=16, train=False, num_threads=1, on_error="skip")
+    for epoch in (1, 2):
+        batches = _epoch(d, epoch)
+        assert [ids.tolist() for _, ids in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8]]
+    assert d.skipped == {"decode": 2} and len(d.skip_log) == 2
+    assert d.skip_log[0].startswith(f"{shard}: sample 000000009: {reason}")
+    cpu = ShardLoader(ds, "test", batch_size=4, image_size=16, train=False, on_error="skip")
+    assert [ids.tolist() for _, ids in cpu] == [ids.tolist() for _, ids in batches]
+
+
+def test_skip_repeats_the_last_good_sample_for_an_empty_batch(root, tmp_path):
+    ds = _copy(root, tmp_path)
+    for row in (0, 1):  # samples 8 and 9: the whole last batch
+        _damage_sample(ds, "test", "000001.tar", 8, 2, row, lambda b: b"\x00" * 64 + b[64:])
+    d = DaliLoader(ds, "test", batch_size=4, image_size=16, train=False, num_threads=1, on_error="skip")
+    assert [ids.tolist() for _, ids in _epoch(d, 1)] == [[0, 1, 2, 3], [4, 5, 6, 7], [7]]
+    assert d.skipped == {"decode": 2, "repeated": 1}

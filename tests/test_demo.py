@@ -188,3 +188,57 @@ def test_cli_ingests_the_generated_lists(tmp_path: Path):
     assert (out / "manifest.json").read_bytes() == before
     # bad arguments end with a message, not a traceback
     assert cli.main(["demo", "--out", str(tmp_path / "bad"), "--size", "300", "200", "--no-progress"]) == 1
+
+
+def test_kill_dash_9_of_ingest_demo_leaves_no_worker_behind(tmp_path: Path):
+    """kill -9 of `ingest demo` while its worker processes draw images: the workers (and with them the
+    multiprocessing resource tracker) must not outlive it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "largeloss.ingest", "demo", "--out", str(out), "--n-train", "20000",
+                             "--n-test", "10", "--workers", "2", "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 120
+        jpegs = out / "_source_voc" / "VOCdevkit"
+        while time.monotonic() < deadline:  # wait until both workers are drawing
+            children = psutil.Process(proc.pid).children(recursive=True)
+            workers = [c for c in children if "spawn_main" in " ".join(c.cmdline())]
+            if len(workers) == 2 and any(jpegs.glob(".VOCDEMO.partial-*/JPEGImages/*.jpg")):
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"the workers did not start drawing: children {children}")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+        def alive() -> list[str]:
+            out = []
+            for c in children:
+                try:
+                    if c.status() != psutil.STATUS_ZOMBIE:
+                        out.append(" ".join(c.cmdline())[:100])
+                except psutil.NoSuchProcess:
+                    pass
+            return out
+
+        deadline = time.monotonic() + 10
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert alive() == []
+    finally:
+        for c in children:  # never leave a process behind, whatever the outcome
+            try:
+                c.kill()
+            except psutil.NoSuchProcess:
+                pass
+        if proc.poll() is None:
+            proc.kill()

@@ -20,7 +20,7 @@ def test_registry_order_is_the_help_order():
     (["voc", "--root", "R", "--year", "2007", "--classes", "C", "--split-lists", "train=trainval,test=test",
       "--dataset", "d", "--strict"], voc,
      {"root": Path("R"), "year": 2007, "folder": None, "classes_file": Path("C"),
-      "split_lists": {"train": "trainval", "test": "test"}, "dataset": "d"}),
+      "split_lists": {"train": "trainval", "test": "test"}, "dataset": "d", "strict": True}),
     (["coco", "--root", "R", "--keep-empty", "--strict"], coco,
      {"root": Path("R"), "year": "2014", "keep_empty": True, "strict": True}),
     (["nuswide", "--from-npy", "N"], nuswide,

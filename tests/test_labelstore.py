@@ -315,6 +315,63 @@ def test_resume_restores_state(unk_file, tmp_path):
     assert resumed.num_corrections == 0 and resumed.targets([1])[0].sum() == 0
 
 
+def _corrupt_generation(gdir, name: str, edit, fix_checksum: bool = False) -> None:
+    """Rewrite ``gdir/name`` through ``edit(array)``; with ``fix_checksum`` also update meta.json's sha256,
+    as a careful hand edit would, so that only the bounds checks can catch it."""
+    dtype = "<i8" if name == "offsets.bin" else "<u2"
+    a = np.fromfile(gdir / name, dtype=dtype)
+    edit(a)
+    a.tofile(gdir / name)
+    if fix_checksum:
+        meta = json.loads((gdir / "meta.json").read_text())
+        meta["sha256"][name] = corrections_module.file_sha256(gdir / name)
+        (gdir / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("name, edit, fix_checksum, message", [
+    # a class id >= K would land on the next sample (row * K + 7 = (row + 1) * K + 2)
+    ("values.bin", lambda a: a.__setitem__(0, 7), False, r"values\.bin: sha256 [0-9a-f]{64} differs from meta\.json"),
+    ("values.bin", lambda a: a.__setitem__(0, 7), True, r"values\.bin: holds class 7, but the labels have 5 classes"),
+    # offsets [0 2 2 3 3] -> [0 0 2 3 3]: still monotone, moves (0, 2) and (0, 4) to sample 1
+    ("offsets.bin", lambda a: a.__setitem__(1, 0), False, r"offsets\.bin: sha256 [0-9a-f]{64} differs from meta"),
+    ("offsets.bin", lambda a: a.__setitem__(2, 0), True, r"offsets\.bin: not valid CSR offsets"),
+    ("values.bin", lambda a: a.__setitem__(slice(0, 2), [4, 2]), True,
+     r"values\.bin: the classes of sample 0 are not sorted and unique"),
+])
+def test_damaged_generation_is_refused_naming_the_file(unk_file, tmp_path, name, edit, fix_checksum, message):
+    d = tmp_path / "corr"
+    store = LabelStore(unk_file, K, "given", corrections_dir=d)
+    store.append_corrections(1, [0, 0, 2], [2, 4, 0])
+    store.flush_corrections(1)
+    g = store.merge_corrections(1, world_size=1)
+    gdir = d / "gen-0001"
+    meta = json.loads((gdir / "meta.json").read_text())
+    assert meta["version"] == 2 and sorted(meta["sha256"]) == ["offsets.bin", "values.bin"]
+    assert np.fromfile(gdir / "offsets.bin", "<i8").tolist() == [0, 2, 2, 3, 3]
+    _corrupt_generation(gdir, name, edit, fix_checksum)
+    fresh = LabelStore(unk_file, K, "given", corrections_dir=d)
+    with pytest.raises(ValueError, match=rf"^{gdir}/{message}.*remove the generation and redo the merge"):
+        fresh.use_generation(g)
+    assert fresh.generation == -1
+
+
+def test_generation_without_checksums_is_used_with_a_warning(unk_file, tmp_path, caplog):
+    d = tmp_path / "corr"
+    store = LabelStore(unk_file, K, "given", corrections_dir=d)
+    store.append_corrections(1, [0, 2], [2, 0])
+    store.flush_corrections(1)
+    g = store.merge_corrections(1, world_size=1)
+    meta_path = d / "gen-0001" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["sha256"]
+    meta["version"] = 1  # written before the checksums existed
+    meta_path.write_text(json.dumps(meta))
+    fresh = LabelStore(unk_file, K, "given", corrections_dir=d)
+    fresh.use_generation(g)
+    assert corrections(fresh) == [(0, 2), (2, 0)]
+    assert f"{meta_path}: version 1 generation has no checksums" in caplog.text
+
+
 def test_remove_generations(unk_file, tmp_path):
     d = tmp_path / "corr"
     store = LabelStore(unk_file, K, "given", corrections_dir=d)

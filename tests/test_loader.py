@@ -14,6 +14,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from conftest import declare_size
 from largeloss.shards.format import (
     FORMAT_VERSION,
     UNLISTED_NEGATIVE,
@@ -103,12 +104,15 @@ def write_test_shards(root, jpegs: list[bytes], shard_size: int, *, members=None
                 if members is not None:
                     sample = members(sid, sample)
                 w.write(sample)
-        shards.append(ShardInfo(file=name, num_samples=n, first_sample=first, size=os.path.getsize(path), sha256=""))
+        # no DALI index and no labels.arrow: enough for the CPU loader, which reads only the manifest and tars
+        shards.append(ShardInfo(file=name, num_samples=n, first_sample=first, size=os.path.getsize(path), sha256="",
+                                idx_size=0, idx_sha256=""))
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         dataset="loader-test",
         classes=[{"index": 0, "id": "c0", "name": "c0"}],
-        splits={split: SplitInfo(num_samples=len(jpegs), shards=shards, unlisted=UNLISTED_NEGATIVE)},
+        splits={split: SplitInfo(num_samples=len(jpegs), shards=shards, unlisted=UNLISTED_NEGATIVE, labels_size=0,
+                                 labels_sha256="")},
         counts={},
         source={},
     )
@@ -521,11 +525,14 @@ def test_missing_shard_is_reported_at_construction(tmp_path):
 
 
 def corrupt_dataset(root, bad: dict[int, str], n: int = 8, shard_size: int = 4) -> None:
-    """``bad[sid]`` = "garbage" (undecodable .jpg) or "nojpg" (the member is missing)."""
+    """``bad[sid]`` = "garbage" (undecodable .jpg), "oversized" (a header that declares 60000 x 60000 pixels
+    over a few bytes of scan data) or "nojpg" (the member is missing)."""
 
     def edit(sid, sample):
         if bad.get(sid) == "garbage":
             sample["jpg"] = b"\xff\xd8\xff\xe0 this is not image data" * 3
+        elif bad.get(sid) == "oversized":
+            sample["jpg"] = declare_size(sample["jpg"], 60000, 60000)
         elif bad.get(sid) == "nojpg":
             del sample["jpg"]
         return sample
@@ -540,7 +547,23 @@ def test_corrupt_member_raises_with_shard_and_key(tmp_path, num_workers):
     shard = os.path.join(str(tmp_path), "train", "000001.tar")
     with pytest.raises(SampleError) as info:
         list(loader)
-    assert f"{shard}: sample {sample_key(5)}" in str(info.value) and "on_error='skip'" in str(info.value)
+    assert f"{shard}: sample {sample_key(5)}" in str(info.value) and "on_error=skip" in str(info.value)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_oversized_image_is_a_sample_error_or_skipped(tmp_path, num_workers):
+    """A header of 60000 x 60000 pixels (OpenCV refuses more than 2^30) is a SampleError naming shard and key,
+    not a raw cv2.error, and on_error='skip' skips it."""
+    corrupt_dataset(tmp_path, {5: "oversized"})
+    shard = os.path.join(str(tmp_path), "train", "000001.tar")
+    loader = ShardLoader(tmp_path, "train", batch_size=2, image_size=24, train=False, num_workers=num_workers)
+    with pytest.raises(SampleError, match=re.escape(f"{shard}: sample {sample_key(5)}: the JPEG header declares "
+                                                    "60000x60000 = 3,600,000,000 pixels")):
+        list(loader)
+    loader = ShardLoader(tmp_path, "train", batch_size=2, image_size=24, train=False, num_workers=num_workers,
+                         on_error="skip")
+    assert [ids.tolist() for _, ids in loader] == [[0, 1], [2, 3], [4], [6, 7]]
+    assert loader.skipped == {"decode": 1} and loader.skip_log[0].startswith(f"{shard}: sample {sample_key(5)}")
 
 
 def test_skip_mode_counts_and_keeps_batch_count(tmp_path):

@@ -1,6 +1,7 @@
 """ingest/nuswide.py: generated official trees (CRLF and LF), the npy source, and every error path."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,25 @@ def test_from_npy(tmp_path: Path):
     np.save(npy / "formatted_train_labels.npy", np.zeros((2, 81)))
     with pytest.raises(IngestError, match=r"expected a 3 x 81 matrix"):
         nuswide.plan(from_npy=npy)
+
+
+@pytest.mark.parametrize("entry", ["..\\..\\secret.jpg", "/etc/secret.jpg"])
+def test_list_path_that_leaves_the_image_folder_is_refused(tmp_path: Path, entry: str):
+    root = make_tree(tmp_path / "nus", "\r\n")
+    lst = root / "ImageList" / "TrainImagelist.txt"
+    lines = lst.read_text().splitlines()
+    lines[2] = entry
+    lst.write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    with pytest.raises(IngestError, match=rf"^{lst}:3: image path '{re.escape(entry.replace(chr(92), '/'))}' leaves "
+                                          r"the image folder"):
+        nuswide.plan(root)
+    npy = tmp_path / "npy"
+    npy.mkdir()
+    for prefix in ("formatted_train", "formatted_val"):
+        np.save(npy / f"{prefix}_images.npy", np.array(["a/1.jpg", entry]))
+        np.save(npy / f"{prefix}_labels.npy", np.ones((2, len(CONCEPTS)), np.int64))
+    with pytest.raises(IngestError, match=r"formatted_train_images\.npy: entry 1 \(0-based\): image path"):
+        nuswide.plan(root, from_npy=npy)
 
 
 def test_needs_a_source():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -225,6 +226,17 @@ def test_confidence_other_than_0_or_1_names_line(tmp_path: Path):
     rows[2] = ("00000000000e1234", "machine", TREE, "0.5")
     write_csv(root / "2017_11" / "train" / "annotations-human.csv", rows, eol="\r\n")
     with pytest.raises(IngestError, match=r"train/annotations-human\.csv:4: Confidence 0\.5 is neither 1"):
+        openimages.plan(root)
+
+
+@pytest.mark.parametrize("image_id", ["../../secret", "a/b"])
+def test_image_id_that_is_not_a_file_name_is_refused(tmp_path: Path, image_id: str):
+    root = make_tree(tmp_path / "oi")
+    rows = list(TRAIN_ROWS)
+    rows[2] = (image_id, "verification", TREE, "1")
+    write_csv(root / "2017_11" / "train" / "annotations-human.csv", rows, eol="\r\n")
+    with pytest.raises(IngestError, match=rf"train/annotations-human\.csv:4: ImageID {re.escape(repr(image_id))} "
+                                          r"is not a plain file name"):
         openimages.plan(root)
 
 

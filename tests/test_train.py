@@ -112,7 +112,7 @@ def _accelerate_cmd(nproc, args):
 
 
 def _run_accelerate(args, env_extra=None):
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env_extra or {}))
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", **(env_extra or {}))
     return subprocess.run(_accelerate_cmd(2, args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 

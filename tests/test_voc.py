@@ -73,7 +73,7 @@ def test_voc2007_fixture_lists_and_boxes(tmp_path, capsys):
     assert ds.manifest.dataset == "voc2007" and ds.class_names == list(VOC_CLASSES)
     assert ds.manifest.counts["test"] == {"listed": 4, "written": 4, "missing": 0, "corrupt": 0,
                                           "skipped": {"no_positive": 0}, "missing_annotations": 0,
-                                          "unknown_box_classes": 0, "problems": []}
+                                          "unknown_box_classes": 0, "invalid_boxes": 0, "problems": []}
     assert [sample.jpeg for sample in ds.iter_samples("train")] == [
         (VOCDEVKIT07 / "VOC2007" / "JPEGImages" / "000005.jpg").read_bytes()]
     summary = capsys.readouterr().out
@@ -211,7 +211,7 @@ def test_generated_tree_quirks(tmp_path):
                               "truncated: no end-of-image marker after the scan data"]]
     del c["problems"]
     assert c == {"listed": 6, "written": 3, "missing": 1, "corrupt": 1, "skipped": {"no_positive": 1},
-                 "missing_annotations": 1, "unknown_box_classes": 1}
+                 "missing_annotations": 1, "unknown_box_classes": 1, "invalid_boxes": 0}
     assert ds.manifest.counts["test"]["listed"] == 0 and ds.num_samples("test") == 0
     samples = _samples(out, "train")
     assert list(samples) == ["a", "e", "f"]  # sorted ids, b (no positive), c (missing), d (corrupt) left out
@@ -262,6 +262,67 @@ def test_bad_input_names_file_and_line(tmp_path, capsys, damage, message):
     assert re.search(message, err), err
 
 
+def test_image_id_that_leaves_the_image_folder_is_refused(tmp_path, capsys):
+    """A list row '../../../secretdir/secret 1' must not pull a file from outside --root into a shard."""
+    root = _make_tree(tmp_path)
+    secret = tmp_path / "secretdir" / "secret.jpg"
+    secret.parent.mkdir()
+    secret.write_bytes(_jpeg(9))
+    for name in CLASSES3:
+        row = "../../../secretdir/secret %2d\n" % (1 if name == "cat" else -1)
+        with open(root / f"ImageSets/Main/{name}_train.txt", "a", newline="") as f:
+            f.write(row)
+    rc = cli.main(["voc", "--root", str(root.parent), "--folder", "MYSET", "--classes", str(tmp_path / "classes.txt"),
+                   "--out", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"ingest voc: error: {root / 'ImageSets/Main/cat_train.txt'}:7: image id "
+                          "'../../../secretdir/secret' leaves the image folder")
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def _xml_box(xmin, ymin, xmax, ymax, name: str = "cat") -> str:
+    return (f"<annotation><size><width>16</width><height>8</height></size><object><name>{name}</name>"
+            f"<bndbox><xmin>{xmin}</xmin><ymin>{ymin}</ymin><xmax>{xmax}</xmax><ymax>{ymax}</ymax></bndbox></object>"
+            f"<object><name>dog</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>16</xmax><ymax>8</ymax></bndbox>"
+            "</object></annotation>")
+
+
+@pytest.mark.parametrize("box, reason", [
+    ((10, 2, 3, 4), "xmax 3 < xmin 10"),
+    ((1, 6, 3, 2), "ymax 2 < ymin 6"),
+    ((-5, 2, 3, 4), "xmin -5 < 0"),
+    ((1, 2, 1e30, 4), "xmax 1e+30 > width 16"),
+    ((1, 2, 3, 9.5), "ymax 9.5 > height 8"),
+])
+def test_invalid_boxes_are_dropped_and_counted_or_fatal_under_strict(tmp_path, caplog, box, reason):
+    root = _make_tree(tmp_path)
+    xml = root / "Annotations" / "a.xml"
+    xml.write_text(_xml_box(*box))
+    classes = tmp_path / "classes.txt"
+    out = tmp_path / "out"
+    m = write_dataset(out, voc.plan(root.parent, folder="MYSET", classes_file=classes), progress=False)
+    assert m.counts["train"]["invalid_boxes"] == 1
+    assert _samples(out, "train")["a"][1]["boxes"] == [{"class": 1, "bbox": [1.0, 1.0, 16.0, 8.0], "difficult": 0}]
+    assert f"{xml}: object 0 (cat): box dropped: {reason}" in caplog.text
+    with pytest.raises(IngestError, match=rf"^{re.escape(str(xml))}: object 0 \(cat\): invalid box: "
+                                          rf"{re.escape(reason)}; fix the XML, or run without --strict"):
+        write_dataset(tmp_path / "strict", voc.plan(root.parent, folder="MYSET", classes_file=classes, strict=True),
+                      progress=False)
+
+
+def test_xml_path_that_is_a_folder_is_one_line(tmp_path, capsys):
+    root = _make_tree(tmp_path)
+    xml = root / "Annotations" / "a.xml"
+    xml.unlink()
+    xml.mkdir()
+    rc = cli.main(["voc", "--root", str(root.parent), "--folder", "MYSET", "--classes", str(tmp_path / "classes.txt"),
+                   "--out", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err == f"ingest voc: error: {xml}: is a folder, not an XML file; remove it or replace it " \
+                              "with the image's annotation\n"
+
+
 def test_missing_devkit_and_overlapping_splits(tmp_path, capsys):
     assert cli.main(["voc", "--root", str(tmp_path), "--out", str(tmp_path / "o"), "--no-progress"]) == 1
     assert f"{tmp_path / 'VOC2012'}: not found; --root must be the VOCdevkit folder" in capsys.readouterr().err
@@ -294,11 +355,14 @@ def test_cli_verify(tmp_path, capsys):
     assert cli.main(["verify", str(out)]) == 0
     assert capsys.readouterr().out == (
         f"ingest verify: {out} is intact (train: 3 samples in 1 shards, test: 0 samples in 0 shards)\n")
-    (out / "train" / "000000.idx").write_text("v1.2 1\n")
+    idx = out / "train" / "000000.idx"
+    size = idx.stat().st_size
+    idx.write_text("v1.2 1\n")
     assert cli.main(["verify", str(out)]) == 1
     assert capsys.readouterr().err.splitlines() == [
-        f"{out / 'train' / '000000.idx'}: does not match the DALI index of 000000.tar; re-run ingest",
-        f"ingest verify: 1 problem(s) in {out}"]
+        f"{idx}: 7 bytes, manifest.json says {size}; re-run ingest for split 'train'",
+        f"{idx}: does not match the DALI index of 000000.tar; re-run ingest",
+        f"ingest verify: 2 problem(s) in {out}"]
     assert cli.main(["verify", str(tmp_path)]) == 1
     assert "manifest.json: not found" in capsys.readouterr().err
 

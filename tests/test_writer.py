@@ -3,6 +3,7 @@ JPEG validation (shards/jpeg.py) and the DALI index (shards/tar.py)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import tarfile
@@ -132,8 +133,8 @@ def test_layout_members_labels_and_manifest_exact(tmp_path):
     assert info.known_per_class == [3, 3, 3]
     assert m.counts["train"] == {"listed": 5, "written": 5, "missing": 0, "corrupt": 0,
                                  "skipped": {"no_positive": 7}, "problems": []}
-    assert m.source == {"root": "src",
-                        "ingest": {"writer_version": 1, "shard_size": 2, "strict": False, "check": "fast"}}
+    assert m.source == {"root": "src", "ingest": {"writer_version": 1, "shard_size": 2, "strict": False,
+                                                  "check": "fast", "max_pixels": 2**28}}
     assert read_manifest(out) == m
 
     members = _tar_members(out / "train" / "000000.tar")
@@ -254,9 +255,9 @@ def _count_loads(monkeypatch) -> list[str]:
     loaded = []
     real = writer._load
 
-    def counting(rec, full):
+    def counting(rec, *args):
         loaded.append(rec.source_id)
-        return real(rec, full)
+        return real(rec, *args)
 
     monkeypatch.setattr(writer, "_load", counting)
     return loaded
@@ -339,15 +340,68 @@ def test_other_plan_or_arguments_are_refused(tmp_path):
     assert _tree(out) == _tree(tmp_path / "fresh")
 
 
-def test_changed_source_on_resume_is_an_error(tmp_path, monkeypatch):
+def _interrupted_ingest(tmp_path: Path, monkeypatch) -> tuple[list[Path], Path]:
+    """The 9 source files of ``_resume_plan`` and an ingest of them into tmp_path/out that crashed right after
+    its third shard commit (train shards 0-2 committed; what a kill -9 there leaves behind)."""
     paths = _files(tmp_path / "src", 9)
-    paths[3].unlink()
+    paths[3].unlink()  # shards: records {0,1} {2,3,4} {5,6} {7,8}
     out = tmp_path / "out"
-    write_dataset(out, _resume_plan(paths), shard_size=2, progress=False)
-    changed = _resume_plan(paths)
-    changed.splits["train"][1].pos = [2]  # a label of record 1 (shard 0) changed since the first run
-    with pytest.raises(IngestError, match=r"000000\.json: records 0\.\.1 of split 'train' differ"):
-        write_dataset(out, changed, shard_size=2, progress=False)
+    calls = []
+    real_commit = writer._commit_shard
+
+    def crash(split_dir, state_dir, shard):
+        calls.append(real_commit(split_dir, state_dir, shard))
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return calls[-1]
+
+    monkeypatch.setattr(writer, "_commit_shard", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        write_dataset(out, _resume_plan(paths), shard_size=2, progress=False)
+    monkeypatch.setattr(writer, "_commit_shard", real_commit)
+    return paths, out
+
+
+@pytest.mark.parametrize("change", ["re-encoded", "same size, new mtime", "deleted", "label"])
+def test_resume_rewrites_from_the_first_shard_whose_source_changed(tmp_path, monkeypatch, caplog, change):
+    """Interrupt, change the source of shard 1, resume: shard 0 is kept, everything from shard 1 is rewritten,
+    and the result is what an uninterrupted ingest of the changed source writes."""
+    paths, out = _interrupted_ingest(tmp_path, monkeypatch)
+    plan = _resume_plan(paths)
+    if change == "re-encoded":
+        paths[4].write_bytes(_jpeg(40, 30, 9))
+    elif change == "same size, new mtime":
+        raw = bytearray(paths[4].read_bytes())
+        raw[-10] = 0x11 if raw[-10] != 0x11 else 0x12  # another byte in the scan data, same size
+        paths[4].write_bytes(bytes(raw))
+        os.utime(paths[4], ns=(paths[4].stat().st_atime_ns, paths[4].stat().st_mtime_ns + 10**9))
+    elif change == "deleted":
+        paths[2].unlink()
+    else:
+        plan.splits["train"][4].pos = [0, 2]  # was [1]
+    loaded = _count_loads(monkeypatch)
+    m = write_dataset(out, plan, shard_size=2, progress=False)
+    assert "shard 000001 of split 'train': its source records or image files changed since the interrupted run; " \
+           "rewriting from it" in caplog.text
+    assert loaded[:2] == ["s2", "s3"]  # shard 0 (s0, s1) kept without reading its images
+    monkeypatch.undo()
+    fresh = tmp_path / "fresh"
+    write_dataset(fresh, plan, shard_size=2, progress=False)
+    assert _tree(out) == _tree(fresh) and verify(out) == []
+    c = m.counts["train"]
+    assert c["missing"] == (2 if change == "deleted" else 1)
+    if change != "label":
+        sample4 = [s for s in open_dataset(out).iter_samples("train") if s.meta["source_id"] == "s4"]
+        assert [s.jpeg for s in sample4] == [paths[4].read_bytes()]
+
+
+def test_resume_after_the_source_lost_records_rewrites_the_tail(tmp_path, monkeypatch):
+    paths, out = _interrupted_ingest(tmp_path, monkeypatch)
+    shorter = _resume_plan(paths)
+    shorter.splits["train"] = shorter.splits["train"][:3]  # the source now ends inside shard 1
+    write_dataset(out, shorter, shard_size=2, progress=False)
+    write_dataset(tmp_path / "fresh", shorter, shard_size=2, progress=False)
+    assert _tree(out) == _tree(tmp_path / "fresh")
 
 
 def test_foreign_folder_is_not_touched(tmp_path):
@@ -400,10 +454,12 @@ def test_reader_round_trip_and_verify_detects_damage(tmp_path):
     table = ipc.open_file(labels.read_bytes()).read_all()
     with ipc.new_file(str(labels), table.schema) as w:
         w.write_table(table.slice(0, 4))
-    assert verify(out) == [f"{labels}: 4 rows, manifest.json says 5 samples"]
+    problems = verify(out)
+    assert problems[-1] == f"{labels}: 4 rows, manifest.json says 5 samples"
+    assert len(problems) == 2 and problems[0].startswith(f"{labels}: ")  # its size or sha256 differs
 
     labels.unlink()
-    with pytest.raises(FormatError, match="labels.arrow: not found"):
+    with pytest.raises(FormatError, match="labels.arrow: listed in manifest.json but not found; re-run ingest"):
         open_dataset(out)
 
 

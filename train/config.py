@@ -50,6 +50,11 @@ Protocol = Annotated[str, Check(parse_protocol, " | ".join(PROTOCOL_FORMS))]
 Optimizer = Literal["adam", "sgd"]
 ValLabels = Literal["clean", "observed"]  # clean: the truth, as Cole et al.; observed: the protocol's labels
 LoaderKind = Literal["auto", "cpu", "dali"]
+#: what is checked of the dataset's files before training: size = each file's size against manifest.json (a
+#: stat each); full = also its sha256 (reads every byte once, with a progress bar)
+Verify = Literal["size", "full"]
+#: a sample that cannot be read or decoded: raise = stop with its shard and key; skip = count it and go on
+OnError = Literal["raise", "skip"]
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]  # auto: bf16 on a GPU that has it, none on CPU
 TableKey = Literal["ll_r", "ll_ct", "ll_cp"]
 #: the delta_rel_table entry a method takes its delta_rel from: the absolute variants share their family's
@@ -68,6 +73,8 @@ class Config:
     split_seed: int = 1200  # Cole et al.'s RandomState(1200) for the 80/20 cut and the label generator
     val_labels: ValLabels = "clean"
     train_fraction: float = 1.0  # use this fraction of the training images (paper Figure 6)
+    verify: Verify = "size"  # checked at the start (shards/reader.py open_dataset)
+    on_error: OnError = "raise"  # both loaders (shards/loader.py, shards/dali.py)
     # ---- model ----
     arch: Arch = "resnet50"
     weights: str = "none"  # none | IMAGENET1K_V1 | IMAGENET1K_V2 | DEFAULT | path/to/weights.pth (train/model.py)

@@ -41,13 +41,13 @@ def build_loader(cfg: Config, accelerator, split: str, sample_ids: np.ndarray | 
                 batch_size=cfg.batch_size if train else cfg.eval_batch_size,
                 image_size=cfg.image_size, train=train, rank=accelerator.process_index,
                 world_size=accelerator.num_processes, seed=cfg.seed, device=accelerator.device,
-                plan_workers=cfg.num_workers,
+                plan_workers=cfg.num_workers, on_error=cfg.on_error,
             )
     return ShardLoader(
         cfg.data, split, sample_ids=sample_ids,
         batch_size=cfg.batch_size if train else cfg.eval_batch_size,
         image_size=cfg.image_size, train=train, rank=accelerator.process_index,
-        world_size=accelerator.num_processes, num_workers=cfg.num_workers, seed=cfg.seed,
+        world_size=accelerator.num_processes, num_workers=cfg.num_workers, seed=cfg.seed, on_error=cfg.on_error,
     )
 
 
@@ -90,7 +90,7 @@ class ImageSource:
 
         cfg = self.cfg
         return ShardLoader(cfg.data, cfg.train_split, sample_ids=sample_ids, batch_size=cfg.eval_batch_size,
-                           image_size=cfg.image_size, train=False, num_workers=cfg.num_workers)
+                           image_size=cfg.image_size, train=False, num_workers=cfg.num_workers, on_error=cfg.on_error)
 
     def write_run_files(self, run) -> None:
         pass

@@ -56,7 +56,7 @@ class Source(Protocol):
 def run(cfg: Config, make_source: Callable[[Config, Dataset], Source]) -> dict[str, Any]:
     """Train, validate and test under ``cfg`` on the source ``make_source(cfg, dataset)``; returns result.json's
     content."""
-    ds = open_dataset(cfg.data)
+    ds = open_dataset(cfg.data, verify=cfg.verify, progress=cfg.progress)
     source = make_source(cfg, ds)  # checks its inputs (weights, feature files) before the run directory exists
     accelerator = source.accelerator()
     main = accelerator.is_main_process

@@ -65,13 +65,14 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from largeloss.shards.format import FormatError
+    from largeloss.shards.loader import SampleError
     from largeloss.train.images import ImageSource
     from largeloss.train.loop import run
     from largeloss.train.model import WeightsError
 
     try:
         run(cfg, ImageSource)
-    except (WeightsError, FileExistsError, FormatError) as e:  # bad input: one line, no traceback
+    except (WeightsError, FileExistsError, FormatError, SampleError) as e:  # bad input: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -12,10 +12,15 @@
 (c) ``--part coco``: time and peak RSS of the COCO adapter's json loading and record building on a
     generated ``instances_train2014.json`` of the real size (82,783 images, 604,907 annotations with
     polygon segmentations; ``--coco-scale`` scales it).
+(d) ``--part hostile``: ``--check full`` (``validate_jpeg(full=True)``) on a 16 x 8 JPEG whose header
+    declares W x W pixels: at the default ``--max-pixels`` (60000 x 60000 is refused by its header;
+    16384 x 16384, the largest allowed, is decoded at 1/8 scale) and with the limit lifted to 60000^2,
+    against the full-size strict decode the check made before (``decode_jpeg(..., min_factor=8)``
+    without a minimum size, which does not reduce the scale).
 
-Measurements (b) and (c) run in a child process that reports its own ``ru_maxrss`` (peak RSS,
-interpreter and imports included). Generated inputs are cached in ``--tmp`` (default: the system
-temporary folder) and reused by later runs with the same sizes.
+Measurements (b), (c) and (d) run in a child process that reports its own ``ru_maxrss`` (peak RSS,
+interpreter and imports included; (d) reports the growth during the call). Generated inputs are
+cached in ``--tmp`` (default: the system temporary folder) and reused by later runs with the same sizes.
 """
 from __future__ import annotations
 
@@ -298,10 +303,51 @@ def bench_coco(tmp: Path, scale: float) -> None:
     print(f"    peak RSS {r['peak_rss_mb']:.0f} MiB (after json load: {r['peak_rss_after_load_mb']:.0f} MiB)")
 
 
+# ------------------------------------------------------------------------- (d) --check full, hostile headers
+
+def child_hostile(spec: str) -> None:
+    import simplejpeg
+
+    from largeloss.shards.jpeg import CorruptImage, validate_jpeg
+
+    side, limit, how = spec.split(":")
+    side, limit = int(side), int(limit)
+    data = bytearray(simplejpeg.encode_jpeg(np.zeros((8, 16, 3), np.uint8), quality=90))
+    sof = data.find(b"\xff\xc0")  # SOF0: precision (1 byte), then height and width (2 bytes each)
+    data[sof + 5: sof + 9] = side.to_bytes(2, "big") * 2
+    rss0 = peak_rss_mb()
+    t0 = time.perf_counter()
+    try:
+        if how == "ours":
+            validate_jpeg(bytes(data), full=True, max_pixels=limit)
+        else:  # the check before: a strict decode at full size
+            simplejpeg.decode_jpeg(bytes(data), colorspace="GRAY", min_factor=8, strict=True)
+        outcome = "accepted"
+    except (CorruptImage, ValueError) as e:
+        outcome = str(e)[:70]
+    print(json.dumps({"s": time.perf_counter() - t0, "rss_mb": peak_rss_mb() - rss0, "outcome": outcome}))
+
+
+def bench_hostile() -> None:
+    from largeloss.shards.jpeg import DEFAULT_MAX_PIXELS
+
+    def run(spec: str) -> dict:
+        out = subprocess.run([sys.executable, __file__, "--child-hostile", spec], check=True, capture_output=True,
+                             text=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    for side, limit in ((60000, DEFAULT_MAX_PIXELS), (16384, DEFAULT_MAX_PIXELS), (60000, 60000**2)):
+        ours, before = run(f"{side}:{limit}:ours"), run(f"{side}:{limit}:before")
+        print(f"(d) {side}x{side} declared, --max-pixels {limit}: {ours['s'] * 1000:.1f} ms, +{ours['rss_mb']:.0f} MiB "
+              f"({ours['outcome']}); full-size decode: {before['s'] * 1000:.0f} ms, +{before['rss_mb']:.0f} MiB; "
+              f"time x{ours['s'] / before['s']:.4f}, memory x{max(ours['rss_mb'], 0.01) / before['rss_mb']:.4f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", default="write,openimages",
-                   help="comma-separated parts: write (a), openimages (b), coco (c) (default write,openimages)")
+                   help="comma-separated parts: write (a), openimages (b), coco (c), hostile (d) "
+                        "(default write,openimages)")
     p.add_argument("--jpegs", type=int, default=500, help="(a) number of JPEGs (default 500)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="(a) writer threads")
     p.add_argument("--rows", type=int, default=REAL_ROWS, help=f"(b) CSV rows (default {REAL_ROWS:,}, the real file)")
@@ -312,7 +358,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="folder for generated inputs, reused between runs")
     p.add_argument("--child-openimages", help=argparse.SUPPRESS)
     p.add_argument("--child-coco", help=argparse.SUPPRESS)
+    p.add_argument("--child-hostile", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.child_hostile:
+        child_hostile(args.child_hostile)
+        return 0
     if args.child_openimages:
         child_openimages(args.child_openimages)
         return 0
@@ -329,8 +379,10 @@ def main(argv: list[str] | None = None) -> int:
             bench_openimages(args.tmp, args.rows, images)
         elif part == "coco":
             bench_coco(args.tmp, args.coco_scale)
+        elif part == "hostile":
+            bench_hostile()
         else:
-            raise SystemExit(f"unknown --part {part!r}; choose from write, openimages, coco")
+            raise SystemExit(f"unknown --part {part!r}; choose from write, openimages, coco, hostile")
     return 0
 
 
