@@ -21,4 +21,9 @@ def path(name: str) -> Path:
 
 def method(name: str) -> Path:
     """The shipped config of a training method (``methods/<name>.yaml``)."""
-    return path(f"methods/{name}.yaml")
+    methods = Path(str(files(__package__))) / "methods"
+    p = methods / f"{name}.yaml"
+    if not p.is_file():
+        known = sorted(q.stem for q in methods.glob("*.yaml"))
+        raise FileNotFoundError(f"{p}: not found; known methods: {', '.join(known)}")
+    return p

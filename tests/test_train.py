@@ -195,23 +195,6 @@ def test_analyses_on_the_demo(demo, tmp_path, capsys):
     assert "Table 1" in out and "Table 4" in out and "Figure 4" in out
 
 
-def test_largeloss_demo_driver(demo, tmp_path, capsys):
-    """The README's main job driver: runs each method in its own process, keeps finished runs on re-run,
-    and prints the report table."""
-    from largeloss.train.demo import main as demo_main
-
-    sets = [x for kv in TINY + ["epochs=1"] for x in ("--set", kv)]
-    args = ["--data", str(demo), "--runs", str(tmp_path), "--methods", "an", "ll_ct", *sets]
-    assert demo_main(args) == 0
-    first = capsys.readouterr().out
-    assert "| Naive AN |" in first and "| LL-Ct |" in first
-    assert (tmp_path / "table.csv").is_file() and (tmp_path / "val_map.png").is_file()
-    mtime = (tmp_path / "demo-an-s0" / "result.json").stat().st_mtime_ns
-    assert demo_main(args) == 0
-    assert "finished earlier, kept" in capsys.readouterr().out
-    assert (tmp_path / "demo-an-s0" / "result.json").stat().st_mtime_ns == mtime
-
-
 def test_missing_weights_fail_before_the_run_directory(demo, tmp_path, monkeypatch, capsys):
     import torch
 
