@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
-from tqdm import tqdm
 
 from .format import (
     FORMAT_VERSION,
@@ -77,6 +76,7 @@ from .ingest_state import (
 )
 from .jpeg import DEFAULT_MAX_PIXELS, MAX_PIXELS_LIMIT, CorruptImage, validate_jpeg
 from .labels import LabelsBuilder, label_schema, write_labels
+from .progress import progress_bar
 from .tar import TarBytes, format_dali_index, sample_members, write_synced_text
 
 CHECK_MODES = ("fast", "full")
@@ -365,8 +365,7 @@ def _write_split(run: _Run, split: str, records: Iterable[Record]) -> _SplitResu
     counts = {"missing": 0, "corrupt": 0}
     problems: list[list] = []
     total = len(records) if hasattr(records, "__len__") else None
-    bar = tqdm(total=total, desc=f"ingest {split}", unit="img", disable=not run.progress, dynamic_ncols=True,
-               mininterval=0.5)
+    bar = progress_bar(total, f"ingest {split}", "img", enabled=run.progress)
     items: Iterator[tuple[int, Record]] = enumerate(records)
     first_record = 0
 

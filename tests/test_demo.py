@@ -1,5 +1,5 @@
-"""The embedded demo dataset: a deterministic, well-formed VOC tree (ingest/demo_images.py), and `ingest demo`
-(ingest/demo.py)."""
+"""The embedded demo dataset: real handwritten digits composed into a deterministic, well-formed VOC tree
+(ingest/demo_images.py), and `ingest demo` (ingest/demo.py)."""
 from __future__ import annotations
 
 import json
@@ -52,7 +52,8 @@ def all_files(devkit: Path) -> dict[str, bytes]:
 def test_layout_and_counts(tree: Path):
     assert tree.name == "VOCDEMO" and tree.parent.name == "VOCdevkit"
     assert (tree / "classes.txt").read_text(encoding="utf-8").split("\n") == [*demo_images.CLASSES, ""]
-    assert len(demo_images.CLASSES) == len(set(demo_images.CLASSES)) == 20
+    assert demo_images.CLASSES == ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
+                                   "nine")
     ids = [f"demo_{i:06d}" for i in range(N_TRAIN + N_TEST)]
     assert sorted(p.stem for p in (tree / "JPEGImages").glob("*.jpg")) == ids
     assert sorted(p.stem for p in (tree / "Annotations").glob("*.xml")) == ids
@@ -79,25 +80,34 @@ def test_lists_annotations_and_images_agree(tree: Path):
         root = ET.parse(tree / "Annotations" / f"{image_id}.xml").getroot()
         assert root.findtext("filename") == f"{image_id}.jpg"
         w, h = int(root.findtext("size/width")), int(root.findtext("size/height"))
-        img = cv2.imread(str(tree / "JPEGImages" / f"{image_id}.jpg"), cv2.IMREAD_COLOR)
-        assert img.shape == (h, w, 3)
-        assert 128 <= w <= 256 and 128 <= h <= 256
+        img = cv2.imread(str(tree / "JPEGImages" / f"{image_id}.jpg"), cv2.IMREAD_GRAYSCALE)
+        assert img.shape == (h, w) == (64, 64)
         objects = root.findall("object")
         assert 1 <= len(objects) <= 4
-        assert {o.findtext("name") for o in objects} == pos
+        names = [o.findtext("name") for o in objects]
+        assert len(set(names)) == len(names) and set(names) == pos  # distinct classes, one digit each
+        cells = set()
         for o in objects:
             assert o.findtext("difficult") == "0"
-            xmin, ymin, xmax, ymax = (float(o.findtext(f"bndbox/{t}")) for t in ("xmin", "ymin", "xmax", "ymax"))
-            # VOC's 1-based inclusive pixel coordinates
-            assert 1 <= xmin <= xmax <= w and 1 <= ymin <= ymax <= h, (image_id, xmin, ymin, xmax, ymax)
-            # nominal diameter >= 20 % of the short side (>= 25 px here), shrunk to at most 0.85^3 of it
-            # when it did not fit; the minor extent of a thin shape (ellipse) can be a few pixels
-            assert max(xmax - xmin, ymax - ymin) >= 12
-    assert 1.3 < np.mean(n_pos) < 2.7  # about 2 positives per image (40+10 images: loose bounds)
+            x0, y0, x1, y1 = (int(o.findtext(f"bndbox/{t}")) for t in ("xmin", "ymin", "xmax", "ymax"))
+            # VOC's 1-based inclusive pixels, inside one 32 x 32 cell of the 2 x 2 grid
+            assert 1 <= x0 <= x1 <= w and 1 <= y0 <= y1 <= h, (image_id, x0, y0, x1, y1)
+            cell = ((x0 - 1) // 32, (y0 - 1) // 32)
+            assert cell == ((x1 - 1) // 32, (y1 - 1) // 32)
+            cells.add(cell)
+            # the digit is drawn in its box: bright ink inside (JPEG noise outside the boxes stays dark)
+            assert img[y0 - 1:y1, x0 - 1:x1].max() > 128
+        assert len(cells) == len(objects)  # one digit per cell
+        ink = np.zeros_like(img, dtype=bool)
+        for o in objects:
+            x0, y0, x1, y1 = (int(o.findtext(f"bndbox/{t}")) for t in ("xmin", "ymin", "xmax", "ymax"))
+            ink[y0 - 1:y1, x0 - 1:x1] = True
+        assert img[~ink].max() < 64  # nothing bright outside the digits' boxes
+    assert 1.7 < np.mean(n_pos) < 2.9  # 2.3 positives per image on average (40 + 10 images: loose bounds)
 
 
-def test_deterministic_across_runs_and_workers(tree: Path, tmp_path: Path):
-    again = demo_images.write_voc_tree(tmp_path / "b", n_train=N_TRAIN, n_test=N_TEST, seed=3, workers=2)
+def test_deterministic_across_runs(tree: Path, tmp_path: Path):
+    again = demo_images.write_voc_tree(tmp_path / "b", n_train=N_TRAIN, n_test=N_TEST, seed=3)
     a, b = all_files(tree), all_files(again)
     assert a.keys() == b.keys()
     assert [k for k in a if a[k] != b[k]] == []
@@ -111,18 +121,40 @@ def test_test_images_do_not_depend_on_n_train(tmp_path: Path):
     for j in range(2):  # test image j is demo_{n_train + j}
         assert (small / "JPEGImages" / f"demo_{2 + j:06d}.jpg").read_bytes() == \
             (large / "JPEGImages" / f"demo_{5 + j:06d}.jpg").read_bytes()
-    img, objects = demo_images.render_image(0, 1, 0)
-    img2, objects2 = demo_images.render_image(0, 1, 0)
+    digits, labels = demo_images.load_digits()
+    pools = demo_images.digit_pools(labels)[1]
+    img, objects = demo_images.compose_image(digits, pools, 0, 1, 0, 64)
+    img2, objects2 = demo_images.compose_image(digits, pools, 0, 1, 0, 64)
     assert np.array_equal(img, img2) and objects == objects2
 
 
-def test_size_range(tmp_path: Path):
-    devkit = demo_images.write_voc_tree(tmp_path, n_train=6, n_test=2, min_size=96, max_size=100)
-    for p in (devkit / "JPEGImages").glob("*.jpg"):
-        h, w = cv2.imread(str(p)).shape[:2]
-        assert 96 <= h <= 100 and 96 <= w <= 100
-    with pytest.raises(ValueError, match="size range"):
-        demo_images.write_voc_tree(tmp_path, n_train=1, n_test=1, min_size=200, max_size=100)
+def test_digit_pools_are_disjoint_and_keep_test_digits_out_of_training(tmp_path: Path, monkeypatch):
+    digits, labels = demo_images.load_digits()
+    assert digits.shape == (1797, 8, 8) and digits.dtype == np.uint8 and digits.max() == 255
+    train, test = demo_images.digit_pools(labels)
+    for c in range(10):
+        assert np.intersect1d(train[c], test[c]).size == 0
+        assert sorted(np.concatenate([train[c], test[c]])) == list(np.flatnonzero(labels == c))
+        assert (labels[train[c]] == c).all() and len(train[c]) == round(0.8 * (labels == c).sum())
+    # paint every training-pool digit 80 and every test-pool digit 240: the composed training images may only
+    # hold the first, the test images only the second
+    marked = np.zeros_like(digits)
+    for c in range(10):
+        marked[train[c]] = 80
+        marked[test[c]] = 240
+    monkeypatch.setattr(demo_images, "load_digits", lambda: (marked, labels))
+    devkit = demo_images.write_voc_tree(tmp_path, n_train=30, n_test=30, seed=1)
+    for i in range(60):
+        img = cv2.imread(str(devkit / "JPEGImages" / f"demo_{i:06d}.jpg"), cv2.IMREAD_GRAYSCALE)
+        ink = np.median(img[img > 40])
+        assert abs(ink - (80 if i < 30 else 240)) < 15, (i, ink)
+
+
+def test_size_and_count_checks(tmp_path: Path):
+    devkit = demo_images.write_voc_tree(tmp_path, n_train=3, n_test=1, size=20)
+    assert cv2.imread(str(devkit / "JPEGImages" / "demo_000000.jpg")).shape == (20, 20, 3)
+    with pytest.raises(ValueError, match="size must be in 16..1024"):
+        demo_images.write_voc_tree(tmp_path, n_train=1, n_test=1, size=8)
     with pytest.raises(ValueError, match="n_train"):
         demo_images.write_voc_tree(tmp_path, n_train=0, n_test=1)
 
@@ -187,58 +219,86 @@ def test_cli_ingests_the_generated_lists(tmp_path: Path):
     assert cli.main(argv) == 0
     assert (out / "manifest.json").read_bytes() == before
     # bad arguments end with a message, not a traceback
-    assert cli.main(["demo", "--out", str(tmp_path / "bad"), "--size", "300", "200", "--no-progress"]) == 1
+    assert cli.main(["demo", "--out", str(tmp_path / "bad"), "--size", "2000", "--no-progress"]) == 1
 
-
-def test_kill_dash_9_of_ingest_demo_leaves_no_worker_behind(tmp_path: Path):
-    """kill -9 of `ingest demo` while its worker processes draw images: the workers (and with them the
-    multiprocessing resource tracker) must not outlive it."""
+def test_kill_dash_9_during_composition_leaves_nothing_behind(tmp_path: Path):
+    """kill -9 of `ingest demo` while it composes images: it runs in one process (nothing to outlive it), the
+    half-written tree stays in a temporary folder, and the next run removes it and writes the complete tree."""
     import os
     import signal
     import subprocess
     import sys
     import time
 
-    import psutil
-
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "largeloss.ingest", "demo", "--out", str(out), "--n-train", "20000",
-                             "--n-test", "10", "--workers", "2", "--no-progress"],
+    parent = out / "_source_voc" / "VOCdevkit"
+    proc = subprocess.Popen([sys.executable, "-m", "largeloss.ingest", "demo", "--out", str(out), "--n-train",
+                             "50000", "--n-test", "10", "--no-progress"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    children: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 120
-        jpegs = out / "_source_voc" / "VOCdevkit"
-        while time.monotonic() < deadline:  # wait until both workers are drawing
-            children = psutil.Process(proc.pid).children(recursive=True)
-            workers = [c for c in children if "spawn_main" in " ".join(c.cmdline())]
-            if len(workers) == 2 and any(jpegs.glob(".VOCDEMO.partial-*/JPEGImages/*.jpg")):
-                break
+        while not any(parent.glob(".VOCDEMO.partial-*/JPEGImages/*.jpg")):
+            assert time.monotonic() < deadline and proc.poll() is None, "composition did not start"
             time.sleep(0.1)
-        else:
-            pytest.fail(f"the workers did not start drawing: children {children}")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
-
-        def alive() -> list[str]:
-            out = []
-            for c in children:
-                try:
-                    if c.status() != psutil.STATUS_ZOMBIE:
-                        out.append(" ".join(c.cmdline())[:100])
-                except psutil.NoSuchProcess:
-                    pass
-            return out
-
-        deadline = time.monotonic() + 10
-        while alive() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert alive() == []
     finally:
-        for c in children:  # never leave a process behind, whatever the outcome
-            try:
-                c.kill()
-            except psutil.NoSuchProcess:
-                pass
         if proc.poll() is None:
             proc.kill()
+    assert [p.name for p in parent.iterdir()] == [f".VOCDEMO.partial-{proc.pid}"]  # never a half VOCDEMO
+    devkit, reused = demo_images.ensure_voc_tree(out / "_source_voc", n_train=3, n_test=1, verbose=False)
+    assert not reused and [p.name for p in parent.iterdir()] == ["VOCDEMO"]
+    assert len(list((devkit / "JPEGImages").glob("*.jpg"))) == 4
+
+
+def _run(method: str, delta: float, seed: int, val: float):
+    from largeloss.eval.rundir import Run
+
+    return Run(path=Path(f"/runs/{method}-{delta}-s{seed}"), config={"delta_rel": delta}, dataset="demo",
+               method=method, seed=seed, protocol="single_positive", epochs=[],
+               result={"best_val_map": val, "test_map": 0.5})
+
+
+def test_delta_rel_is_chosen_on_mean_validation_map():
+    from largeloss.train.demo import choose_deltas, selected
+
+    runs = [_run("an", 0.2, 0, 0.60), _run("an", 0.2, 1, 0.62),
+            # LL-R: delta 0.5 -> mean val (0.70 + 0.66) / 2 = 0.68; delta 1.0 -> (0.69 + 0.69) / 2 = 0.69: 1.0 wins
+            _run("ll_r", 0.5, 0, 0.70), _run("ll_r", 0.5, 1, 0.66),
+            _run("ll_r", 1.0, 0, 0.69), _run("ll_r", 1.0, 1, 0.69),
+            # LL-Ct: a tie (0.65 both): the smaller delta
+            _run("ll_ct", 0.5, 0, 0.65), _run("ll_ct", 1.0, 0, 0.65)]
+    chosen, table = choose_deltas(runs)
+    assert chosen == {"ll_r": 1.0, "ll_ct": 0.5}
+    assert table.header == ["Method", "δ 0.5", "δ 1"]
+    assert table.rows == [["LL-R", "68.0 ± 2.8 (2 seeds)", "69.0 ± 0.0 (2 seeds) **<-**"],
+                          ["LL-Ct", "65.0 **<-**", "65.0"]]
+    assert [(r.method, r.config["delta_rel"], r.seed) for r in selected(runs, chosen)] == [
+        ("an", 0.2, 0), ("an", 0.2, 1), ("ll_r", 1.0, 0), ("ll_r", 1.0, 1), ("ll_ct", 0.5, 0)]
+
+
+def test_largeloss_demo_end_to_end(tmp_path: Path, capsys):
+    """The main job on a tiny dataset: data, features, every head, the choice of delta_rel, tables and figures;
+    run again, it finds everything done and prints the same table."""
+    from largeloss.train.demo import main
+
+    argv = ["--data", str(tmp_path / "data"), "--runs", str(tmp_path / "runs"), "--n-train", "60", "--n-test", "20",
+            "--seeds", "0", "--deltas", "0.5", "2", "--jobs", "1", "--set", "epochs=3"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    runs = tmp_path / "runs"
+    table = (runs / "table.md").read_text(encoding="utf-8")
+    for row in ("| Full label |", "| Naive AN |", "| LL-R |", "| LL-Ct |", "| LL-Cp |"):
+        assert row in table and row in out
+    assert "delta_rel chosen on validation" in table and "Table 1 analogue (Naive AN)" in table
+    assert f"wrote {runs / 'table.md'}" in out
+    for png in ("val_map.png", "delta_rel.png"):
+        assert (runs / png).stat().st_size > 1000
+    heads = sorted(p.name for p in (runs / "heads").iterdir() if (p / "result.json").is_file())
+    assert heads == sorted(["full-s0", "an-s0"] + [f"{m}-delta_rel={d}-s0" for m in ("ll_cp", "ll_ct", "ll_r")
+                                                   for d in ("0.5", "2.0")])
+    assert (runs / "heads" / "an-s0" / "analysis" / "memorization.png").is_file()
+    assert sorted(p.name for p in (runs / "features").iterdir()) == ["test.json", "test.npy", "train.json", "train.npy"]
+    assert main(argv) == 0
+    again = capsys.readouterr().out
+    assert "0 to train" in again and (runs / "table.md").read_text(encoding="utf-8") == table

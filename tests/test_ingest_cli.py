@@ -28,9 +28,8 @@ def test_registry_order_is_the_help_order():
     (["cub", "--root", "R"], cub, {"root": Path("R"), "strict": False}),
     (["openimages", "--splits", "test", "--images", "I"], openimages,
      {"root": Path("."), "images": Path("I"), "splits": "test", "strict": False}),
-    (["demo", "--n-test", "7", "--size", "64", "80", "--workers", "3", "--no-progress"], demo,
-     {"n_train": 2000, "n_test": 7, "seed": 0, "size": [64, 80], "tree": None, "out": Path("O"), "workers": 3,
-      "progress": False}),
+    (["demo", "--n-test", "7", "--size", "80", "--workers", "3", "--no-progress"], demo,
+     {"n_train": 2000, "n_test": 7, "seed": 0, "size": 80, "tree": None, "out": Path("O"), "progress": False}),
 ])
 def test_options_reach_plan_as_keywords(argv, module, want, monkeypatch, capsys):
     """The adapter's own options by dest, plus the common ones its plan names (out, workers, strict, progress)."""

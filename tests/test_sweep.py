@@ -8,6 +8,7 @@ import sys
 import pytest
 import yaml
 
+from largeloss import configs
 from largeloss.eval import report, tables
 from largeloss.eval.rundir import find_runs
 from largeloss.train import sweep
@@ -41,10 +42,10 @@ def test_plan_names_states_and_validation(cfg_file, tmp_path):
         "an-delta_rel=0.4-train_fraction=0.5-s0", "an-delta_rel=0.4-train_fraction=0.5-s1"]
     assert len(jobs) == 8 and all(j.state == "new" for j in jobs)
     full = jobs[4]
-    assert full.configs == [cfg_file, str(sweep.METHODS_DIR / "full.yaml")]
+    assert full.configs == [cfg_file, str(configs.method("full"))]
     cmd = full.command(None)
     assert cmd[:3] == [sys.executable, "-m", "largeloss.train.main"]
-    assert cmd[3:] == ["--config", cfg_file, "--config", str(sweep.METHODS_DIR / "full.yaml"), "lr=0.01",
+    assert cmd[3:] == ["--config", cfg_file, "--config", str(configs.method("full")), "lr=0.01",
                        "delta_rel=0.1", "train_fraction=0.5", "seed=0", f"out={out}",
                        "run_name=full-delta_rel=0.1-train_fraction=0.5-s0"]
     assert full.command("F")[:6] == [sys.executable, "-m", "largeloss.train.features", "train", "--features-dir", "F"]

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..shards.progress import progress_bar
 from .loop import make_accelerator, run
 
 FORMAT = "largeloss-features"
@@ -97,11 +98,7 @@ def extract(data: str | os.PathLike, split: str, arch: str, weights: str, image_
     feats = None
     seen = np.zeros(n, dtype=bool)
     t0 = time.time()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n, desc=f"features {split}", unit="img", dynamic_ncols=True)
+    bar = progress_bar(n, f"features {split}", "img", enabled=progress)
     try:
         with torch.no_grad():
             for images, ids in loader:
@@ -113,8 +110,7 @@ def extract(data: str | os.PathLike, split: str, arch: str, weights: str, image_
                     raise RuntimeError(f"features {split}: sample {ids[seen[ids]][0]} delivered twice by the loader")
                 seen[ids] = True
                 feats[ids] = f.astype(dtype)
-                if bar is not None:
-                    bar.update(len(ids))
+                bar.update(len(ids))
         if not seen.all():
             raise RuntimeError(f"features {split}: {int((~seen).sum())} of {n} samples never came out of the loader "
                                f"(e.g. id {int(np.flatnonzero(~seen)[0])}); run `ingest verify {data}`")
@@ -125,8 +121,7 @@ def extract(data: str | os.PathLike, split: str, arch: str, weights: str, image_
         del feats
         os.replace(tmp, out)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
         if tmp.exists():
             tmp.unlink()
     meta = {

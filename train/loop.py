@@ -30,12 +30,13 @@ from ..eval.rundir import RunDir, default_name
 from ..shards import protocols
 from ..shards.format import UNLISTED_NEGATIVE, UNLISTED_UNKNOWN
 from ..shards.labelstore import LabelStore
+from ..shards.progress import progress_bar
 from ..shards.reader import Dataset, open_dataset
 from . import checkpoint as ckpt
 from .config import Config, to_dict
 from .evaluate import evaluate
 from .hooks import Hooks, fault_point
-from .losses import compute_loss
+from .losses import TOPK_METHODS, compute_loss
 
 
 class Source(Protocol):
@@ -87,7 +88,7 @@ def run(cfg: Config, make_source: Callable[[Config, Dataset], Source]) -> dict[s
     val_loader = source.eval_loader(accelerator, cfg.train_split, val_ids)
     test_loader = source.eval_loader(accelerator, cfg.test_split, None)
     log(f"{dataset_name}: {ds.num_classes} classes, train {len(train_ids)} / val {len(val_ids)} / test "
-        f"{len(stores.test_ids)}; method {method} (delta_rel {cfg.loss.delta_rel}); {accelerator.num_processes} "
+        f"{len(stores.test_ids)}; method {method}{_delta_rel(cfg)}; {accelerator.num_processes} "
         f"process(es) on {accelerator.device}; loader {type(train_loader).__name__}; run dir {rundir.path}")
 
     start_epoch, best_map, best_epoch, stopped_early = 1, -math.inf, 0, False
@@ -223,13 +224,11 @@ def train_epoch(epoch: int, model, optimizer, loader, store: LabelStore, cfg: Co
         stats.steps, stats.images = stats.steps + 1, stats.images + len(ids)
         stats.loss_sum += float(out.loss.detach())
         stats.modified += out.num_modified
-        if bar is not None:
-            bar.update(1)
-            if step % 5 == 0:
-                rate = stats.images * accelerator.num_processes / max(time.time() - t0, 1e-9)
-                bar.set_postfix(loss=f"{stats.loss_sum / stats.steps:.4f}", img_s=f"{rate:.1f}")
-    if bar is not None:
-        bar.close()
+        bar.update(1)
+        if step % 5 == 0:
+            rate = stats.images * accelerator.num_processes / max(time.time() - t0, 1e-9)
+            bar.set_postfix(loss=f"{stats.loss_sum / stats.steps:.4f}", img_s=f"{rate:.1f}")
+    bar.close()
     stats.seconds = time.time() - t0
     return stats
 
@@ -378,16 +377,13 @@ def result_record(cfg: Config, dataset_name: str, manifest, best_epoch: int, bes
 
 
 def _progress(cfg: Config, accelerator, total: int, epoch: int):
-    if not (cfg.progress and accelerator.is_main_process):
-        return None
-    import sys
+    return progress_bar(total, f"epoch {epoch}", "batch", enabled=cfg.progress and accelerator.is_main_process,
+                        leave=False)
 
-    from tqdm.auto import tqdm
 
-    # redirected to a file (nohup, a cluster's log): a line every 30 s instead of ten a second
-    interval = 0.1 if sys.stderr.isatty() else 30.0
-    return tqdm(total=total, desc=f"epoch {epoch}", unit="batch", dynamic_ncols=True, leave=False,
-                mininterval=interval)
+def _delta_rel(cfg: Config) -> str:
+    """The banner's note of the modification rate, for the methods that have one."""
+    return f" (delta_rel {cfg.loss.delta_rel})" if cfg.loss.method in TOPK_METHODS else ""
 
 
 def _tensorboard(run: RunDir):

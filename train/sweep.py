@@ -24,17 +24,17 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import multiprocessing
 import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import configs
 from ..eval.rundir import RunDir, RunDirError, load_run
-
-ROOT = Path(__file__).resolve().parents[1]
-METHODS_DIR = ROOT / "configs" / "methods"
 
 
 @dataclass
@@ -49,16 +49,22 @@ class Job:
     seconds: float = 0.0
     grid: dict[str, str] = field(default_factory=dict)
 
-    def command(self, features_dir: str | None) -> list[str]:
-        if features_dir is not None:
-            cmd = [sys.executable, "-m", "largeloss.train.features", "train", "--features-dir", features_dir]
-        else:
-            cmd = [sys.executable, "-m", "largeloss.train.main"]
+    def argv(self, features_dir: str | None) -> list[str]:
+        """The trainer's arguments: ``python -m <module(features_dir)> <argv>`` runs this job."""
+        args = ["train", "--features-dir", features_dir] if features_dir is not None else []
         if self.state == "resume":
-            return cmd + [f"resume={self.run_dir}", "progress=false"]
+            return args + [f"resume={self.run_dir}", "progress=false"]
         for c in self.configs:
-            cmd += ["--config", c]
-        return cmd + self.overrides
+            args += ["--config", c]
+        return args + self.overrides
+
+    def command(self, features_dir: str | None) -> list[str]:
+        return [sys.executable, "-m", trainer_module(features_dir), *self.argv(features_dir)]
+
+
+def trainer_module(features_dir: str | None) -> str:
+    """The trainer a sweep runs: heads on cached features, or the end-to-end trainer."""
+    return "largeloss.train.features" if features_dir is not None else "largeloss.train.main"
 
 
 def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
@@ -83,11 +89,10 @@ def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
 
 
 def method_config(method: str) -> str:
-    path = METHODS_DIR / f"{method}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in METHODS_DIR.glob("*.yaml"))
-        raise ValueError(f"--methods {method}: {path} not found; known methods: {', '.join(known)}")
-    return str(path)
+    try:
+        return str(configs.method(method))
+    except FileNotFoundError as e:
+        raise ValueError(f"--methods {method}: {e}") from None
 
 
 def _safe(value: str) -> str:
@@ -132,15 +137,23 @@ def plan_jobs(configs: list[str], methods: list[str], grid: list[tuple[str, list
 
 def _env(jobs: int) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if jobs > 1 and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
     return env
 
 
-def run_jobs(jobs: list[Job], out: Path, n_parallel: int, features_dir: str | None) -> list[Job]:
-    """Run the jobs that are not done, ``n_parallel`` at a time; returns the jobs that failed."""
+def run_jobs(jobs: list[Job], out: Path, n_parallel: int, features_dir: str | None,
+             in_process: bool = False) -> list[Job]:
+    """Run the jobs that are not done, ``n_parallel`` at a time; returns the jobs that failed.
+
+    Each run is its own process (``python -m <trainer>``), or with ``in_process`` a call of the trainer's
+    ``main()`` inside one of ``n_parallel`` long-lived worker processes, which saves the seconds of importing
+    torch per run (what a head on cached features spends most of its time on). Worker processes use
+    ``cpus // n_parallel`` torch threads each.
+    """
     todo = [j for j in jobs if j.state != "done"]
+    if in_process:
+        return _run_in_pool(todo, out, n_parallel, features_dir)
     env = _env(n_parallel)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     running: list[tuple[Job, subprocess.Popen, float, object]] = []
@@ -177,13 +190,57 @@ def run_jobs(jobs: list[Job], out: Path, n_parallel: int, features_dir: str | No
     return failed
 
 
-def _finished(job: Job, failed: list[Job]) -> None:
+def _run_in_pool(todo: list[Job], out: Path, n_parallel: int, features_dir: str | None) -> list[Job]:
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // n_parallel)
+    failed: list[Job] = []
+    # spawn, not fork: a forked worker would inherit this process's torch / OpenMP thread pools
+    with ProcessPoolExecutor(max_workers=n_parallel, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_pool_worker_init, initargs=(threads,)) as pool:
+        pending = {}
+        for job in todo:
+            job.log = out / "logs" / f"{job.name}.log"
+            pending[pool.submit(_pool_run, features_dir, job.argv(features_dir), str(job.log))] = job
+        for i, fut in enumerate(as_completed(pending), 1):
+            job = pending[fut]
+            job.returncode, job.seconds = fut.result()
+            _finished(job, failed, f"{i}/{len(todo)} ")
+    return failed
+
+
+def _pool_worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _pool_run(features_dir: str | None, argv: list[str], log: str) -> tuple[int, float]:
+    """One run inside a pool worker: the trainer's ``main(argv)``, its output in ``log``; (exit status, seconds)."""
+    import contextlib
+    import traceback
+
+    if features_dir is not None:
+        from .features import main as trainer_main
+    else:
+        from .main import main as trainer_main
+    t0 = time.time()
+    with open(log, "w", encoding="utf-8") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+        try:
+            rc = trainer_main(argv)
+        except Exception:  # a failed run is reported and logged; the other runs go on
+            traceback.print_exc()
+            rc = 1
+    return rc, time.time() - t0
+
+
+def _finished(job: Job, failed: list[Job], count: str = "") -> None:
     ok = job.returncode == 0 and RunDir(job.run_dir).finished
+    if ok:
+        print(f"[sweep] {count}done {job.name} in {job.seconds:.0f} s", flush=True)
+        return
     where = f" (log {job.log})" if job.log is not None and job.log.exists() and job.log.stat().st_size else ""
-    print(f"[sweep] {'done' if ok else 'FAILED'} {job.name} in {job.seconds:.0f} s"
-          f"{'' if ok else f' (exit {job.returncode})'}{where}", flush=True)
-    if not ok:
-        failed.append(job)
+    print(f"[sweep] {count}FAILED {job.name} in {job.seconds:.0f} s (exit {job.returncode}){where}", flush=True)
+    failed.append(job)
 
 
 def main(argv=None) -> int:
@@ -196,6 +253,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--out", default="runs/sweep", help="parent of the run directories (default runs/sweep)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the trainer inside --jobs long-lived worker processes instead of one process per run "
+                        "(saves importing torch per run; for heads on cached features)")
     p.add_argument("--features-dir", help="train heads on cached features (python -m largeloss.train.features train)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state, start nothing")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
@@ -218,7 +278,7 @@ def main(argv=None) -> int:
         for j in jobs:
             print(f"{j.state:6s} {j.run_dir}  {' '.join(j.command(args.features_dir)[1:])}")
         return 0
-    failed = run_jobs(jobs, out, args.jobs, args.features_dir)
+    failed = run_jobs(jobs, out, args.jobs, args.features_dir, in_process=args.in_process)
     from ..eval.tables import ReportError, datasets_table, render_markdown, sweep_table
 
     try:
