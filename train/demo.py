@@ -102,26 +102,34 @@ class _Stop(Exception):
 
 
 def _ensure_data(data: Path, n_train: int, n_test: int) -> None:
-    if (data / "manifest.json").is_file():
-        print(f"[demo] dataset {data}: there already", flush=True)
-        return
+    """``ingest demo`` into ``data``: writes it, or (same arguments, complete) finds it done in a second."""
     from ..ingest.cli import main as ingest_main  # the one arrow from train/ to ingest/: the demo builds its data
 
-    print(f"[demo] composing the demo dataset into {data}", flush=True)
+    print(f"[demo] the demo dataset in {data}", flush=True)
     argv = ["demo", "--out", str(data), "--n-train", str(n_train), "--n-test", str(n_test), "--no-progress"]
     if ingest_main(argv) != 0:
-        raise _Stop(f"`ingest demo --out {data}` failed (see above)")
+        raise _Stop(f"`ingest {' '.join(argv)}` failed (above); if {data} holds another dataset (an older demo), "
+                    "delete it or pass another --data")
 
 
 def _ensure_features(data: Path, feats: Path, config: str) -> Path:
+    """The cached features of both splits, extracted again when they are missing or belong to another
+    dataset, backbone or image size than the config's."""
     from .config import build_config
-    from .features import extract, sidecar_path
+    from .features import FeaturesError, extract, read_features, sha256_file
 
     cfg = build_config([config], [f"data={data}"])
+    manifest_sha = sha256_file(data / "manifest.json")
     for split in (cfg.train_split, cfg.test_split):
         out = feats / f"{split}.npy"
-        if sidecar_path(out).is_file():
-            continue
+        try:
+            _, meta = read_features(out)
+            wanted = (manifest_sha, cfg.arch, cfg.weights, cfg.image_size)
+            if (meta["manifest_sha256"], meta["arch"], meta["weights"], meta["image_size"]) == wanted:
+                continue
+            print(f"[demo] {out} was extracted from another dataset or backbone: extracting again", flush=True)
+        except FeaturesError:
+            pass  # not there yet, or incomplete
         t0 = time.time()
         meta = extract(data, split, cfg.arch, cfg.weights, cfg.image_size, out, batch_size=32, progress=False)
         print(f"[demo] {split} features: {meta['num_samples']} x {meta['dim']} ({cfg.arch}, {cfg.weights}, "
