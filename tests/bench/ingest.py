@@ -8,7 +8,11 @@
     ``annotations-human.csv`` shaped like the real train file (20,868,755 rows over 9,011,219 images,
     the 5,000 real trainable MIDs plus non-trainable ones; ``--rows``/``--images`` scale it down):
     the streaming parse, then building every record (as if all images were on disk). Targets: peak
-    RSS <= 2 GB and <= 3 minutes on 2 cores.
+    RSS <= 2 GB and <= 3 minutes on 2 cores. ``--engine`` picks the parse: ``pyarrow`` (the adapter's
+    ``parse_annotations``), ``polars`` (the same result from a lazy ``polars.scan_csv``, defined here:
+    ``parse_annotations_polars``; needs ``pip install polars``, which is not a dependency) or ``both``
+    (default: one child process per engine and run, ``--repeats`` times alternating; prints the ratio
+    polars/pyarrow of the best times and of the peak RSS, and whether both results are identical).
 (c) ``--part coco``: time and peak RSS of the COCO adapter's json loading and record building on a
     generated ``instances_train2014.json`` of the real size (82,783 images, 604,907 annotations with
     polygon segmentations; ``--coco-scale`` scales it).
@@ -179,16 +183,105 @@ def _write_rows(sink, schema, per_image, ids, rng, mids, sources, n_trainable, e
             first = last
 
 
-def child_openimages(csv_path: str) -> None:
+def parse_annotations_polars(path: Path, mids: list[str]):
+    """``openimages.parse_annotations`` (same ``ParsedSplit``, same counts) with polars instead of pyarrow.
+
+    A lazy ``pl.scan_csv`` of every column as a string (a projection would let rows with extra fields pass
+    unseen: the reader skips the rest of a line), LabelName joined against the trainable MIDs, Confidence
+    checked and cast in the query; per batch of 65,536 rows the distinct ImageIDs (hash, in order of first
+    occurrence) and each trainable row's code into them (join); then one sort of the concatenated batch
+    dictionaries (rank of each code) and the adapter's own numpy CSR step (``_csr``). What the adapter skips
+    or names by line (malformed rows, empty fields, a bad Confidence or ImageID) only raises here: the
+    benchmark input has none."""
+    import polars as pl
+    import pyarrow as pa
+
+    from largeloss.ingest.openimages import _csr
+    from largeloss.shards.format import IngestError
+
+    lf = pl.scan_csv(path, infer_schema=False, null_values=[""])
+    names = lf.collect_schema().names()
+    if not {"ImageID", "LabelName", "Confidence"} <= set(names):
+        raise IngestError(f"{path}:1: header must name ImageID, LabelName and Confidence, got {names}")
+    mid_index = pl.LazyFrame({"LabelName": mids, "_cls": pl.Series(np.arange(len(mids), dtype=np.uint16))})
+    conf = pl.col("Confidence").cast(pl.Float32, strict=False)
+    q = (lf.select(pl.col("ImageID"), pl.col("LabelName"), _val=(conf == 1).cast(pl.UInt8),
+                   _ok=pl.all_horizontal(pl.all().is_not_null()) & ((conf == 0) | (conf == 1)).fill_null(False))
+         .join(mid_index, on="LabelName", how="left")
+         .select("ImageID", "_cls", "_val", "_ok"))
+    batch_dicts: list = []
+    pre_codes: list = []
+    classes: list = []
+    values: list = []
+    dict_offset = rows = non_trainable = 0
+    for batch in q.collect_batches(chunk_size=1 << 16, maintain_order=False):
+        n = batch.height
+        if n == 0:
+            continue
+        if not batch["_ok"].all():
+            raise IngestError(f"{path}: a row with an empty or missing field or a Confidence other than 0 or 1")
+        distinct = batch["ImageID"].unique(maintain_order=True)
+        kept = batch.filter(pl.col("_cls").is_not_null()).join(
+            distinct.to_frame().with_row_index("_code"), on="ImageID", how="left")
+        batch_dicts.append(distinct)
+        pre_codes.append(kept["_code"].to_numpy().astype(np.uint32) + np.uint32(dict_offset))
+        classes.append(kept["_cls"].to_numpy())
+        values.append(kept["_val"].to_numpy())
+        dict_offset += len(distinct)
+        rows += n
+        non_trainable += n - kept.height
+    if not batch_dicts:
+        return _csr(path, pa.array([], pa.string()), np.zeros(0, np.uint64), [], [], [], rows, non_trainable, 0)
+    # compacted through Arrow: each batch's polars string views point into that batch's whole ImageID buffer,
+    # which keeps every row's bytes alive and makes the sort below about twice as slow
+    all_ids = pl.from_arrow(pa.concat_arrays([d.to_arrow() for d in batch_dicts]))
+    del batch_dicts[:]
+    order = all_ids.arg_sort()
+    sorted_ids = all_ids.gather(order)
+    del all_ids
+    order = order.to_numpy()
+    first = np.ones(len(sorted_ids), bool)
+    first[1:] = (sorted_ids.slice(1) != sorted_ids.slice(0, len(sorted_ids) - 1)).to_numpy()
+    distinct = sorted_ids.filter(pl.Series(first))
+    del sorted_ids
+    if distinct.str.contains("/", literal=True).any() or distinct.str.contains("\x00", literal=True).any():
+        raise IngestError(f"{path}: an ImageID that is not a plain file name")
+    image_ids = distinct.to_arrow().cast(pa.string())
+    del distinct
+    code_to_rank = np.empty(len(order), np.uint64)
+    code_to_rank[order] = np.cumsum(first, dtype=np.uint64) - np.uint64(1)
+    del order, first
+    return _csr(path, image_ids, code_to_rank, pre_codes, classes, values, rows, non_trainable, 0)
+
+
+def parsed_digest(parsed) -> str:
+    """sha256 of a ParsedSplit's ImageIDs, CSR arrays and counts: equal results, equal digests."""
+    import hashlib
+
+    h = hashlib.sha256()
+    ids = parsed.image_ids
+    offsets = np.frombuffer(ids.buffers()[1], np.int32)[ids.offset: ids.offset + len(ids) + 1]
+    h.update((offsets - offsets[0]).tobytes())
+    if len(ids):
+        h.update(memoryview(ids.buffers()[2])[int(offsets[0]): int(offsets[-1])])
+    for a in (parsed.pos_offsets, parsed.pos_classes, parsed.neg_offsets, parsed.neg_classes):
+        h.update(np.ascontiguousarray(a).tobytes())
+    h.update(json.dumps([parsed.rows, parsed.counts], sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def child_openimages(csv_path: str, engine: str) -> None:
     import pyarrow as pa
 
     from largeloss.ingest.openimages import SplitRecords, parse_annotations, read_trainable
 
     mids = read_trainable(TRAINABLE)
+    parse = parse_annotations_polars if engine == "polars" else parse_annotations
     t0 = time.perf_counter()
-    parsed = parse_annotations(Path(csv_path), mids)
+    parsed = parse(Path(csv_path), mids)
     t_parse = time.perf_counter() - t0
     rss_parse = peak_rss_mb()
+    digest = parsed_digest(parsed)
     # the on-disk check of build(): 3,448,376 / 9,011,219 of the images (the paper's downloadable
     # share) as the listing of the image folder, looked up with one hash join
     import pyarrow.compute as pc
@@ -211,31 +304,55 @@ def child_openimages(csv_path: str) -> None:
         n_neg += len(r.neg)
     t_iter = time.perf_counter() - t0
     print(json.dumps({"parse_s": t_parse, "records_s": t_iter, "on_disk_s": t_disk, "on_disk": n_disk,
-                      "records": n, "pos": n_pos, "neg": n_neg,
+                      "records": n, "pos": n_pos, "neg": n_neg, "digest": digest,
                       "images": len(parsed.image_ids), "rows": parsed.rows, "counts": parsed.counts,
                       "peak_rss_after_parse_mb": rss_parse, "peak_rss_mb": peak_rss_mb(),
                       "arrow_pool_peak_mb": pa.default_memory_pool().max_memory() / 2**20}))
 
 
-def bench_openimages(tmp: Path, rows: int, images: int) -> None:
+def bench_openimages(tmp: Path, rows: int, images: int, engine: str = "both", repeats: int = 1) -> None:
     csv_path = tmp / f"oi_annotations_{rows}_{images}.csv"
     if not csv_path.exists():
         t0 = time.perf_counter()
         generate_openimages_csv(csv_path, rows, images)
         print(f"(b) generated {csv_path} ({csv_path.stat().st_size / 2**20:.0f} MiB) in "
               f"{time.perf_counter() - t0:.0f} s")
-    t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, __file__, "--child-openimages", str(csv_path)], check=True,
-                         capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    r = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"(b) OpenImages annotations-human.csv: {r['rows']:,} rows, {r['images']:,} images, cpus={os.cpu_count()}")
-    print(f"    parse {r['parse_s']:.1f} s + build {r['records']:,} records {r['records_s']:.1f} s; "
-          f"child wall {wall:.1f} s (with interpreter start and imports)")
+    engines = ["pyarrow", "polars"] if engine == "both" else [engine]
+    runs: dict[str, list[dict]] = {e: [] for e in engines}
+    for _ in range(repeats):
+        for e in engines:  # alternating, so that load from other work falls on both
+            t0 = time.perf_counter()
+            out = subprocess.run([sys.executable, __file__, "--child-openimages", str(csv_path), "--engine", e],
+                                 check=True, capture_output=True, text=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            r["wall_s"] = time.perf_counter() - t0
+            runs[e].append(r)
+    r = runs[engines[0]][0]
+    print(f"(b) OpenImages annotations-human.csv: {r['rows']:,} rows, {r['images']:,} images, cpus={os.cpu_count()}, "
+          f"{repeats} run(s) per engine")
+    best = {}
+    for e in engines:
+        b = best[e] = {"parse_s": min(x["parse_s"] for x in runs[e]), "wall_s": min(x["wall_s"] for x in runs[e]),
+                       "rss_parse": max(x["peak_rss_after_parse_mb"] for x in runs[e]),
+                       "rss": max(x["peak_rss_mb"] for x in runs[e])}
+        r = runs[e][0]
+
+        def times(key: str, e: str = e) -> str:
+            return ", ".join(f"{x[key]:.1f}" for x in runs[e])
+
+        print(f"  {e}: parse {times('parse_s')} s + build {r['records']:,} records {times('records_s')} s; child wall "
+              f"{times('wall_s')} s (with interpreter start and imports)")
+        print(f"    peak RSS {b['rss']:.0f} MiB (after the parse: {b['rss_parse']:.0f} MiB; Arrow pool peak "
+              f"{max(x['arrow_pool_peak_mb'] for x in runs[e]):.0f} MiB)   targets: <= 2048 MiB, <= 180 s")
     print(f"    on-disk lookup of {r['images']:,} ImageIDs in a listing of {r['on_disk']:,}: {r['on_disk_s']:.1f} s")
-    print(f"    peak RSS {r['peak_rss_mb']:.0f} MiB (after the parse: {r['peak_rss_after_parse_mb']:.0f} MiB; "
-          f"Arrow pool peak {r['arrow_pool_peak_mb']:.0f} MiB)   targets: <= 2048 MiB, <= 180 s")
     print(f"    labels kept: {r['pos']:,} pos / {r['neg']:,} neg; row counts {r['counts']}")
+    if len(engines) == 2:
+        a, b = best["pyarrow"], best["polars"]
+        same = len({x["digest"] for e in engines for x in runs[e]}) == 1
+        print(f"    ratio polars/pyarrow (best times, highest RSS): parse x{b['parse_s'] / a['parse_s']:.2f}, "
+              f"child wall x{b['wall_s'] / a['wall_s']:.2f}, peak RSS after the parse "
+              f"x{b['rss_parse'] / a['rss_parse']:.2f}, peak RSS x{b['rss'] / a['rss']:.2f}; "
+              f"results {'identical' if same else 'DIFFER'}")
 
 
 # ------------------------------------------------------------------------------------ (c) COCO json
@@ -353,6 +470,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=REAL_ROWS, help=f"(b) CSV rows (default {REAL_ROWS:,}, the real file)")
     p.add_argument("--images", type=int, default=None,
                    help=f"(b) distinct images (default rows x {REAL_IMAGES / REAL_ROWS:.3f}, as in the real file)")
+    p.add_argument("--engine", choices=["pyarrow", "polars", "both"], default="both",
+                   help="(b) the parse to measure: the adapter's (pyarrow), the polars one defined here, or both "
+                        "(default), with their ratio")
+    p.add_argument("--repeats", type=int, default=1, help="(b) runs per engine, alternating (default 1)")
     p.add_argument("--coco-scale", type=float, default=1.0, help="(c) fraction of the real train2014 json size")
     p.add_argument("--tmp", type=Path, default=Path(tempfile.gettempdir()) / "largeloss_bench_ingest",
                    help="folder for generated inputs, reused between runs")
@@ -364,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         child_hostile(args.child_hostile)
         return 0
     if args.child_openimages:
-        child_openimages(args.child_openimages)
+        child_openimages(args.child_openimages, args.engine)
         return 0
     if args.child_coco:
         child_coco(args.child_coco)
@@ -376,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
             bench_write(args.tmp, args.jpegs, args.workers)
         elif part == "openimages":
             images = args.images if args.images is not None else max(1, round(args.rows * REAL_IMAGES / REAL_ROWS))
-            bench_openimages(args.tmp, args.rows, images)
+            bench_openimages(args.tmp, args.rows, images, args.engine, args.repeats)
         elif part == "coco":
             bench_coco(args.tmp, args.coco_scale)
         elif part == "hostile":
