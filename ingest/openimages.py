@@ -54,7 +54,9 @@ once (rank of each distinct ImageID), and the rows are sorted in place as one ui
 first and last rows give its smallest and largest value (a conflict when they differ). The result
 is CSR (per-image offsets into uint16 class arrays); records are built from it lazily, one Python
 step per image. ``tests/bench/ingest.py --part openimages`` measures it on a generated CSV of the real
-size (the README's benchmark table; target: <= 2 GB, <= 3 minutes).
+size (the README's benchmark table; target: <= 2 GB, <= 3 minutes), against a polars version of the same
+parse (lazy ``scan_csv``, LabelName joined to the trainable MIDs, batch dictionaries unified by one sort):
+polars was slower at about the same memory, so the parse stays on pyarrow.
 """
 from __future__ import annotations
 
@@ -202,12 +204,6 @@ class ParsedSplit:
 
 def parse_annotations(path: Path, mids: list[str], *, strict: bool = False) -> ParsedSplit:
     """Stream ``annotations-human.csv`` into a ``ParsedSplit`` (vectorised per batch, no per-row Python)."""
-    if os.environ.get("LARGELOSS_OI_ENGINE", "pyarrow") == "polars":
-        return _parse_polars(Path(path), mids, strict=strict)
-    return _parse_pyarrow(Path(path), mids, strict=strict)
-
-
-def _parse_pyarrow(path: Path, mids: list[str], *, strict: bool = False) -> ParsedSplit:
     value_set = pa.array(mids, pa.string())
     invalid: list[pacsv.InvalidRow] = []
 
@@ -342,7 +338,9 @@ def _group(path: Path, batch_dicts: list[pa.Array], pre_codes: list[np.ndarray |
 def _csr(path: Path, image_ids: pa.Array, code_to_rank: np.ndarray, pre_codes: list[np.ndarray | None],
          classes: list[np.ndarray | None], values: list[np.ndarray | None], rows: int, non_trainable: int,
          malformed: int) -> ParsedSplit:
-    """Trainable rows (batch codes, classes, values) -> CSR, given each batch code's rank in sorted ImageID order."""
+    """Trainable rows (batch codes, classes, values) -> CSR, given each batch code's rank in sorted ImageID
+    order (``image_ids``: the distinct ImageIDs in that order). Shared with the polars parse that
+    tests/bench/ingest.py measures against this one."""
     n_images = len(image_ids)
 
     # One uint64 per trainable row: (image rank << 17) | (class << 1) | value, filled batch by batch
@@ -405,186 +403,6 @@ def _csr(path: Path, image_ids: pa.Array, code_to_rank: np.ndarray, pre_codes: l
     log.info("%s: %d rows, %d images, %d positive and %d negative labels", path, rows, n_images,
              len(pos_classes), len(neg_classes))
     return parsed
-
-
-REQUIRED = ("ImageID", "LabelName", "Confidence")
-
-
-class _Recheck(Exception):
-    """A row the vectorised pass does not accept as it is: the exact row scan decides (error or skip)."""
-
-
-def _parse_polars(path: Path, mids: list[str], *, strict: bool = False) -> ParsedSplit:
-    import polars as pl
-    from polars.exceptions import NoDataError, PolarsError
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; each split needs <split>/{ANNOTATIONS} from the V3 "
-                                f"human-annotations tarball (or leave the split out with --splits)")
-    try:
-        names = pl.scan_csv(path, infer_schema=False).collect_schema().names()
-    except NoDataError:
-        names = []
-    except PolarsError as e:
-        raise IngestError(f"{path}:1: unreadable header ({_first_line(e)}); the file is damaged, extract it "
-                          "again") from None
-    if not set(REQUIRED) <= set(names):
-        raise IngestError(f"{path}:1: header must name ImageID, LabelName and Confidence "
-                          f"(ImageID,Source,LabelName,Confidence), got {','.join(names)!r}")
-    try:
-        return _polars_pass(path, mids, names)
-    except (_Recheck, PolarsError) as e:
-        why = e
-    # Something to reject or skip: an empty field, a Confidence other than 0 or 1, an ImageID that is not
-    # a file name (all errors), or a row with a wrong field count or a blank line (skipped). The exact row
-    # scan raises the first error; otherwise polars reads the file again without the rows to skip.
-    skip, first_malformed = _scan_rows(path, names)
-    malformed = len(skip) - sum(1 for _, bad in skip if bad is None)
-    if first_malformed is not None:
-        line, n_fields, text = first_malformed
-        if strict:
-            raise IngestError(f"{path}:{line}: expected {len(names)} fields, got {n_fields}: {text!r} ({malformed} "
-                              f"such rows; drop --strict to skip them)")
-        log.warning("%s: %d rows with a wrong field count skipped (first: %r)", path, malformed, text)
-    if not skip:
-        raise IngestError(f"{path}: {_first_line(why)}; the file is damaged, extract it again")
-    try:
-        return _polars_pass(path, mids, names, skip=[k for k, _ in skip], malformed=malformed)
-    except (_Recheck, PolarsError) as e:
-        raise IngestError(f"{path}: {_first_line(e)}; the file is damaged (line ends or quoting that the row scan "
-                          f"reads differently), extract it again") from None
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-def _polars_pass(path: Path, mids: list[str], names: list[str], *, skip: list[int] | None = None,
-                 malformed: int = 0) -> ParsedSplit:
-    """One lazy polars scan of the three columns in batches; raises ``_Recheck`` (or a polars error) for a row
-    it does not accept as it is. ``skip``: 0-based indices of the records after the header to leave out."""
-    import polars as pl
-
-    lf = pl.scan_csv(path, infer_schema=False, null_values=[""], truncate_ragged_lines=skip is not None)
-    if skip:
-        lf = lf.with_row_index("_row").filter(~pl.col("_row").is_in(pl.Series(skip, dtype=pl.UInt32).implode())).drop(
-            "_row")
-    mid_index = pl.LazyFrame({"LabelName": mids, "_cls": pl.Series(np.arange(len(mids), dtype=np.uint16))})
-    conf = pl.col("Confidence").cast(pl.Float32, strict=False)
-    # A missing field (short row, blank line) reads as null. A row with extra fields is an error only when
-    # every column is read (with a projection the reader skips the rest of the line): so all are read.
-    complete = pl.all_horizontal(pl.all().is_not_null())
-    q = (lf.select(pl.col("ImageID"), pl.col("LabelName"), _val=(conf == 1).cast(pl.UInt8),
-                   _ok=complete & ((conf == 0) | (conf == 1)).fill_null(False))
-         .join(mid_index, on="LabelName", how="left")
-         .select("ImageID", "_cls", "_val", "_ok"))
-    batch_dicts: list[pl.Series] = []
-    pre_codes: list[np.ndarray | None] = []
-    classes: list[np.ndarray | None] = []
-    values: list[np.ndarray | None] = []
-    dict_offset = rows = non_trainable = 0
-    for batch in q.collect_batches(chunk_size=max(1, _BLOCK // 64), maintain_order=False):
-        n = batch.height
-        if n == 0:
-            continue
-        if not batch["_ok"].all():
-            raise _Recheck("a row with an empty or missing field or a Confidence other than 0 or 1")
-        distinct = batch["ImageID"].unique()
-        kept = batch.filter(pl.col("_cls").is_not_null()).join(
-            distinct.to_frame().with_row_index("_code"), on="ImageID", how="left")
-        batch_dicts.append(distinct)
-        pre_codes.append(kept["_code"].to_numpy().astype(np.uint32) + np.uint32(dict_offset))
-        classes.append(kept["_cls"].to_numpy())
-        values.append(kept["_val"].to_numpy())
-        dict_offset += len(distinct)
-        rows += n
-        non_trainable += n - kept.height
-    # unify the batch dictionaries by sorting them once: pre-code -> rank in sorted ImageID order
-    if batch_dicts:
-        all_ids = pl.concat(batch_dicts, rechunk=True)
-        del batch_dicts[:]
-        order = all_ids.arg_sort()
-        sorted_ids = all_ids.gather(order)
-        del all_ids
-        order = order.to_numpy()
-        first = np.ones(len(sorted_ids), bool)
-        if len(sorted_ids) > 1:
-            first[1:] = (sorted_ids.slice(1) != sorted_ids.slice(0, len(sorted_ids) - 1)).to_numpy()
-        distinct = sorted_ids.filter(pl.Series(first))
-        del sorted_ids
-        if distinct.str.contains("/", literal=True).any() or distinct.str.contains("\x00", literal=True).any():
-            raise _Recheck("an ImageID that is not a plain file name")
-        image_ids = distinct.to_arrow().cast(pa.string())
-        del distinct
-        code_to_rank = np.empty(len(order), np.uint64)
-        code_to_rank[order] = np.cumsum(first, dtype=np.uint64) - np.uint64(1)
-        del order, first
-    else:
-        image_ids = pa.array([], pa.string())
-        code_to_rank = np.zeros(0, np.uint64)
-    return _csr(path, image_ids, code_to_rank, pre_codes, classes, values, rows, non_trainable, malformed)
-
-
-def _scan_rows(path: Path, names: list[str]) -> tuple[list[tuple[int, int | None]], tuple[int, int, str] | None]:
-    """The exact row scan (Python ``csv``), run only when the vectorised pass met a row it does not accept:
-    raises the first data row's error naming its line, else returns the records to skip (index after the
-    header, field count or None for a blank line) and the first malformed one (line, fields, text)."""
-    import polars as pl
-
-    col = {name: names.index(name) for name in REQUIRED}
-    skip: list[tuple[int, int | None]] = []
-    first: tuple[int, int, str] | None = None
-    lines: list[str] = []
-    n_read = 0
-
-    def tap(f) -> Iterator[str]:
-        nonlocal n_read
-        for line in f:
-            n_read += 1
-            lines.append(line)
-            yield line
-
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(tap(f))
-        try:
-            header: list[str] = []
-            while not header:  # blank lines before the header are no rows
-                header = next(reader, ["?"])
-            k = -1
-            while True:
-                start = n_read + 1
-                del lines[:]
-                row = next(reader, None)
-                if row is None:
-                    break
-                k += 1
-                if not row:
-                    skip.append((k, None))
-                    continue
-                if len(row) != len(names):
-                    skip.append((k, len(row)))
-                    if first is None:
-                        first = (start, len(row), "".join(lines).rstrip("\r\n"))
-                    continue
-                image_id, label, value = row[col["ImageID"]], row[col["LabelName"]], row[col["Confidence"]]
-                if not image_id or not label or not value:
-                    raise IngestError(f"{path}:{start}: empty ImageID, LabelName or Confidence")
-                if value not in ("0", "1"):
-                    c = pl.Series([value]).cast(pl.Float32, strict=False)[0]  # as the vectorised pass reads it
-                    if c is None:
-                        raise IngestError(f"{path}:{start}: Confidence {value!r} is not a number (1 = positive, "
-                                          f"0 = verified negative)")
-                    if c != 0 and c != 1:
-                        raise IngestError(f"{path}:{start}: Confidence {c:g} is neither 1 (positive) nor 0 "
-                                          f"(verified negative); is this annotations-machine.csv?")
-                if "/" in image_id or "\x00" in image_id:
-                    raise IngestError(f"{path}:{start}: ImageID {image_id!r} is not a plain file name (it names "
-                                      "<images>/<ImageID>.jpg); fix or remove the row")
-        except csv.Error as e:
-            raise IngestError(f"{path}:{n_read}: malformed CSV ({e})") from None
-        except UnicodeDecodeError as e:
-            raise IngestError(f"{path}: not valid UTF-8 near line {n_read + 1} ({e.reason})") from None
-    return skip, first
 
 
 def _data_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:

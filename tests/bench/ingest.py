@@ -29,6 +29,7 @@ cached in ``--tmp`` (default: the system temporary folder) and reused by later r
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -318,6 +319,11 @@ def bench_openimages(tmp: Path, rows: int, images: int, engine: str = "both", re
         print(f"(b) generated {csv_path} ({csv_path.stat().st_size / 2**20:.0f} MiB) in "
               f"{time.perf_counter() - t0:.0f} s")
     engines = ["pyarrow", "polars"] if engine == "both" else [engine]
+    if "polars" in engines and importlib.util.find_spec("polars") is None:
+        if engine == "polars":
+            raise SystemExit("--engine polars: polars is not installed (not a dependency): pip install polars")
+        print("(b) polars is not installed (not a dependency; pip install polars): measuring pyarrow only")
+        engines = ["pyarrow"]
     runs: dict[str, list[dict]] = {e: [] for e in engines}
     for _ in range(repeats):
         for e in engines:  # alternating, so that load from other work falls on both
