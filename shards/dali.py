@@ -47,18 +47,19 @@ The pipeline
 
 ``external_source`` (encoded bytes, ids, flips) -> ``decoders.image`` to RGB (``mixed``: nvJPEG and the
 hardware decoder, with libjpeg-turbo's "fancy" chroma upsampling; ``cpu``: libjpeg-turbo; EXIF
-orientation ignored, as the CPU loader does) -> two ``resize`` stages that reproduce the CPU loader's
-``decode_image``: its reduced-DCT-scale decode of images >= 2x the target (factor f in 1, 2, 4, 8, output
-``ceil(side / f)``; f is computed from ``peek_image_shape``) becomes an antialiased linear downscale to
-the same size (an identity for f = 1), then the squash to (S, S) is a linear resize without
-antialiasing, which is ``cv2.INTER_LINEAR`` -> ``crop_mirror_normalize`` with mean 0, std 1 and uint8
-output: only the per-sample horizontal flip from the plan and HWC -> CHW. No normalisation: images
-stay uint8, as with the CPU loader.
+orientation ignored, as the CPU loader does) -> ``resize`` to (S, S) with the linear filter and
+antialiasing: the triangle filter widened by the reduction, which is PIL's bilinear filter, the one the
+reference code resizes with and the CPU loader's ``shards.jpeg.resize_square`` -> ``crop_mirror_normalize``
+with mean 0, std 1 and uint8 output: only the per-sample horizontal flip from the plan and HWC -> CHW.
+No normalisation: images stay uint8, as with the CPU loader.
 
-Agreement with the CPU loader (CPU operators, measured in tests/test_dali.py): when an image is not at
-least twice the target on both sides (f = 1: VOC/COCO at 448), every pixel is within 1 grey level (rounding
-of the same bilinear filter on the same libjpeg-turbo output). At f >= 2 (OpenImages at 224) the
-filters differ (libjpeg-turbo's scaled IDCT against a triangle filter): about 2 levels mean absolute
+Agreement with the reference filter and the CPU loader (CPU operators, measured in tests/test_dali.py):
+on a 1024x768 photo, mean |DALI - torchvision's Resize(antialias=True)| is a fraction of a grey level
+at 224 and 448. When an image is not at least twice the target on both sides (VOC/COCO at 448), the
+CPU loader decodes at full size as well, and the two differ by rounding (torch rounds to uint8 between
+the horizontal and the vertical pass, DALI does not): a fraction of a level on average, a few levels
+at single high-contrast pixels. At f >= 2 (OpenImages at 224) the CPU loader decodes at a reduced DCT
+scale first (libjpeg-turbo's scaled IDCT, a different low-pass filter): about 2 levels mean absolute
 difference per image at f = 2, up to ~100 levels at single high-contrast edge pixels. On the GPU,
 nvJPEG's IDCT adds a further difference of a few levels.
 
@@ -358,22 +359,10 @@ class DaliLoader:
                 adjust_orientation=False,  # EXIF orientation ignored, as in the CPU loader (and PIL)
                 **decoder_options,
             )
-            # Two resize stages reproduce the CPU loader's decode_image: (1) its reduced-DCT-scale decode
-            # (factor f = the largest of 1, 2, 4, 8 with both sides >= 2*f*S; output ceil(side / f)) as an
-            # antialiased linear downscale (an identity for f = 1); (2) cv2.INTER_LINEAR to (S, S), which
-            # is DALI's linear filter without antialiasing (same half-pixel-centre convention).
+            # The reference's filter (PIL's antialiased bilinear, as the CPU loader's resize_square): DALI's
+            # linear filter with antialiasing is the same triangle filter, widened by the reduction.
             s = self.image_size
-            shape = fn.peek_image_shape(jpegs, adjust_orientation=False, dtype=types.INT64)  # [H, W, C]
-            h, w = shape[0], shape[1]
-            f = 1 + (h >= 2 * s) * (w >= 2 * s) + 2 * (h >= 4 * s) * (w >= 4 * s) + 4 * (h >= 8 * s) * (w >= 8 * s)
-            images = fn.resize(
-                images,
-                resize_x=fn.cast((w + f - 1) // f, dtype=types.FLOAT),
-                resize_y=fn.cast((h + f - 1) // f, dtype=types.FLOAT),
-                interp_type=types.INTERP_LINEAR,
-                antialias=True,
-            )
-            images = fn.resize(images, resize_x=s, resize_y=s, interp_type=types.INTERP_LINEAR, antialias=False)
+            images = fn.resize(images, resize_x=s, resize_y=s, interp_type=types.INTERP_LINEAR, antialias=True)
             images = fn.crop_mirror_normalize(
                 images, dtype=types.UINT8, output_layout="CHW", mirror=flips, mean=0.0, std=1.0
             )

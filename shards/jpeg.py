@@ -14,8 +14,8 @@ IMREAD_REDUCED_* / IMREAD_COLOR_RGB flags would also do). Grayscale and CMYK JPE
 (libjpeg-turbo converts Adobe CMYK; tested). When an image is at least twice the target on both sides
 it is decoded at a reduced DCT scale, 1/2, 1/4 or 1/8, the largest that keeps both sides >= S (only
 powers of two: libjpeg-turbo has SIMD IDCTs for them, and a 5/8 scale was slower than a full decode),
-then squash-resized to (S, S) with ``cv2.INTER_LINEAR``. EXIF orientation is ignored, as PIL's
-``Image.open`` does. Normalisation is left to the device.
+then squash-resized to (S, S) with the reference's antialiased bilinear filter (``resize_square``).
+EXIF orientation is ignored, as PIL's ``Image.open`` does. Normalisation is left to the device.
 """
 from __future__ import annotations
 
@@ -130,9 +130,30 @@ def decode_rgb(data: bytes, size: int) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
+def resize_square(img: np.ndarray, size: int) -> np.ndarray:
+    """Squash-resize an HxWx3 uint8 array to (size, size, 3) with the reference's filter.
+
+    The reference code resizes PIL images (``transforms.Resize``: PIL's antialiased bilinear filter, a
+    triangle whose support grows with the reduction). This is the same filter: torch's uint8
+    ``interpolate(mode="bilinear", antialias=True)``, which torchvision's ``Resize(antialias=True)``
+    calls on tensors and which rounds as PIL does. ``cv2.INTER_LINEAR`` (no antialiasing) aliases at
+    reductions >= 1.5 and ``cv2.INTER_AREA`` (a box) is farther from the reference and slower
+    (tests/test_loader.py measures the distance, the README's benchmark table the cost). Upscaling is
+    plain bilinear, as in PIL.
+    """
+    # torch is imported here, not at the top: ingest validates JPEGs with this module without torch
+    import torch
+    import torch.nn.functional as F
+
+    # An NCHW view with channels-last strides: torch's vectorised uint8 kernel, no copy in or out
+    t = torch.from_numpy(img).permute(2, 0, 1).unsqueeze(0)
+    out = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return np.ascontiguousarray(out[0].permute(1, 2, 0).numpy())
+
+
 def decode_image(data: bytes, size: int) -> np.ndarray:
     """Decode and squash-resize to (size, size, 3) uint8 RGB (aspect ratio not kept, as in the paper)."""
     img = decode_rgb(data, size)
     if img.shape[:2] != (size, size):
-        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
+        img = resize_square(img, size)
     return img

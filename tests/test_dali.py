@@ -17,6 +17,7 @@ import torch
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install 'largeloss[dali]')")
 
 import simplejpeg  # noqa: E402
+from test_loader import photo_1024x768, reference_resize  # noqa: E402
 
 from largeloss.shards import dali  # noqa: E402
 from largeloss.shards.dali import DaliLoader  # noqa: E402
@@ -154,25 +155,26 @@ def _pixel_diffs(d: DaliLoader, c: ShardLoader, epoch: int = 1):
 
 
 @pytest.mark.parametrize("train", [False, True])
-def test_pixels_within_one_level_without_reduced_dct_scale(root, train):
-    """S = 136: every image is < 2S = 272 px on its sides, so the CPU loader decodes at full scale and
-    resizes with cv2.INTER_LINEAR. DALI's CPU decoder is libjpeg-turbo as well and its linear resize
-    without antialiasing is the same filter, so pixels agree up to rounding: max 1 level. In training
-    mode this also proves that the flips are the same (a missed flip differs by tens of levels)."""
+def test_pixels_close_without_reduced_dct_scale(root, train):
+    """S = 136: every image is < 2S = 272 px on its sides, so the CPU loader decodes at full scale like DALI,
+    and both resize with the antialiased bilinear filter: torch's (PIL's rounding: uint8 between the two
+    passes) and DALI's. Measured: mean |diff| 0.16 per image at most 0.19, single pixels up to 9 levels at
+    disc edges. In training mode this also proves that the flips are the same (a missed flip differs by
+    tens of levels on average)."""
     d = _dali(root, "test", batch_size=4, image_size=136, train=train)
     c = ShardLoader(root, "test", batch_size=4, image_size=136, train=train)
     rows = _pixel_diffs(d, c)
     assert sorted(r[0] for r in rows) == list(range(N_TEST))
-    assert max(r[2] for r in rows) <= 1
-    assert np.mean([r[1] for r in rows]) <= 0.2  # measured 0.125: ~1 pixel in 8 rounds the other way
+    assert max(r[1] for r in rows) <= 0.3
+    assert max(r[2] for r in rows) <= 16
 
 
 def test_pixels_close_with_reduced_dct_scale(root):
     """S = 80: images >= 160 px on both sides (31 of 45) are decoded by the CPU loader at 1/2 DCT scale
-    (libjpeg-turbo's scaled IDCT), by DALI at full size followed by an antialiased (triangle) downscale
-    to the same size: two different low-pass filters. Tolerance: mean |diff| per image <= 4 levels
-    (measured <= 3.0 on these noisy images; a missed flip or a shifted grid gives 20+), f = 1 images
-    still within 1 level. Single pixels at disc edges differ by up to ~140 levels, so no max bound."""
+    (libjpeg-turbo's scaled IDCT) before the antialiased resize, by DALI at full size: two different
+    low-pass paths. Tolerance: mean |diff| per image <= 4 levels (measured <= 2.9 on these noisy images;
+    a missed flip or a shifted grid gives 20+), f = 1 images as in the test above. Single pixels at disc
+    edges differ by up to ~100 levels, so no max bound."""
     sizes = _image_sizes(root, "train")
     d = _dali(root, batch_size=8, image_size=80, train=False)
     c = ShardLoader(root, "train", batch_size=8, image_size=80, train=False)
@@ -180,12 +182,25 @@ def test_pixels_close_with_reduced_dct_scale(root):
     assert sorted(r[0] for r in rows) == list(range(N_TRAIN))
     scales = {sid: decode_scale(*sizes[sid], 80) for sid, _, _ in rows}
     assert sorted(set(scales.values())) == [1, 2]  # both paths are exercised
-    for sid, mean, mx in rows:
-        if scales[sid] == 1:
-            assert mx <= 1, sid
-        else:
-            assert mean <= 4.0, (sid, mean)
-    assert np.mean([r[1] for r in rows if scales[r[0]] > 1]) <= 3.0  # measured 2.18
+    for sid, mean, _ in rows:
+        assert mean <= (4.0 if scales[sid] > 1 else 0.3), (sid, mean)
+    assert np.mean([r[1] for r in rows if scales[r[0]] > 1]) <= 3.0  # measured 1.93
+
+
+@pytest.mark.parametrize("size", [224, 448])
+def test_resize_matches_the_reference_filter(tmp_path, size):
+    """Mean |DALI - reference| <= 2 levels on a 1024x768 photo (issue 10, item 7): DALI decodes at full size
+    and resizes with its antialiased linear (triangle) filter, PIL's. Measured 0.11 at 224 and 0.15 at 448
+    (libjpeg-turbo's full decode in both; two implementations of one filter); the former two-stage
+    pipeline without antialiasing in its second stage gave 1.71 and 2.10."""
+    data = photo_1024x768()
+    plan = IngestPlan(dataset="photo", classes=[{"index": 0, "id": "0", "name": "c0"}],
+                      splits={"test": [Record(source_id="p", rel_path="p.jpg", pos=[0], data=data)]},
+                      unlisted="negative")
+    write_dataset(tmp_path / "ds", plan, shard_size=8, progress=False)
+    ((images, _),) = _epoch(_dali(str(tmp_path / "ds"), "test", batch_size=1, image_size=size, train=False), 0)
+    diff = np.abs(images[0].permute(1, 2, 0).numpy().astype(int) - reference_resize(data, size))
+    assert diff.mean() <= 2.0, diff.mean()
 
 
 # ---------------------------------------------------------------------------------------------- epochs
