@@ -9,27 +9,23 @@ this path without a GPU).
 Which samples, in which order: the CPU loader's schedule, fed through ``fn.external_source``
 ============================================================================================
 
-A ``DaliLoader`` holds the same ``shards.schedule.EpochSchedule`` as ``ShardLoader`` (with
-``num_workers=plan_workers``): its ``batches()`` turn the epoch's plan into the rank's output sequence
-(sample id, horizontal flip) exactly as ``ShardLoader`` emits it (including the DataLoader's round
-robin over workers and the resume point), cut with the plan's batch sizes. Consequences, each tested
-against ``ShardLoader`` itself in tests/test_dali.py:
+A ``DaliLoader`` holds the same ``shards.schedule.EpochSchedule`` as ``ShardLoader``: its ``batches()``
+are the rank's output sequence (sample id, horizontal flip) exactly as ``ShardLoader`` emits it, cut
+with the plan's batch sizes. Consequences, each tested against ``ShardLoader`` itself in
+tests/test_dali.py:
 
 - every allowed sample exactly once per epoch across ranks, the same number of batches on every rank
   (``num_batches``), a sample-id subset (the 80/20 cut) costs no reads of the other samples;
-- shard order and shuffle are pure functions of ``(seed, epoch)`` (``(seed, epoch, rank, worker)`` for
-  the window shuffle and the flips), so a run is reproducible and ``set_epoch(e, start_batch=n)``
-  resumes at batch n;
-- with ``plan_workers`` equal to the CPU loader's ``num_workers`` the two loaders yield identical
-  batches (same ids in the same order, same flips); with any other value each rank still gets the
-  same *set* of samples per epoch (a rank's range is fixed before it is split among workers), only
-  the order inside the rank differs.
+- the order (a uniformly random permutation of the selection) and the flips are pure functions of
+  ``(seed, epoch)``, so a run is reproducible and ``set_epoch(e, start_batch=n)`` resumes at batch n;
+- the two loaders yield identical batches (same ids in the same order, same flips), whatever the CPU
+  loader's number of workers.
 
-The encoded bytes are read in Python with ``os.pread`` at the offsets of the shard's DALI index
-(``<split>/NNNNNN.idx``, the ``wds2idx`` v1.2 format of ``shards.tar``, parsed by ``read_dali_index``), and
-fed to the pipeline with the ids and flips. The ``<key>.idx`` member (the sample id, 4 bytes
-little-endian int32) is read as well and must equal the planned id: a stale or mismatched index is an
-error naming the shard, never a silently wrong label.
+The encoded bytes are read in Python by ``shards.tar.ShardReader``, the CPU loader's reader: ``os.pread``
+at the offsets of the shard's DALI index (``<split>/NNNNNN.idx``, the ``wds2idx`` v1.2 format of
+``shards.tar``), fed to the pipeline with the ids and flips. The ``<key>.idx`` member (the sample id, 4
+bytes little-endian int32) is read as well and must equal the planned id: a stale or mismatched index
+is an error naming the shard, never a silently wrong label.
 
 Why not ``fn.readers.webdataset`` with ``shard_id/num_shards``: that reader splits the samples of the
 listed tars into contiguous ranges per shard id and shuffles with a buffer seeded once per pipeline
@@ -64,7 +60,8 @@ difference per image at f = 2, up to ~100 levels at single high-contrast edge pi
 nvJPEG's IDCT adds a further difference of a few levels.
 
 Costs: the parsed index of a shard is kept once the shard is first read (24 bytes per sample: about
-80 MB per loader for OpenImages' 3.4M training images); at most ``MAX_OPEN_SHARDS`` tar files are open.
+80 MB per loader for OpenImages' 3.4M training images); at most ``ShardReader.MAX_OPEN_SHARDS`` tar
+files are open.
 On a machine without a GPU the CPU operators compete with PyTorch's CPU threads for the same cores,
 so there the CPU loader is the faster choice (``loader=auto`` takes it); the CPU path exists so that
 CI tests this module without a GPU.
@@ -78,23 +75,18 @@ dataset, or re-run ``ingest``.
 from __future__ import annotations
 
 import os
-from collections import OrderedDict, deque
+from collections import deque
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from .format import FormatError, sample_key
+from .format import sample_key
 from .loader import SampleError
 from .schedule import EpochPlan, EpochSchedule, select_split
-from .tar import FIX_SHARD, SAMPLE_ID, ShardIndex, decode_sample_id, read_dali_index
+from .tar import FIX_SHARD, ShardReader
 
-__all__ = ["DEFAULT_SHUFFLE_BUFFER", "DaliLoader", "available"]
-
-#: the CPU loader's default window; must be equal for the two loaders to yield identical batches
-DEFAULT_SHUFFLE_BUFFER = 1000
-#: open shard files kept per loader (least recently used are closed): bounded file descriptors
-MAX_OPEN_SHARDS = 64
+__all__ = ["DaliLoader", "available"]
 
 _INSTALL_HINT = (
     "install NVIDIA DALI for your CUDA version (pip install 'largeloss[dali]', i.e. nvidia-dali-cuda130), "
@@ -123,77 +115,6 @@ def available(device: Any) -> bool:
     return True
 
 
-# ----------------------------------------------------------------------------------------------
-# Reading encoded bytes at the offsets of the DALI indexes
-# ----------------------------------------------------------------------------------------------
-
-
-class _ShardFiles:
-    """Encoded bytes of samples by id: DALI indexes parsed on first use, a bounded set of open shards."""
-
-    def __init__(self, tar_paths: list[str], idx_paths: list[str], firsts: np.ndarray, counts: np.ndarray):
-        self.tar_paths = tar_paths
-        self.idx_paths = idx_paths
-        self.firsts = firsts
-        self.counts = counts
-        self._index: dict[int, ShardIndex] = {}
-        self._fds: OrderedDict[int, int] = OrderedDict()
-
-    def index(self, shard: int) -> ShardIndex:
-        got = self._index.get(shard)
-        if got is None:
-            got = read_dali_index(self.idx_paths[shard], int(self.firsts[shard]), int(self.counts[shard]))
-            self._index[shard] = got
-        return got
-
-    def _fd(self, shard: int) -> int:
-        fd = self._fds.get(shard)
-        if fd is not None:
-            self._fds.move_to_end(shard)
-            return fd
-        if len(self._fds) >= MAX_OPEN_SHARDS:
-            _, old = self._fds.popitem(last=False)
-            os.close(old)
-        try:
-            fd = os.open(self.tar_paths[shard], os.O_RDONLY)
-        except OSError as e:
-            raise SampleError(f"{self.tar_paths[shard]}: cannot open the shard ({e}); {FIX_SHARD}") from e
-        self._fds[shard] = fd
-        return fd
-
-    def shard_of(self, ids: np.ndarray) -> np.ndarray:
-        return np.searchsorted(self.firsts, ids, side="right") - 1
-
-    def read(self, ids: np.ndarray) -> list[np.ndarray]:
-        """Encoded JPEG bytes of each id (uint8 arrays), after checking the sample's ``.idx`` member."""
-        out = []
-        for sid, shard in zip(ids.tolist(), self.shard_of(ids).tolist()):
-            index = self.index(shard)
-            row = sid - index.first_sample
-            fd = self._fd(shard)
-            path = self.tar_paths[shard]
-            try:
-                head = os.pread(fd, SAMPLE_ID.size, int(index.idx_offset[row]))
-                size = int(index.jpg_size[row])
-                data = os.pread(fd, size, int(index.jpg_offset[row]))
-            except OSError as e:
-                raise SampleError(f"{path}: sample {sample_key(sid)}: read failed ({e}); {FIX_SHARD}") from e
-            if len(head) != SAMPLE_ID.size or len(data) != size:
-                raise SampleError(f"{path}: sample {sample_key(sid)}: the shard ends before the bytes its DALI index "
-                                  f"names (truncated shard or stale index); {FIX_SHARD}")
-            stored = decode_sample_id(head)
-            if stored != sid:
-                raise SampleError(f"{path}: sample {sample_key(sid)}: the .idx member at the indexed offset says "
-                                  f"sample {stored} (the DALI index does not match the shard); {FIX_SHARD}")
-            out.append(np.frombuffer(data, dtype=np.uint8))
-        return out
-
-    def close(self) -> None:
-        while self._fds:
-            _, fd = self._fds.popitem()
-            os.close(fd)
-
-
 class _Feed:
     """The ``external_source`` callback: the current epoch's batches, one call per batch.
 
@@ -202,8 +123,8 @@ class _Feed:
     returns batches in the order they were fed, so ``fed[0]`` is the batch of the next output.
     """
 
-    def __init__(self, files: _ShardFiles):
-        self.files = files
+    def __init__(self, reader: ShardReader):
+        self.reader = reader
         self.batches: Iterator[tuple[np.ndarray, np.ndarray]] | None = None
         self.fed: deque[np.ndarray] = deque()
 
@@ -222,7 +143,12 @@ class _Feed:
             self.batches = None
             raise StopIteration
         ids, flips = nxt
-        data = self.files.read(ids)
+        data = []
+        for sid in ids.tolist():
+            got, error = self.reader.read(sid)
+            if got is None:
+                raise SampleError(f"{self.reader.path_of(sid)}: sample {sample_key(sid)}: {error}; {FIX_SHARD}")
+            data.append(np.frombuffer(got, dtype=np.uint8))
         self.fed.append(ids)
         # ids as int64 scalars, flips as the int32 per-sample `mirror` argument of crop_mirror_normalize
         return data, ids.astype(np.int64), flips.astype(np.int32)
@@ -239,10 +165,9 @@ class DaliLoader:
     Same contract as ``shards.loader.ShardLoader``: ``len(loader)`` batches per epoch on every rank,
     ``set_epoch(epoch, start_batch=0)`` before each epoch. ``device`` None or a CPU device runs the
     pipeline with CPU operators (``device_id=None``); a CUDA device decodes with nvJPEG on that GPU.
-    ``plan_workers`` is the CPU loader's ``num_workers`` whose exact batches to reproduce (see the
-    module docstring); ``num_threads`` are DALI's CPU threads (default: 4 with a GPU, otherwise the
-    available cores up to 8); ``prefetch`` batches are prepared ahead; ``hw_decoder_load`` is the share
-    of images nvJPEG sends to the GPU's hardware JPEG decoder where there is one (None: DALI's default).
+    ``num_threads`` are DALI's CPU threads (default: 4 with a GPU, otherwise the available cores up to
+    8); ``prefetch`` batches are prepared ahead; ``hw_decoder_load`` is the share of images nvJPEG sends
+    to the GPU's hardware JPEG decoder where there is one (None: DALI's default).
     """
 
     def __init__(
@@ -258,8 +183,6 @@ class DaliLoader:
         world_size: int = 1,
         seed: int = 0,
         device: Any = None,
-        plan_workers: int = 0,
-        shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
         num_threads: int | None = None,
         prefetch: int = 2,
         hw_decoder_load: float | None = None,
@@ -268,8 +191,8 @@ class DaliLoader:
             raise ValueError(f"batch_size and image_size must be >= 1, got {batch_size} and {image_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
-        if plan_workers < 0 or seed < 0 or shuffle_buffer < 0:
-            raise ValueError("plan_workers, seed and shuffle_buffer must be >= 0")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
         if prefetch < 1 or (num_threads is not None and num_threads < 1):
             raise ValueError(f"prefetch and num_threads must be >= 1, got {prefetch} and {num_threads}")
         if hw_decoder_load is not None and not 0.0 <= hw_decoder_load <= 1.0:
@@ -289,41 +212,32 @@ class DaliLoader:
             raise ValueError(f"DaliLoader: device must be a CUDA device, a CPU device or None, got {dev}")
 
         sel = select_split(dataset_root, split, sample_ids)
-        #: which samples, in which order and batches: ``ShardLoader``'s schedule with num_workers=plan_workers
-        self.schedule = EpochSchedule(sel, batch_size=batch_size, rank=rank, world_size=world_size,
-                                      num_workers=plan_workers, seed=seed, train=train, window=shuffle_buffer)
-        self.root, tar_paths = sel.root, sel.tar_paths
-        idx_paths = [p[: -len(".tar")] + ".idx" for p in tar_paths]
-        for tar, idx, allowed in zip(tar_paths, idx_paths, sel.per_shard):
-            if len(allowed) and not os.path.isfile(idx):
-                raise FormatError(f"{idx}: DALI index of {os.path.basename(tar)} is missing; {FIX_SHARD}")
-        self._files = _ShardFiles(
-            tar_paths,
-            idx_paths,
-            np.array([s.first_sample for s in sel.info.shards], dtype=np.int64),
-            np.array([s.num_samples for s in sel.info.shards], dtype=np.int64),
-        )
+        #: which samples, in which order and batches: ``ShardLoader``'s schedule
+        self.schedule = EpochSchedule(sel, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
+                                      train=train)
+        self.root = sel.root
+        self._reader = sel.reader()
         self.split = split
         self.image_size = image_size
         self.num_threads = num_threads or (4 if self.device_id is not None else max(1, min(8, os.cpu_count() or 1)))
         self.prefetch = prefetch
         self.hw_decoder_load = hw_decoder_load
         self._pipe = None
-        self._feed = _Feed(self._files)
+        self._feed = _Feed(self._reader)
         self._generation = 0  # bumped by every __iter__; an older, abandoned iteration stops
         self._in_flight = False  # the pipeline may hold batches of an iteration that was not finished
 
     # -------------------------------------------------------------- the schedule (shared with ShardLoader)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch (shard and sample order) and the first batch the next iteration yields."""
+        """Select the epoch (sample order and flips) and the first batch the next iteration yields."""
         self.schedule.set_epoch(epoch, start_batch)
 
     def __len__(self) -> int:
         return len(self.schedule)
 
     def plan(self) -> EpochPlan:
-        """This rank's plan of the current epoch; ``ShardLoader.plan()`` with num_workers=plan_workers."""
+        """This rank's plan of the current epoch, ``ShardLoader.plan()``."""
         return self.schedule.plan()
 
     # -------------------------------------------------------------- the pipeline
@@ -449,8 +363,8 @@ class DaliLoader:
             return torch.from_dlpack(images.as_tensor())
 
     def _describe(self, ids: np.ndarray) -> str:
-        shards = self._files.shard_of(ids)
-        names = sorted({os.path.basename(self._files.tar_paths[s]) for s in shards.tolist()})
+        shards = self._reader.shard_of(ids)
+        names = sorted({os.path.basename(self._reader.tar_paths[s]) for s in shards.tolist()})
         keys = ", ".join(sample_key(i) for i in ids[:8].tolist()) + (", ..." if len(ids) > 8 else "")
         return f"{os.path.join(self.root, self.split)}/{{{', '.join(names)}}}, keys {keys}"
 
@@ -459,9 +373,4 @@ class DaliLoader:
         self._feed.stop()
         self._pipe = None
         self._in_flight = False
-        self._files.close()
-
-    def __del__(self) -> None:
-        files = getattr(self, "_files", None)
-        if files is not None:
-            files.close()
+        self._reader.close()

