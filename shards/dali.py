@@ -45,9 +45,9 @@ The pipeline
 hardware decoder, with libjpeg-turbo's "fancy" chroma upsampling; ``cpu``: libjpeg-turbo; EXIF
 orientation ignored, as the CPU loader does) -> ``resize`` to (S, S) with the linear filter and
 antialiasing: the triangle filter widened by the reduction, which is PIL's bilinear filter, the one the
-reference code resizes with and the CPU loader's ``shards.jpeg.resize_square`` -> ``crop_mirror_normalize``
-with mean 0, std 1 and uint8 output: only the per-sample horizontal flip from the plan and HWC -> CHW.
-No normalisation: images stay uint8, as with the CPU loader.
+reference code resizes with and the CPU loader's (``shards.jpeg.resize_planes``) ->
+``crop_mirror_normalize`` with mean 0, std 1 and uint8 output: only the per-sample horizontal flip from
+the plan and HWC -> CHW. No normalisation: images stay uint8, as with the CPU loader.
 
 Agreement with the reference filter and the CPU loader (CPU operators, measured in tests/test_dali.py):
 on a 1024x768 photo, mean |DALI - torchvision's Resize(antialias=True)| is a fraction of a grey level
@@ -273,7 +273,7 @@ class DaliLoader:
                 adjust_orientation=False,  # EXIF orientation ignored, as in the CPU loader (and PIL)
                 **decoder_options,
             )
-            # The reference's filter (PIL's antialiased bilinear, as the CPU loader's resize_square): DALI's
+            # The reference's filter (PIL's antialiased bilinear, as the CPU loader's resize_planes): DALI's
             # linear filter with antialiasing is the same triangle filter, widened by the reduction.
             s = self.image_size
             images = fn.resize(images, resize_x=s, resize_y=s, interp_type=types.INTERP_LINEAR, antialias=True)
