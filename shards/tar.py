@@ -310,6 +310,12 @@ class ShardReader:
     order. The indexes are parsed on first use (``load`` parses chosen ones ahead, e.g. before DataLoader
     workers fork, so that they inherit them) and kept: 24 bytes per sample. At most ``MAX_OPEN_SHARDS``
     shard files are open; a forked process opens its own.
+
+    Random access is what a uniform order of the samples needs (``shards.schedule``): consecutive samples
+    lie in different shards, and a sequential reader would need a shuffle buffer as large as the
+    selection to draw uniformly. From the page cache or an SSD a read costs less CPU than scanning the
+    tar headers did; on storage where every seek is slow (spinning disks, network file systems) it
+    costs one seek per sample.
     """
 
     #: open shard files kept per process (least recently used are closed): bounded file descriptors
