@@ -14,11 +14,14 @@ Conventions
   ``val`` -> ``test``. The manifest's ``source.labels_from`` records which source was used
   (``official-lists`` or ``cole-npy``): the two give different image sets and numbers.
 - **Labels** are complete: ``1`` is positive, every other concept negative (``unlisted = negative``).
-- **Images without any positive** (about 22 % of the official lists) are dropped by default and
-  counted as ``skipped.no_positive`` (``listed`` = the lines of the list, so ``listed = written + missing
-  + corrupt + skipped.no_positive``): the single-positive protocol of Cole et al. needs one positive per
-  training image, and the test split is filtered alike (as VOC and COCO drop such images in both
-  splits). ``--keep-no-positive`` keeps them as all-negative samples.
+- **Images without any positive** are kept by default, as Cole et al.'s formatted files keep them
+  (33,410 of their 150,000 training and 13,412 of their 60,260 test rows, about 22 %; their
+  repository's issue 7): a training row without a positive gets no observed label under
+  ``single_positive`` (Naive AN treats it as all negative), the seed-1200 80/20 cut runs over every
+  row, and the test split scores them. ``counts[split].no_positive`` says how many rows have no
+  positive. ``--drop-no-positive`` (not Cole et al.'s protocol) drops them and counts them as
+  ``skipped.no_positive`` (``listed`` = the lines of the list, so ``listed = written + missing +
+  corrupt + skipped.no_positive``).
 - **Order**: the order of the image list (or of the npy rows). ``meta`` keeps the 1-based line of the
   image list (``list_line``) or the 0-based npy row (``npy_row``) so that a sample can be traced back.
 - Images are looked up under ``ROOT/Flickr`` (official; ``DIR/Flickr`` for the npy source) or
@@ -53,8 +56,9 @@ Official release (--root ROOT):
 Cole et al.'s re-crawl (--from-npy DIR): DIR/formatted_{train,val}_{images,labels}.npy, images under
 DIR/Flickr (or --images); Concepts81.txt is looked for in DIR and in --root.
 
-Train -> split "train", Test (npy: val) -> split "test". Images without any positive label are dropped
-and counted (--keep-no-positive keeps them). Images missing on disk are counted by the writer.
+Train -> split "train", Test (npy: val) -> split "test". Images without any positive label are kept, as
+in Cole et al.'s formatted files (--drop-no-positive drops them). Images missing on disk are counted by
+the writer.
 """
 
 LIST_FILES = {"train": "TrainImagelist.txt", "test": "TestImagelist.txt"}
@@ -71,9 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=Path, default=None, metavar="DIR",
                         help="folder the image paths are relative to (default ROOT/Flickr, or DIR/Flickr "
                              "with --from-npy)")
-    parser.add_argument("--keep-no-positive", action="store_true",
-                        help="keep images without any positive label (default: drop them and count them, "
-                             "as Cole et al.'s protocol does)")
+    parser.add_argument("--drop-no-positive", action="store_true",
+                        help="drop images without any positive label and count them (not Cole et al.'s protocol, "
+                             "which keeps them: the default)")
 
 
 def _read_lines(path: Path, what: str) -> list[str]:
@@ -163,27 +167,29 @@ def _line_of_token(raw: bytes, k: int) -> int:
 
 
 def _records(entries: list[str], labels: np.ndarray, image_dir: Path, where_key: str, source: Path, *,
-             keep_no_positive: bool) -> tuple[list[Record], int]:
-    """Records in list order from a bool matrix (n x K); returns (records, number dropped for no positive).
+             drop_no_positive: bool) -> tuple[list[Record], dict[str, Any]]:
+    """Records in list order from a bool matrix (n x K), and the split's counts (see the module docstring).
     ``source`` is the file the entries come from (for messages)."""
     rows, cols = np.nonzero(labels)  # row-major: columns ascending within a row
     offsets = np.searchsorted(rows, np.arange(len(entries) + 1))
     cols_list = cols.tolist()
     records = []
-    dropped = 0
+    no_positive = 0
     for i, entry in enumerate(entries):
         a, b = int(offsets[i]), int(offsets[i + 1])
-        if a == b and not keep_no_positive:
-            dropped += 1
-            continue
+        if a == b:
+            no_positive += 1
+            if drop_no_positive:
+                continue
         meta = {"list_line": i + 1} if where_key == "list_line" else {"npy_row": i}
         where = f"{source}:{i + 1}" if where_key == "list_line" else f"{source}: entry {i} (0-based)"
         records.append(Record(source_id=entry, rel_path=entry, pos=cols_list[a:b],
                               path=source_path(image_dir, entry, where), meta=meta))
-    return records, dropped
+    skipped = {"no_positive": no_positive} if drop_no_positive else {}
+    return records, {"listed": len(entries), "no_positive": no_positive, "skipped": skipped}
 
 
-def _official(root: Path, image_dir: Path, keep_no_positive: bool
+def _official(root: Path, image_dir: Path, drop_no_positive: bool
               ) -> tuple[list[dict[str, Any]], dict[str, list[Record]], dict[str, dict[str, Any]], dict[str, Any]]:
     concepts_path = find_concepts(root)
     classes = read_concepts(concepts_path)
@@ -196,9 +202,8 @@ def _official(root: Path, image_dir: Path, keep_no_positive: bool
         for c in classes:
             path = root / "Groundtruth" / "TrainTestLabels" / f"Labels_{c['name']}_{LABEL_SUFFIX[split]}.txt"
             labels[:, c["index"]] = read_label_column(path, len(entries))
-        splits[split], dropped = _records(entries, labels, image_dir, "list_line", list_path,
-                                          keep_no_positive=keep_no_positive)
-        counts[split] = {"listed": len(entries), "skipped": {"no_positive": dropped}}
+        splits[split], counts[split] = _records(entries, labels, image_dir, "list_line", list_path,
+                                                drop_no_positive=drop_no_positive)
     source = {"labels_from": "official-lists", "concepts": os.fspath(concepts_path),
               "lists": [os.fspath(root / "ImageList" / n) for n in LIST_FILES.values()],
               "labels": os.fspath(root / "Groundtruth" / "TrainTestLabels")}
@@ -216,7 +221,7 @@ def _load_npy(path: Path) -> np.ndarray:
                           f"array") from None
 
 
-def _from_npy(npy_dir: Path, root: Path | None, image_dir: Path, keep_no_positive: bool
+def _from_npy(npy_dir: Path, root: Path | None, image_dir: Path, drop_no_positive: bool
               ) -> tuple[list[dict[str, Any]], dict[str, list[Record]], dict[str, dict[str, Any]], dict[str, Any]]:
     concepts_path = find_concepts(npy_dir, root)
     classes = read_concepts(concepts_path)
@@ -244,37 +249,37 @@ def _from_npy(npy_dir: Path, root: Path | None, image_dir: Path, keep_no_positiv
         for i, e in enumerate(entries):
             if not e:
                 raise IngestError(f"{img_path}: entry {i} (0-based) is an empty path")
-        splits[split], dropped = _records(entries, pos, image_dir, "npy_row", img_path,
-                                          keep_no_positive=keep_no_positive)
-        counts[split] = {"listed": len(entries), "skipped": {"no_positive": dropped}}
+        splits[split], counts[split] = _records(entries, pos, image_dir, "npy_row", img_path,
+                                                drop_no_positive=drop_no_positive)
         files += [os.fspath(img_path), os.fspath(lab_path)]
     source = {"labels_from": "cole-npy", "concepts": os.fspath(concepts_path), "files": files}
     return classes, splits, counts, source
 
 
 def plan(root: Path | None = None, *, from_npy: Path | None = None, images: Path | None = None,
-         keep_no_positive: bool = False) -> IngestPlan:
+         drop_no_positive: bool = False) -> IngestPlan:
     """The plan for the official NUS-WIDE folder ``root``, or for Cole et al.'s npy files in ``from_npy``.
 
     ``images`` is the folder the image paths are relative to (default ``root/Flickr``, or
-    ``from_npy/Flickr``); ``keep_no_positive`` keeps images without any positive label.
+    ``from_npy/Flickr``). Every row is kept, as in Cole et al.'s files; ``drop_no_positive`` drops the rows
+    without any positive label (not Cole et al.'s protocol).
     """
-    keep = bool(keep_no_positive)
+    drop = bool(drop_no_positive)
     root = Path(root) if root is not None else None
     if from_npy is not None:
         npy_dir = Path(from_npy)
         if not npy_dir.is_dir():
             raise FileNotFoundError(f"--from-npy {npy_dir}: not a folder")
         image_dir = Path(images) if images is not None else npy_dir / "Flickr"
-        classes, splits, counts, source = _from_npy(npy_dir, root, image_dir, keep)
+        classes, splits, counts, source = _from_npy(npy_dir, root, image_dir, drop)
     elif root is not None:
         if not root.is_dir():
             raise FileNotFoundError(f"--root {root}: not a folder; pass the NUS-WIDE folder that holds ImageList/")
         image_dir = Path(images) if images is not None else root / "Flickr"
-        classes, splits, counts, source = _official(root, image_dir, keep)
+        classes, splits, counts, source = _official(root, image_dir, drop)
     else:
         raise SystemExit("ingest nuswide: pass --root DIR (official lists) or --from-npy DIR (Cole et al.'s files)")
     source.update({"adapter": NAME, "root": os.fspath(root.resolve()) if root else None,
-                   "images": os.fspath(image_dir.resolve()), "keep_no_positive": keep})
+                   "images": os.fspath(image_dir.resolve()), "drop_no_positive": drop})
     return IngestPlan(dataset="nuswide", classes=classes, splits=splits, unlisted=UNLISTED_NEGATIVE,
                       source=source, counts=counts)

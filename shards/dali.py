@@ -9,27 +9,23 @@ this path without a GPU).
 Which samples, in which order: the CPU loader's schedule, fed through ``fn.external_source``
 ============================================================================================
 
-A ``DaliLoader`` holds the same ``shards.schedule.EpochSchedule`` as ``ShardLoader`` (with
-``num_workers=plan_workers``): its ``batches()`` turn the epoch's plan into the rank's output sequence
-(sample id, horizontal flip) exactly as ``ShardLoader`` emits it (including the DataLoader's round
-robin over workers and the resume point), cut with the plan's batch sizes. Consequences, each tested
-against ``ShardLoader`` itself in tests/test_dali.py:
+A ``DaliLoader`` holds the same ``shards.schedule.EpochSchedule`` as ``ShardLoader``: its ``batches()``
+are the rank's output sequence (sample id, horizontal flip) exactly as ``ShardLoader`` emits it, cut
+with the plan's batch sizes. Consequences, each tested against ``ShardLoader`` itself in
+tests/test_dali.py:
 
 - every allowed sample exactly once per epoch across ranks, the same number of batches on every rank
   (``num_batches``), a sample-id subset (the 80/20 cut) costs no reads of the other samples;
-- shard order and shuffle are pure functions of ``(seed, epoch)`` (``(seed, epoch, rank, worker)`` for
-  the window shuffle and the flips), so a run is reproducible and ``set_epoch(e, start_batch=n)``
-  resumes at batch n;
-- with ``plan_workers`` equal to the CPU loader's ``num_workers`` the two loaders yield identical
-  batches (same ids in the same order, same flips); with any other value each rank still gets the
-  same *set* of samples per epoch (a rank's range is fixed before it is split among workers), only
-  the order inside the rank differs.
+- the order (a uniformly random permutation of the selection) and the flips are pure functions of
+  ``(seed, epoch)``, so a run is reproducible and ``set_epoch(e, start_batch=n)`` resumes at batch n;
+- the two loaders yield identical batches (same ids in the same order, same flips), whatever the CPU
+  loader's number of workers.
 
-The encoded bytes are read in Python with ``os.pread`` at the offsets of the shard's DALI index
-(``<split>/NNNNNN.idx``, the ``wds2idx`` v1.2 format of ``shards.tar``, parsed by ``read_dali_index``), and
-fed to the pipeline with the ids and flips. The ``<key>.idx`` member (the sample id, 4 bytes
-little-endian int32) is read as well and must equal the planned id: a stale or mismatched index is an
-error naming the shard, never a silently wrong label.
+The encoded bytes are read in Python by ``shards.tar.ShardReader``, the CPU loader's reader: ``os.pread``
+at the offsets of the shard's DALI index (``<split>/NNNNNN.idx``, the ``wds2idx`` v1.2 format of
+``shards.tar``), fed to the pipeline with the ids and flips. The ``<key>.idx`` member (the sample id, 4
+bytes little-endian int32) is read as well and must equal the planned id: a stale or mismatched index
+is an error naming the shard, never a silently wrong label.
 
 Why not ``fn.readers.webdataset`` with ``shard_id/num_shards``: that reader splits the samples of the
 listed tars into contiguous ranges per shard id and shuffles with a buffer seeded once per pipeline
@@ -47,23 +43,25 @@ The pipeline
 
 ``external_source`` (encoded bytes, ids, flips) -> ``decoders.image`` to RGB (``mixed``: nvJPEG and the
 hardware decoder, with libjpeg-turbo's "fancy" chroma upsampling; ``cpu``: libjpeg-turbo; EXIF
-orientation ignored, as the CPU loader does) -> two ``resize`` stages that reproduce the CPU loader's
-``decode_image``: its reduced-DCT-scale decode of images >= 2x the target (factor f in 1, 2, 4, 8, output
-``ceil(side / f)``; f is computed from ``peek_image_shape``) becomes an antialiased linear downscale to
-the same size (an identity for f = 1), then the squash to (S, S) is a linear resize without
-antialiasing, which is ``cv2.INTER_LINEAR`` -> ``crop_mirror_normalize`` with mean 0, std 1 and uint8
-output: only the per-sample horizontal flip from the plan and HWC -> CHW. No normalisation: images
-stay uint8, as with the CPU loader.
+orientation ignored, as the CPU loader does) -> ``resize`` to (S, S) with the linear filter and
+antialiasing: the triangle filter widened by the reduction, which is PIL's bilinear filter, the one the
+reference code resizes with and the CPU loader's (``shards.jpeg.resize_planes``) ->
+``crop_mirror_normalize`` with mean 0, std 1 and uint8 output: only the per-sample horizontal flip from
+the plan and HWC -> CHW. No normalisation: images stay uint8, as with the CPU loader.
 
-Agreement with the CPU loader (CPU operators, measured in tests/test_dali.py): when an image is not at
-least twice the target on both sides (f = 1: VOC/COCO at 448), every pixel is within 1 grey level (rounding
-of the same bilinear filter on the same libjpeg-turbo output). At f >= 2 (OpenImages at 224) the
-filters differ (libjpeg-turbo's scaled IDCT against a triangle filter): about 2 levels mean absolute
+Agreement with the reference filter and the CPU loader (CPU operators, measured in tests/test_dali.py):
+on a 1024x768 photo, mean |DALI - torchvision's Resize(antialias=True)| is a fraction of a grey level
+at 224 and 448. When an image is not at least twice the target on both sides (VOC/COCO at 448), the
+CPU loader decodes at full size as well, and the two differ by rounding (torch rounds to uint8 between
+the horizontal and the vertical pass, DALI does not): a fraction of a level on average, a few levels
+at single high-contrast pixels. At f >= 2 (OpenImages at 224) the CPU loader decodes at a reduced DCT
+scale first (libjpeg-turbo's scaled IDCT, a different low-pass filter): about 2 levels mean absolute
 difference per image at f = 2, up to ~100 levels at single high-contrast edge pixels. On the GPU,
 nvJPEG's IDCT adds a further difference of a few levels.
 
 Costs: the parsed index of a shard is kept once the shard is first read (24 bytes per sample: about
-80 MB per loader for OpenImages' 3.4M training images); at most ``MAX_OPEN_SHARDS`` tar files are open.
+80 MB per loader for OpenImages' 3.4M training images); at most ``ShardReader.MAX_OPEN_SHARDS`` tar
+files are open.
 On a machine without a GPU the CPU operators compete with PyTorch's CPU threads for the same cores,
 so there the CPU loader is the faster choice (``loader=auto`` takes it); the CPU path exists so that
 CI tests this module without a GPU.
@@ -84,27 +82,22 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from .format import FormatError, sample_key
+from .format import sample_key
 from .jpeg import DecodeError, decode_image, header_problem
 from .loader import FIX_DECODE, FIX_READ, SKIP_LOG_LIMIT, SampleError
 from .schedule import EpochPlan, EpochSchedule, select_split
-from .tar import FIX_SHARD, SAMPLE_ID, ShardIndex, decode_sample_id, read_dali_index
+from .tar import ShardReader
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_SHUFFLE_BUFFER", "DaliLoader", "available"]
-
-#: the CPU loader's default window; must be equal for the two loaders to yield identical batches
-DEFAULT_SHUFFLE_BUFFER = 1000
-#: open shard files kept per loader (least recently used are closed): bounded file descriptors
-MAX_OPEN_SHARDS = 64
+__all__ = ["DaliLoader", "available"]
 
 _INSTALL_HINT = (
     "install NVIDIA DALI for your CUDA version (pip install 'largeloss[dali]', i.e. nvidia-dali-cuda130), "
@@ -133,75 +126,9 @@ def available(device: Any) -> bool:
     return True
 
 
-# ----------------------------------------------------------------------------------------------
-# Reading encoded bytes at the offsets of the DALI indexes
-# ----------------------------------------------------------------------------------------------
-
-
-class _ShardFiles:
-    """Encoded bytes of samples by id: DALI indexes parsed on first use, a bounded set of open shards."""
-
-    def __init__(self, tar_paths: list[str], idx_paths: list[str], firsts: np.ndarray, counts: np.ndarray):
-        self.tar_paths = tar_paths
-        self.idx_paths = idx_paths
-        self.firsts = firsts
-        self.counts = counts
-        self._index: dict[int, ShardIndex] = {}
-        self._fds: OrderedDict[int, int] = OrderedDict()
-
-    def index(self, shard: int) -> ShardIndex:
-        got = self._index.get(shard)
-        if got is None:
-            got = read_dali_index(self.idx_paths[shard], int(self.firsts[shard]), int(self.counts[shard]))
-            self._index[shard] = got
-        return got
-
-    def _fd(self, shard: int) -> int:
-        fd = self._fds.get(shard)
-        if fd is not None:
-            self._fds.move_to_end(shard)
-            return fd
-        if len(self._fds) >= MAX_OPEN_SHARDS:
-            _, old = self._fds.popitem(last=False)
-            os.close(old)
-        try:
-            fd = os.open(self.tar_paths[shard], os.O_RDONLY)
-        except OSError as e:
-            raise SampleError(f"{self.tar_paths[shard]}: cannot open the shard ({e}); {FIX_SHARD}") from e
-        self._fds[shard] = fd
-        return fd
-
-    def shard_of(self, ids: np.ndarray) -> np.ndarray:
-        return np.searchsorted(self.firsts, ids, side="right") - 1
-
-    def where(self, sid: int) -> str:
-        """"<shard path>: sample <key>", how messages name a sample."""
-        return f"{self.tar_paths[int(self.shard_of(np.array([sid]))[0])]}: sample {sample_key(sid)}"
-
-    def read(self, sid: int) -> tuple[bytes | None, str | None]:
-        """(encoded JPEG bytes, None) of sample ``sid`` after checking its ``.idx`` member, or (None, why not)."""
-        shard = int(self.shard_of(np.array([sid]))[0])
-        index = self.index(shard)
-        row = sid - index.first_sample
-        fd = self._fd(shard)
-        try:
-            head = os.pread(fd, SAMPLE_ID.size, int(index.idx_offset[row]))
-            size = int(index.jpg_size[row])
-            data = os.pread(fd, size, int(index.jpg_offset[row]))
-        except OSError as e:
-            return None, f"read failed ({e})"
-        if len(head) != SAMPLE_ID.size or len(data) != size:
-            return None, "the shard ends before the bytes its DALI index names (truncated shard or stale index)"
-        stored = decode_sample_id(head)
-        if stored != sid:
-            return None, (f"the .idx member at the indexed offset says sample {stored} (the DALI index does not match "
-                          "the shard)")
-        return data, None
-
-    def close(self) -> None:
-        while self._fds:
-            _, fd = self._fds.popitem()
-            os.close(fd)
+def _where(reader: ShardReader, sid: int) -> str:
+    """"<shard path>: sample <key>", how messages name a sample."""
+    return f"{reader.path_of(sid)}: sample {sample_key(sid)}"
 
 
 @dataclass
@@ -223,8 +150,8 @@ class _Feed:
     ``SampleError`` (``on_error="raise"``) or left out of its batch and noted in its ``_Fed``.
     """
 
-    def __init__(self, files: _ShardFiles, on_error: str):
-        self.files = files
+    def __init__(self, reader: ShardReader, on_error: str):
+        self.reader = reader
         self.on_error = on_error
         self.batches: Iterator[tuple[np.ndarray, np.ndarray]] | None = None
         self.fed: deque[_Fed] = deque()
@@ -250,7 +177,7 @@ class _Feed:
             if why is None:
                 return None
             reason = "decode"
-        message = f"{self.files.where(sid)}: {why}"
+        message = f"{_where(self.reader, sid)}: {why}"
         if self.on_error == "raise":
             raise SampleError(f"{message}; {FIX_DECODE if reason == 'decode' else FIX_READ}")
         return reason, message
@@ -265,7 +192,7 @@ class _Feed:
         batch = _Fed(np.zeros(0, np.int64))
         ids, data, flips = [], [], []
         for sid, flip in zip(nxt[0].tolist(), nxt[1].tolist()):
-            got, error = self.files.read(sid)
+            got, error = self.reader.read(sid)
             problem = self._problem(sid, got, error)
             if problem is not None:
                 batch.skips.append(problem)
@@ -276,7 +203,7 @@ class _Feed:
             self.last_good = (sid, got, flip)
         if not ids:  # every sample skipped: the rank's previous good sample again, as the CPU loader does
             if self.last_good is None:
-                raise SampleError(f"{self.files.where(int(nxt[0][0]))}: every sample of the rank's first batch was "
+                raise SampleError(f"{_where(self.reader, int(nxt[0][0]))}: every sample of the rank's first batch was "
                                   f"skipped ({batch.skips[-1][1]}); re-run `ingest` for this split")
             sid, got, flip = self.last_good
             ids, data, flips = [sid], [got], [flip]
@@ -299,10 +226,9 @@ class DaliLoader:
     Same contract as ``shards.loader.ShardLoader``: ``len(loader)`` batches per epoch on every rank,
     ``set_epoch(epoch, start_batch=0)`` before each epoch. ``device`` None or a CPU device runs the
     pipeline with CPU operators (``device_id=None``); a CUDA device decodes with nvJPEG on that GPU.
-    ``plan_workers`` is the CPU loader's ``num_workers`` whose exact batches to reproduce (see the
-    module docstring); ``num_threads`` are DALI's CPU threads (default: 4 with a GPU, otherwise the
-    available cores up to 8); ``prefetch`` batches are prepared ahead; ``hw_decoder_load`` is the share
-    of images nvJPEG sends to the GPU's hardware JPEG decoder where there is one (None: DALI's default);
+    ``num_threads`` are DALI's CPU threads (default: 4 with a GPU, otherwise the available cores up to
+    8); ``prefetch`` batches are prepared ahead; ``hw_decoder_load`` is the share of images nvJPEG sends
+    to the GPU's hardware JPEG decoder where there is one (None: DALI's default);
     ``on_error`` is "raise" or "skip", as in the CPU loader (see the module docstring).
     """
 
@@ -319,8 +245,6 @@ class DaliLoader:
         world_size: int = 1,
         seed: int = 0,
         device: Any = None,
-        plan_workers: int = 0,
-        shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
         num_threads: int | None = None,
         prefetch: int = 2,
         hw_decoder_load: float | None = None,
@@ -330,8 +254,8 @@ class DaliLoader:
             raise ValueError(f"batch_size and image_size must be >= 1, got {batch_size} and {image_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
-        if plan_workers < 0 or seed < 0 or shuffle_buffer < 0:
-            raise ValueError("plan_workers, seed and shuffle_buffer must be >= 0")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
         if prefetch < 1 or (num_threads is not None and num_threads < 1):
             raise ValueError(f"prefetch and num_threads must be >= 1, got {prefetch} and {num_threads}")
         if hw_decoder_load is not None and not 0.0 <= hw_decoder_load <= 1.0:
@@ -353,20 +277,11 @@ class DaliLoader:
             raise ValueError(f"DaliLoader: device must be a CUDA device, a CPU device or None, got {dev}")
 
         sel = select_split(dataset_root, split, sample_ids)
-        #: which samples, in which order and batches: ``ShardLoader``'s schedule with num_workers=plan_workers
-        self.schedule = EpochSchedule(sel, batch_size=batch_size, rank=rank, world_size=world_size,
-                                      num_workers=plan_workers, seed=seed, train=train, window=shuffle_buffer)
-        self.root, tar_paths = sel.root, sel.tar_paths
-        idx_paths = [p[: -len(".tar")] + ".idx" for p in tar_paths]
-        for tar, idx, allowed in zip(tar_paths, idx_paths, sel.per_shard):
-            if len(allowed) and not os.path.isfile(idx):
-                raise FormatError(f"{idx}: DALI index of {os.path.basename(tar)} is missing; {FIX_SHARD}")
-        self._files = _ShardFiles(
-            tar_paths,
-            idx_paths,
-            np.array([s.first_sample for s in sel.info.shards], dtype=np.int64),
-            np.array([s.num_samples for s in sel.info.shards], dtype=np.int64),
-        )
+        #: which samples, in which order and batches: ``ShardLoader``'s schedule
+        self.schedule = EpochSchedule(sel, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
+                                      train=train)
+        self.root = sel.root
+        self._reader = sel.reader()
         self.split = split
         self.image_size = image_size
         self.num_threads = num_threads or (4 if self.device_id is not None else max(1, min(8, os.cpu_count() or 1)))
@@ -378,21 +293,21 @@ class DaliLoader:
         #: the first SKIP_LOG_LIMIT skip messages ("<shard path>: sample <key>: <why>")
         self.skip_log: list[str] = []
         self._pipe = None
-        self._feed = _Feed(self._files, on_error)
+        self._feed = _Feed(self._reader, on_error)
         self._generation = 0  # bumped by every __iter__; an older, abandoned iteration stops
         self._in_flight = False  # the pipeline may hold batches of an iteration that was not finished
 
     # -------------------------------------------------------------- the schedule (shared with ShardLoader)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch (shard and sample order) and the first batch the next iteration yields."""
+        """Select the epoch (sample order and flips) and the first batch the next iteration yields."""
         self.schedule.set_epoch(epoch, start_batch)
 
     def __len__(self) -> int:
         return len(self.schedule)
 
     def plan(self) -> EpochPlan:
-        """This rank's plan of the current epoch; ``ShardLoader.plan()`` with num_workers=plan_workers."""
+        """This rank's plan of the current epoch, ``ShardLoader.plan()``."""
         return self.schedule.plan()
 
     # -------------------------------------------------------------- the pipeline
@@ -428,22 +343,10 @@ class DaliLoader:
                 adjust_orientation=False,  # EXIF orientation ignored, as in the CPU loader (and PIL)
                 **decoder_options,
             )
-            # Two resize stages reproduce the CPU loader's decode_image: (1) its reduced-DCT-scale decode
-            # (factor f = the largest of 1, 2, 4, 8 with both sides >= 2*f*S; output ceil(side / f)) as an
-            # antialiased linear downscale (an identity for f = 1); (2) cv2.INTER_LINEAR to (S, S), which
-            # is DALI's linear filter without antialiasing (same half-pixel-centre convention).
+            # The reference's filter (PIL's antialiased bilinear, as the CPU loader's resize_planes): DALI's
+            # linear filter with antialiasing is the same triangle filter, widened by the reduction.
             s = self.image_size
-            shape = fn.peek_image_shape(jpegs, adjust_orientation=False, dtype=types.INT64)  # [H, W, C]
-            h, w = shape[0], shape[1]
-            f = 1 + (h >= 2 * s) * (w >= 2 * s) + 2 * (h >= 4 * s) * (w >= 4 * s) + 4 * (h >= 8 * s) * (w >= 8 * s)
-            images = fn.resize(
-                images,
-                resize_x=fn.cast((w + f - 1) // f, dtype=types.FLOAT),
-                resize_y=fn.cast((h + f - 1) // f, dtype=types.FLOAT),
-                interp_type=types.INTERP_LINEAR,
-                antialias=True,
-            )
-            images = fn.resize(images, resize_x=s, resize_y=s, interp_type=types.INTERP_LINEAR, antialias=False)
+            images = fn.resize(images, resize_x=s, resize_y=s, interp_type=types.INTERP_LINEAR, antialias=True)
             images = fn.crop_mirror_normalize(
                 images, dtype=types.UINT8, output_layout="CHW", mirror=flips, mean=0.0, std=1.0
             )
@@ -531,7 +434,7 @@ class DaliLoader:
         raise a SampleError naming them, or (skip mode) mark them to be skipped from now on."""
         bad = {}
         for sid in ids.tolist():
-            data, read_error = self._files.read(sid)
+            data, read_error = self._reader.read(sid)
             if data is None:  # read when it was fed, unreadable now
                 bad[sid] = read_error
                 continue
@@ -547,7 +450,7 @@ class DaliLoader:
             # (skip mode: a batch that fails again on samples already marked would fail for ever)
             sid, why = next(iter(bad.items()))
             more = f" (and {len(bad) - 1} more in its batch)" if len(bad) > 1 else ""
-            raise SampleError(f"{self._files.where(sid)}: {why}{more}; {FIX_DECODE}") from error
+            raise SampleError(f"{_where(self._reader, sid)}: {why}{more}; {FIX_DECODE}") from error
         self._feed.bad.update(bad)
 
     def _record_skip(self, reason: str, message: str) -> None:
@@ -569,8 +472,8 @@ class DaliLoader:
             return torch.from_dlpack(images.as_tensor())
 
     def _describe(self, ids: np.ndarray) -> str:
-        shards = self._files.shard_of(ids)
-        names = sorted({os.path.basename(self._files.tar_paths[s]) for s in shards.tolist()})
+        shards = self._reader.shard_of(ids)
+        names = sorted({os.path.basename(self._reader.tar_paths[s]) for s in shards.tolist()})
         keys = ", ".join(sample_key(i) for i in ids[:8].tolist()) + (", ..." if len(ids) > 8 else "")
         return f"{os.path.join(self.root, self.split)}/{{{', '.join(names)}}}, keys {keys}"
 
@@ -579,9 +482,4 @@ class DaliLoader:
         self._feed.stop()
         self._pipe = None
         self._in_flight = False
-        self._files.close()
-
-    def __del__(self) -> None:
-        files = getattr(self, "_files", None)
-        if files is not None:
-            files.close()
+        self._reader.close()

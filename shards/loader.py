@@ -3,15 +3,18 @@
 Which samples each rank reads, in which order and in which batches is ``shards.schedule`` (an
 ``EpochSchedule``, the same one the DALI loader follows); this module runs that plan:
 
-- **Workers.** The DataLoader workers play the schedule's logical workers. Each reads its pieces
-  sequentially (``shards.tar.read_jpegs``: tar headers are skipped by seeking, so a worker that starts
-  mid-shard or a subset that leaves out samples costs no extra reads), decodes (``shards.jpeg``) and
-  yields *single decoded samples*; batches are assembled in the main process, so the batch count and
-  batch composition do not depend on how fast each worker runs. A worker writes each image into one
-  of its slots in shared memory and sends only the slot index; the main process copies the slot into
-  the batch and frees it (see ``_ShardStream``). OpenCV is set to one thread in the calling process
-  before the workers fork (the workers are the parallelism; see ``ShardLoader.__iter__``).
-- **Errors.** ``on_error="raise"`` (default) raises ``SampleError`` naming the shard file and the key, for
+- **Reading.** The DataLoader workers deal the rank's stream round robin (``EpochPlan.worker``). Each
+  reads its samples in stream order by offset (``shards.tar.ShardReader``: random access through the
+  shards' DALI indexes, which are parsed once in the main process before the workers fork), decodes
+  (``shards.jpeg``) and yields *single decoded samples*; batches are assembled in the main process,
+  so the batch count and batch composition do not depend on the number of workers or on how fast each
+  one runs. A worker writes each image into one of its slots in shared memory and sends only the slot
+  index; the main process copies the slot into the batch and frees it (see ``_ShardStream``). OpenCV is
+  set to one thread in the calling process before the workers fork (the workers are the parallelism;
+  see ``ShardLoader.__iter__``).
+- **Errors.** A missing or damaged DALI index is a ``FormatError`` naming the file (at construction or
+  when the epoch starts), whatever ``on_error`` says: it is no sample's fault, re-run ``ingest``. For a
+  sample, ``on_error="raise"`` (default) raises ``SampleError`` naming the shard file and the key, for
   any read or decode failure (``shards.jpeg.decode_image`` reports every failure as ``DecodeError``).
   ``on_error="skip"`` counts skipped samples in ``ShardLoader.skipped`` (by reason) and keeps the first
   messages in ``ShardLoader.skip_log``. Skipping breaks the guarantees as follows: a skipped sample
@@ -28,7 +31,7 @@ import math
 import multiprocessing
 import os
 from collections import Counter
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -36,9 +39,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .format import sample_key
-from .jpeg import DecodeError, decode_image
-from .schedule import EpochPlan, EpochSchedule, Piece, select_split, worker_order
-from .tar import read_jpegs
+from .jpeg import DecodeError, decode_rgb, resize_planes
+from .schedule import EpochPlan, EpochSchedule, select_split
+from .tar import ShardReader
 
 __all__ = ["SampleError", "ShardLoader"]
 
@@ -65,14 +68,34 @@ class SampleError(RuntimeError):
     """A sample could not be read or decoded; the message names the shard file and the key."""
 
 
-def _to_chw(img: np.ndarray, flip: bool, out: np.ndarray | None = None) -> np.ndarray:
-    """HWC -> CHW (into ``out`` when given), flipped horizontally if asked.
+def _decode(data: bytes, size: int) -> tuple[np.ndarray, bool]:
+    """(pixels, planar): the decoded image squash-resized to (size, size), planar CHW when it was resized
+    (``resize_planes`` outputs planes), HWC when it was decoded at that size already; ``DecodeError``."""
+    img = decode_rgb(data, size)
+    if img.shape[:2] != (size, size):
+        return resize_planes(img, size), True
+    return img, False
 
-    ``cv2.split`` into views of the output planes: measured 0.06 ms at 448x448 against 0.23 ms for
-    numpy's transposing copy.
+
+def _to_chw(img: np.ndarray, planar: bool, flip: bool, out: np.ndarray | None = None) -> np.ndarray:
+    """``_decode``'s pixels as CHW (into ``out`` when given), flipped horizontally if asked.
+
+    Planes are copied or flipped plane by plane. HWC is split with ``cv2.split`` into views of the
+    output planes: measured 0.06 ms at 448x448 against 0.23 ms for numpy's transposing copy.
     """
+    if planar:
+        if out is None and not flip:
+            return img
+        if out is None:
+            out = np.empty_like(img)
+        for c in range(img.shape[0]):
+            if not flip:
+                np.copyto(out[c], img[c])
+            elif cv2.flip(img[c], 1, dst=out[c]).ctypes.data != out[c].ctypes.data:  # 1: around the vertical axis
+                out[c] = cv2.flip(img[c], 1)  # an OpenCV that allocated a plane of its own
+        return out
     if flip:
-        img = cv2.flip(img, 1)  # 1 = around the vertical axis
+        img = cv2.flip(img, 1)
     if out is None:
         out = np.empty((img.shape[2], img.shape[0], img.shape[1]), np.uint8)
     planes = cv2.split(img, [out[c] for c in range(out.shape[0])])
@@ -86,7 +109,7 @@ def _to_chw(img: np.ndarray, flip: bool, out: np.ndarray | None = None) -> np.nd
 # ----------------------------------------------------------------------------------------------
 
 # What flows to the main process, one per planned sample:
-# (sample id, physical worker, payload, skip reason or None, message or None). The payload is the CHW
+# (sample id, worker, payload, skip reason or None, message or None). The payload is the CHW
 # uint8 array when decoding runs in the main process, the index of the worker's shared-memory slot that
 # holds it when it runs in DataLoader workers, None for a skipped sample. Why slots: per-sample IPC
 # of 3x448x448 uint8 moved ~600 samples/s as tensors (one shared-memory segment each) and ~1150/s as
@@ -100,9 +123,8 @@ class _ShardStream(IterableDataset):
 
     def __init__(
         self,
-        paths: list[str],
+        reader: ShardReader,
         plan: EpochPlan,
-        order: dict[str, Any],
         *,
         image_size: int,
         on_error: str,
@@ -110,88 +132,58 @@ class _ShardStream(IterableDataset):
         free: list | None = None,
     ):
         # In-process decoding: both None. With workers: slots [W, R, 3, S, S] uint8 in shared memory and
-        # one semaphore per physical worker counting its free slots (R at the start). The worker takes a
-        # permit before writing its next slot (round robin over its R slots); the main process gives
-        # it back after copying the slot into a batch. Semaphores, not a shared counter: their
-        # acquire/release are memory barriers on every architecture, so a slot is never rewritten
-        # while the main process may still be reading it.
+        # one semaphore per worker counting its free slots (R at the start). The worker takes a permit
+        # before writing its next slot (round robin over its R slots); the main process gives it back
+        # after copying the slot into a batch. Semaphores, not a shared counter: their acquire/release
+        # are memory barriers on every architecture, so a slot is never rewritten while the main process
+        # may still be reading it.
         self.slots = slots
         self.free = free
         self.parent_pid = os.getpid()
-        self.paths = paths
+        self.reader = reader
         self.plan = plan
-        self.order = order  # EpochSchedule.order_args() of the epoch
         self.image_size = image_size
         self.on_error = on_error
 
     def __iter__(self) -> Iterator[_Item]:
-        n_workers = len(self.plan.workers)
         info = get_worker_info()
-        physical = 0 if info is None else info.id
-        if info is not None:
-            if info.num_workers != n_workers:
-                raise RuntimeError(f"internal error: planned {n_workers} workers, DataLoader runs {info.num_workers}")
-        logical = (physical + self.plan.rotation) % n_workers
-        pieces = self.plan.workers[logical]
-        yield from self._produce(pieces, physical, logical, self.plan.skips[logical])
+        worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        ids, flips = self.plan.worker(worker, n_workers)
+        yield from self._produce(ids, flips, worker)
 
-    def _slot(self, physical: int, k: int) -> tuple[int, np.ndarray]:
+    def _slot(self, worker: int, k: int) -> tuple[int, np.ndarray]:
         """Slot of this worker's k-th image; waits until the main process has copied the image R before it."""
         assert self.slots is not None and self.free is not None
-        while not self.free[physical].acquire(timeout=1.0):
+        while not self.free[worker].acquire(timeout=1.0):
             if os.getppid() != self.parent_pid:
                 raise RuntimeError("the main process of this DataLoader worker has exited")
         ring = self.slots.shape[1]
-        return k % ring, self.slots[physical, k % ring].numpy()
+        return k % ring, self.slots[worker, k % ring].numpy()
 
-    def _produce(self, pieces: list[Piece], physical: int, logical: int, skip: int) -> Iterator[_Item]:
-        ids = np.concatenate([p.ids for p in pieces]) if pieces else np.zeros(0, np.int64)
-        n = len(ids)
-        order, flips = worker_order(n, worker=logical, **self.order)
-        needed = np.ones(n, dtype=bool)
-        needed[order[:skip]] = False  # resumed: the outputs already consumed are never read
+    def _produce(self, ids: np.ndarray, flips: np.ndarray, worker: int) -> Iterator[_Item]:
         used_slots = 0
-        piece_start = np.cumsum([0] + [len(p.ids) for p in pieces])
-        reader = self._read(pieces, piece_start, needed)
-        pending: dict[int, tuple[bytes | None, str | None]] = {}
-        for j in range(skip, n):
-            i = int(order[j])
-            while i not in pending:
-                got = next(reader, None)
-                if got is None:
-                    raise RuntimeError(f"internal error: the reader ended before input {i} of worker {logical}")
-                pending[got[0]] = (got[1], got[2])
-            data, error = pending.pop(i)
-            sid = int(ids[i])
+        for sid, flip in zip(ids.tolist(), flips.tolist()):
+            data, error = self.reader.read(sid)
             reason = "read"
             if data is not None:
                 try:
-                    img = decode_image(data, self.image_size)
+                    img, planar = _decode(data, self.image_size)
                 except DecodeError as e:
                     reason, error = "decode", str(e)
                 else:
                     if self.slots is None:
-                        yield sid, physical, _to_chw(img, bool(flips[j])), None, None
+                        yield sid, worker, _to_chw(img, planar, flip), None, None
                     else:
-                        slot, out = self._slot(physical, used_slots)
+                        slot, out = self._slot(worker, used_slots)
                         used_slots += 1
-                        _to_chw(img, bool(flips[j]), out)
-                        yield sid, physical, slot, None, None
+                        _to_chw(img, planar, flip, out)
+                        yield sid, worker, slot, None, None
                     continue
-            path = self.paths[pieces[int(np.searchsorted(piece_start, i, side="right")) - 1].shard]
             fix = FIX_DECODE if reason == "decode" else FIX_READ
-            message = f"{path}: sample {sample_key(sid)}: {error}"
+            message = f"{self.reader.path_of(sid)}: sample {sample_key(sid)}: {error}"
             if self.on_error == "raise":
                 raise SampleError(f"{message}; {fix}")
-            yield sid, physical, None, reason, message
-
-    def _read(
-        self, pieces: list[Piece], piece_start: np.ndarray, needed: np.ndarray
-    ) -> Iterator[tuple[int, bytes | None, str | None]]:
-        for p, base in zip(pieces, piece_start):
-            sub = needed[base : base + len(p.ids)]
-            for i, data, error in read_jpegs(self.paths[p.shard], p.ids, sub):
-                yield int(base) + i, data, error
+            yield sid, worker, None, reason, message
 
 
 def _pass_through(item: _Item) -> _Item:
@@ -212,10 +204,10 @@ class ShardLoader:
     the pass then yields batches n..len-1, exactly those of an uninterrupted pass).
 
     - ``sample_ids``: sorted allowed ids of the split (e.g. the 80 % train cut); None = all.
-    - ``train``: shuffled shards and samples + random horizontal flip; False: evaluation order, no flip.
-    - ``num_workers``: DataLoader worker processes (0 decodes in this process); the sample stream, and
-      so every batch, depends on it, so a resumed run must use the same value.
-    - ``shuffle_buffer``: the sample-shuffle window (samples each worker keeps in memory, encoded).
+    - ``train``: a random order of the samples every epoch + random horizontal flip; False: sample-id
+      order, no flip.
+    - ``num_workers``: DataLoader worker processes (0 decodes in this process); the batches do not
+      depend on it.
     - ``on_error``: "raise" or "skip" (see the module docstring for what skipping changes).
     - ``pin_memory``: page-lock the batches (when CUDA is available) for asynchronous copies.
     """
@@ -234,22 +226,23 @@ class ShardLoader:
         num_workers: int = 0,
         seed: int = 0,
         on_error: str = "raise",
-        shuffle_buffer: int = 1000,
         pin_memory: bool = False,
     ):
         if batch_size < 1 or image_size < 1:
             raise ValueError(f"batch_size and image_size must be >= 1, got {batch_size} and {image_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside 0..{world_size - 1} (world_size {world_size})")
-        if num_workers < 0 or seed < 0 or shuffle_buffer < 0:
-            raise ValueError("num_workers, seed and shuffle_buffer must be >= 0")
+        if num_workers < 0 or seed < 0:
+            raise ValueError("num_workers and seed must be >= 0")
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         sel = select_split(dataset_root, split, sample_ids)
         #: which samples, in which order and batches, epoch by epoch (the DALI loader follows the same)
-        self.schedule = EpochSchedule(sel, batch_size=batch_size, rank=rank, world_size=world_size,
-                                      num_workers=num_workers, seed=seed, train=train, window=shuffle_buffer)
-        self.root, self._paths = sel.root, sel.tar_paths
+        self.schedule = EpochSchedule(sel, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
+                                      train=train)
+        self.num_workers = num_workers
+        self.root = sel.root
+        self._reader = sel.reader()
         self.split = split
         self.image_size = image_size
         self.on_error = on_error
@@ -262,7 +255,7 @@ class ShardLoader:
             raise ValueError(f"{self.root}: no samples selected from split {split!r} (empty sample_ids?)")
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch (shard and sample order) and the first batch the next iteration yields."""
+        """Select the epoch (sample order and flips) and the first batch the next iteration yields."""
         self.schedule.set_epoch(epoch, start_batch)
 
     def __len__(self) -> int:
@@ -280,7 +273,8 @@ class ShardLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         sched = self.schedule
         plan = sched.plan()
-        n_workers = sched.num_workers
+        self._reader.load(plan.ids)  # parsed here, before the workers fork, so that they inherit the indexes
+        n_workers = self.num_workers
         extra = {}
         slots = free = None
         if n_workers > 0:
@@ -295,10 +289,8 @@ class ShardLoader:
             s, ring = self.image_size, max(1, prefetch + _RING_EXTRA)
             slots = torch.empty((n_workers, ring, 3, s, s), dtype=torch.uint8).share_memory_()
             free = [multiprocessing.Semaphore(ring) for _ in range(n_workers)]
-        stream = _ShardStream(
-            self._paths, plan, sched.order_args(), image_size=self.image_size, on_error=self.on_error, slots=slots,
-            free=free,
-        )
+        stream = _ShardStream(self._reader, plan, image_size=self.image_size, on_error=self.on_error, slots=slots,
+                              free=free)
         loader = DataLoader(
             stream,
             batch_size=None,

@@ -13,9 +13,9 @@ Its DALI index ``<split>/NNNNNN.idx`` is the text format of DALI's ``wds2idx`` t
 the offsets noted while building it), parsed by ``read_dali_index``.
 
 Reading: ``iter_samples`` yields every sample of a shard and raises ``FormatError`` for a layout the
-writer does not produce (``Dataset.iter_samples``, ``verify_shard``); ``read_jpegs`` reads the JPEG
-bytes of chosen samples, seeking over the rest, and reports a damaged sample as a value (the CPU
-loader). ``verify_shard`` checks a shard's structure and its index against the manifest (``ingest verify``).
+writer does not produce (``Dataset.iter_samples``, ``verify_shard``); ``ShardReader`` reads the JPEG
+bytes of any sample by id at the offsets of the DALI index and reports a damaged sample as a value
+(both loaders). ``verify_shard`` checks a shard and its index against the manifest (``ingest verify``).
 """
 from __future__ import annotations
 
@@ -302,62 +302,94 @@ def iter_samples(path: Path) -> Iterator[Sample]:
         yield finish()
 
 
-def read_jpegs(path: str, ids: np.ndarray, needed: np.ndarray) -> Iterator[tuple[int, bytes | None, str | None]]:
-    """Yield (index into ids, jpeg bytes, None) or (index, None, error) once for every needed index.
+class ShardReader:
+    """JPEG bytes of a split's samples by id, read at the offsets of the shards' DALI indexes.
 
-    Members of a sample are consecutive in the tar (the WebDataset convention), so a sample is
-    complete when the key changes. Reading stops once every needed sample of the piece was seen.
+    Random access: one ``pread`` of the 4-byte ``<key>.idx`` member (which must hold the id: a stale or
+    mismatched index is reported, never a wrong image) and one of the ``.jpg`` member per sample, in any
+    order. The indexes are parsed on first use (``load`` parses chosen ones ahead, e.g. before DataLoader
+    workers fork, so that they inherit them) and kept: 24 bytes per sample. At most ``MAX_OPEN_SHARDS``
+    shard files are open; a forked process opens its own.
+
+    Random access is what a uniform order of the samples needs (``shards.schedule``): consecutive samples
+    lie in different shards, and a sequential reader would need a shuffle buffer as large as the
+    selection to draw uniformly. From the page cache or an SSD a read costs less CPU than scanning the
+    tar headers did; on storage where every seek is slow (spinning disks, network file systems) it
+    costs one seek per sample.
     """
-    want = {int(ids[i]): int(i) for i in np.flatnonzero(needed)}
-    if not want:
-        return
-    try:
-        tar = tarfile.open(path, mode="r:")
-    except (OSError, tarfile.TarError) as e:
-        for i in want.values():
-            yield i, None, f"cannot open the shard ({e})"
-        return
 
-    def finish(sid: int, members: dict[str, bytes]) -> tuple[int, bytes | None, str | None]:
-        i = want.pop(sid)
-        if "jpg" not in members:
-            return i, None, "no .jpg member"
-        if "idx" in members:
-            if len(members["idx"]) != SAMPLE_ID.size:
-                return i, None, f".idx member has {len(members['idx'])} bytes, expected 4"
-            stored = decode_sample_id(members["idx"])
-            if stored != sid:
-                return i, None, f".idx member says sample {stored}"
-        return i, members["jpg"], None
+    #: open shard files kept per process (least recently used are closed): bounded file descriptors
+    MAX_OPEN_SHARDS = 64
 
-    with tar:
-        current: int | None = None  # sample id of the member group being read, if wanted
-        members: dict[str, bytes] = {}
+    def __init__(self, tar_paths: list[str], firsts: Iterable[int], counts: Iterable[int]):
+        self.tar_paths = tar_paths
+        self.firsts = np.asarray(list(firsts), dtype=np.int64)
+        self.counts = np.asarray(list(counts), dtype=np.int64)
+        self._index: dict[int, ShardIndex] = {}
+        self._fds: dict[int, int] = {}  # insertion order = least recently used first
+        self._pid = os.getpid()
+
+    def shard_of(self, ids: np.ndarray) -> np.ndarray:
+        """Index into ``tar_paths`` of the shard holding each id."""
+        return np.searchsorted(self.firsts, ids, side="right") - 1
+
+    def path_of(self, sample_id: int) -> str:
+        return self.tar_paths[int(self.shard_of(np.asarray([sample_id]))[0])]
+
+    def index(self, shard: int) -> ShardIndex:
+        """The parsed DALI index of ``shard`` (``FormatError`` naming the file and line if it is damaged)."""
+        got = self._index.get(shard)
+        if got is None:
+            idx = self.tar_paths[shard][: -len(".tar")] + ".idx"
+            got = read_dali_index(idx, int(self.firsts[shard]), int(self.counts[shard]))
+            self._index[shard] = got
+        return got
+
+    def load(self, ids: np.ndarray) -> None:
+        """Parse the indexes of every shard that holds one of ``ids``."""
+        for shard in np.unique(self.shard_of(ids)).tolist():
+            self.index(shard)
+
+    def _fd(self, shard: int) -> int:
+        if self._pid != os.getpid():  # forked: the inherited descriptors belong to the parent's LRU
+            self._fds, self._pid = {}, os.getpid()
+        fd = self._fds.pop(shard, None)
+        if fd is None:
+            if len(self._fds) >= self.MAX_OPEN_SHARDS:
+                os.close(self._fds.pop(next(iter(self._fds))))
+            fd = os.open(self.tar_paths[shard], os.O_RDONLY)
+        self._fds[shard] = fd  # most recently used last
+        return fd
+
+    def read(self, sample_id: int) -> tuple[bytes | None, str | None]:
+        """(JPEG bytes, None), or (None, what is wrong) for a sample that cannot be read."""
+        shard = int(self.shard_of(np.asarray([sample_id]))[0])
+        index = self.index(shard)
+        row = sample_id - index.first_sample
+        size = int(index.jpg_size[row])
         try:
-            for m in tar:  # reads headers lazily; seeks over the data of members not read
-                key, _, ext = os.path.basename(m.name).partition(".")
-                sid = int(key) if key.isdigit() else -1
-                if sid != current:
-                    if current is not None:
-                        yield finish(current, members)
-                        if not want:
-                            break
-                    current, members = (sid if sid in want else None), {}
-                if current is not None and ext in ("jpg", "idx") and m.isfile():
-                    fobj = tar.extractfile(m)
-                    assert fobj is not None  # isfile() members always have data
-                    members[ext] = fobj.read()
-            else:
-                if current is not None:
-                    yield finish(current, members)
-        except (OSError, tarfile.TarError) as e:  # a truncated or corrupt member
-            for i in want.values():
-                yield i, None, f"shard unreadable from here on ({e})"
-            return
-    # tarfile ends iteration silently at a damaged header after the first member: what is still
-    # wanted is missing either way
-    for i in want.values():
-        yield i, None, "not in the shard"
+            fd = self._fd(shard)
+            head = os.pread(fd, SAMPLE_ID.size, int(index.idx_offset[row]))
+            data = os.pread(fd, size, int(index.jpg_offset[row]))
+        except OSError as e:
+            return None, f"read failed ({e})"
+        if len(head) != SAMPLE_ID.size or len(data) != size:
+            return None, "the shard ends before the bytes its DALI index names (truncated shard or stale index)"
+        stored = decode_sample_id(head)
+        if stored != sample_id:
+            return None, (f"the .idx member at the indexed offset says sample {stored} (the DALI index does not "
+                          "match the shard)")
+        return data, None
+
+    def close(self) -> None:
+        """Close this process's shard files (also done when the reader is collected)."""
+        if self._pid == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+        self._fds = {}
+
+    def __del__(self) -> None:
+        self.close()
 
 
 # --------------------------------------------------------------------------------------------- verify

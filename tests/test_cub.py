@@ -121,6 +121,19 @@ def test_exact_labels(tmp_path: Path, attributes_at: str, eol: str):
     assert plan.source["malformed_line_numbers"] == [line_of(2, 6)]
 
 
+def test_image_without_any_positive_attribute_is_kept(tmp_path: Path):
+    """Cole et al.'s format_cub.py keeps every image of images.txt, in id order, whatever its labels: an image
+    whose 312 rows all say is_present 0 stays, as an all-negative sample in its place."""
+    root = make_tree(tmp_path)
+    f = root / "CUB_200_2011" / "attributes" / "image_attribute_labels.txt"
+    f.write_text(labels_text(malformed=False, override={(121, a): f"121 {a} 0 4 1.0" for a in range(1, 313)}))
+    plan = cub.plan(root)
+    train = plan.splits["train"]
+    assert [int(r.source_id) for r in train] == TRAIN_IDS  # 121 is the third training image
+    assert train[2].source_id == "121" and train[2].pos == [] and train[2].meta["certainty"] == [4] * 312
+    assert plan.counts["train"]["listed"] == 13 and plan.counts["train"]["skipped"] == {}
+
+
 def test_strict_makes_malformed_line_fatal(tmp_path: Path):
     root = make_tree(tmp_path)
     with pytest.raises(IngestError, match=rf"image_attribute_labels\.txt:{line_of(2, 6)}: expected 5 fields .* got 6"):

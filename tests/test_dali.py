@@ -6,7 +6,6 @@ disagree about). Shards of 8 samples, so plans cross shard boundaries.
 """
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import shutil
@@ -18,6 +17,7 @@ import torch
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install 'largeloss[dali]')")
 
 import simplejpeg  # noqa: E402
+from test_loader import photo_1024x768, reference_resize  # noqa: E402
 
 from conftest import declare_size  # noqa: E402
 from largeloss.shards import dali  # noqa: E402
@@ -27,7 +27,6 @@ from largeloss.shards.jpeg import decode_scale  # noqa: E402
 from largeloss.shards.labelstore import LabelStore  # noqa: E402
 from largeloss.shards.loader import SampleError, ShardLoader  # noqa: E402
 from largeloss.shards.protocols import train_val_split  # noqa: E402
-from largeloss.shards.schedule import interleave, interleave_order  # noqa: E402
 from largeloss.shards.tar import decode_sample_id, read_dali_index  # noqa: E402
 from largeloss.shards.writer import write_dataset  # noqa: E402
 
@@ -92,24 +91,10 @@ def _image_sizes(root, split) -> dict[int, tuple[int, int]]:
 # ---------------------------------------------------------------------------------------------- planning
 
 
-def test_interleave_order_is_the_dataloader_round_robin():
-    rng = np.random.default_rng(0)
-    for counts in ([3, 3], [4, 2, 0, 5], [0, 0], [1], [], [7, 6, 6, 1]):
-        starts = np.cumsum([0] + list(counts))
-        expected = [int(starts[w]) + k for w, k in interleave(counts)]
-        assert interleave_order(counts).tolist() == expected
-    counts = rng.integers(0, 9, 6).tolist()
-    starts = np.cumsum([0] + counts)
-    assert interleave_order(counts).tolist() == [int(starts[w]) + k for w, k in interleave(counts)]
-
-
-def test_shuffle_window_default_is_the_cpu_loaders():
-    assert dali.DEFAULT_SHUFFLE_BUFFER == inspect.signature(ShardLoader.__init__).parameters["shuffle_buffer"].default
-
-
-@pytest.mark.parametrize("plan_workers", [0, 2])
-def test_same_batches_and_labels_as_cpu_loader_per_rank(root, plan_workers):
-    """2 simulated ranks, the 80 % training cut, two epochs: identical batches (ids and order), hence labels."""
+@pytest.mark.parametrize("cpu_workers", [0, 2])
+def test_same_batches_and_labels_as_cpu_loader_per_rank(root, cpu_workers):
+    """2 simulated ranks, the 80 % training cut, two epochs: identical batches (ids and order), hence labels,
+    whatever the CPU loader's number of workers."""
     train_ids, _ = train_val_split(N_TRAIN, 0.2, 1200)  # 36 of 45
     store = LabelStore(os.path.join(root, "train", "labels.arrow"), K, "full")
     common = dict(sample_ids=train_ids, batch_size=5, image_size=32, train=True, world_size=2, seed=3)
@@ -117,8 +102,8 @@ def test_same_batches_and_labels_as_cpu_loader_per_rank(root, plan_workers):
     for epoch in (1, 2):
         seen = []
         for rank in (0, 1):
-            d = _dali(root, rank=rank, plan_workers=plan_workers, **common)
-            c = ShardLoader(root, "train", rank=rank, num_workers=plan_workers, **common)
+            d = _dali(root, rank=rank, **common)
+            c = ShardLoader(root, "train", rank=rank, num_workers=cpu_workers, **common)
             assert len(d) == len(c) == 4  # ceil(ceil(36 / 2) / 5)
             d_batches, c_batches = _epoch(d, epoch), _epoch(c, epoch)
             assert len(d_batches) == len(c_batches) == 4
@@ -136,9 +121,9 @@ def test_same_batches_and_labels_as_cpu_loader_per_rank(root, plan_workers):
         assert sorted(seen[0] + seen[1]) == train_ids.tolist()
         per_epoch[epoch] = seen
     assert per_epoch[1] != per_epoch[2]  # the order is a function of the epoch
-    # resumed mid-epoch (the DataLoader's worker rotation and per-worker skips): still the same batches
-    d = _dali(root, rank=1, plan_workers=plan_workers, **common)
-    c = ShardLoader(root, "train", rank=1, num_workers=plan_workers, **common)
+    # resumed mid-epoch (the rest of the stream dealt to the CPU loader's workers anew): the same batches
+    d = _dali(root, rank=1, **common)
+    c = ShardLoader(root, "train", rank=1, num_workers=cpu_workers, **common)
     d_ids = [ids.tolist() for _, ids in _epoch(d, 2, start_batch=1)]
     assert d_ids == [ids.tolist() for _, ids in _epoch(c, 2, start_batch=1)]
     assert sum(d_ids, []) == per_epoch[2][1][5:]  # batch 0 of rank 1 held 5 samples
@@ -156,25 +141,26 @@ def _pixel_diffs(d: DaliLoader, c: ShardLoader, epoch: int = 1):
 
 
 @pytest.mark.parametrize("train", [False, True])
-def test_pixels_within_one_level_without_reduced_dct_scale(root, train):
-    """S = 136: every image is < 2S = 272 px on its sides, so the CPU loader decodes at full scale and
-    resizes with cv2.INTER_LINEAR. DALI's CPU decoder is libjpeg-turbo as well and its linear resize
-    without antialiasing is the same filter, so pixels agree up to rounding: max 1 level. In training
-    mode this also proves that the flips are the same (a missed flip differs by tens of levels)."""
+def test_pixels_close_without_reduced_dct_scale(root, train):
+    """S = 136: every image is < 2S = 272 px on its sides, so the CPU loader decodes at full scale like DALI,
+    and both resize with the antialiased bilinear filter: torch's (PIL's rounding: uint8 between the two
+    passes) and DALI's. Measured: mean |diff| 0.16 per image at most 0.19, single pixels up to 9 levels at
+    disc edges. In training mode this also proves that the flips are the same (a missed flip differs by
+    tens of levels on average)."""
     d = _dali(root, "test", batch_size=4, image_size=136, train=train)
     c = ShardLoader(root, "test", batch_size=4, image_size=136, train=train)
     rows = _pixel_diffs(d, c)
     assert sorted(r[0] for r in rows) == list(range(N_TEST))
-    assert max(r[2] for r in rows) <= 1
-    assert np.mean([r[1] for r in rows]) <= 0.2  # measured 0.125: ~1 pixel in 8 rounds the other way
+    assert max(r[1] for r in rows) <= 0.3
+    assert max(r[2] for r in rows) <= 16
 
 
 def test_pixels_close_with_reduced_dct_scale(root):
     """S = 80: images >= 160 px on both sides (31 of 45) are decoded by the CPU loader at 1/2 DCT scale
-    (libjpeg-turbo's scaled IDCT), by DALI at full size followed by an antialiased (triangle) downscale
-    to the same size: two different low-pass filters. Tolerance: mean |diff| per image <= 4 levels
-    (measured <= 3.0 on these noisy images; a missed flip or a shifted grid gives 20+), f = 1 images
-    still within 1 level. Single pixels at disc edges differ by up to ~140 levels, so no max bound."""
+    (libjpeg-turbo's scaled IDCT) before the antialiased resize, by DALI at full size: two different
+    low-pass paths. Tolerance: mean |diff| per image <= 4 levels (measured <= 2.9 on these noisy images;
+    a missed flip or a shifted grid gives 20+), f = 1 images as in the test above. Single pixels at disc
+    edges differ by up to ~100 levels, so no max bound."""
     sizes = _image_sizes(root, "train")
     d = _dali(root, batch_size=8, image_size=80, train=False)
     c = ShardLoader(root, "train", batch_size=8, image_size=80, train=False)
@@ -182,12 +168,25 @@ def test_pixels_close_with_reduced_dct_scale(root):
     assert sorted(r[0] for r in rows) == list(range(N_TRAIN))
     scales = {sid: decode_scale(*sizes[sid], 80) for sid, _, _ in rows}
     assert sorted(set(scales.values())) == [1, 2]  # both paths are exercised
-    for sid, mean, mx in rows:
-        if scales[sid] == 1:
-            assert mx <= 1, sid
-        else:
-            assert mean <= 4.0, (sid, mean)
-    assert np.mean([r[1] for r in rows if scales[r[0]] > 1]) <= 3.0  # measured 2.18
+    for sid, mean, _ in rows:
+        assert mean <= (4.0 if scales[sid] > 1 else 0.3), (sid, mean)
+    assert np.mean([r[1] for r in rows if scales[r[0]] > 1]) <= 3.0  # measured 1.93
+
+
+@pytest.mark.parametrize("size", [224, 448])
+def test_resize_matches_the_reference_filter(tmp_path, size):
+    """Mean |DALI - reference| <= 2 levels on a 1024x768 photo (issue 10, item 7): DALI decodes at full size
+    and resizes with its antialiased linear (triangle) filter, PIL's. Measured 0.11 at 224 and 0.15 at 448
+    (libjpeg-turbo's full decode in both; two implementations of one filter); the former two-stage
+    pipeline without antialiasing in its second stage gave 1.71 and 2.10."""
+    data = photo_1024x768()
+    plan = IngestPlan(dataset="photo", classes=[{"index": 0, "id": "0", "name": "c0"}],
+                      splits={"test": [Record(source_id="p", rel_path="p.jpg", pos=[0], data=data)]},
+                      unlisted="negative")
+    write_dataset(tmp_path / "ds", plan, shard_size=8, progress=False)
+    ((images, _),) = _epoch(_dali(str(tmp_path / "ds"), "test", batch_size=1, image_size=size, train=False), 0)
+    diff = np.abs(images[0].permute(1, 2, 0).numpy().astype(int) - reference_resize(data, size))
+    assert diff.mean() <= 2.0, diff.mean()
 
 
 # ---------------------------------------------------------------------------------------------- epochs

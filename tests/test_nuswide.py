@@ -6,10 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_protocols import cole_reference
 
 from conftest import FIXTURES
 from largeloss.ingest import nuswide
 from largeloss.shards.format import UNLISTED_NEGATIVE, IngestError
+from largeloss.shards.labels import read_labels
+from largeloss.shards.protocols import single_positive, train_val_split
 
 CONCEPTS_FILE = FIXTURES / "nuswide" / "ConceptsList" / "Concepts81.txt"  # real, CRLF
 CONCEPTS = CONCEPTS_FILE.read_text(encoding="utf-8").split()
@@ -64,30 +67,35 @@ def test_official_tree_exact(tmp_path: Path, eol: str, at_root: bool):
     assert plan.dataset == "nuswide" and plan.unlisted == UNLISTED_NEGATIVE
     assert [c["name"] for c in plan.classes] == CONCEPTS
     train = plan.splits["train"]
-    # list order; the image without a positive (line 2) is dropped and counted
-    assert [r.source_id for r in train] == ["actor/0001_2124494179.jpg", "zebra/0001_1111.jpg", "sky/0003_42.jpg"]
-    assert [r.pos for r in train] == [idx("airport", "zebra"), idx("animal", "sky", "water"), idx("sky")]
-    assert [r.pos for r in train] == [[0, 80], [1, 55, 75], [55]]
+    # list order; the image without a positive (line 2) is kept, as in Cole et al.'s files
+    assert [r.source_id for r in train] == ["actor/0001_2124494179.jpg", "actor/0002_174174086.jpg",
+                                            "zebra/0001_1111.jpg", "sky/0003_42.jpg"]
+    assert [r.pos for r in train] == [idx("airport", "zebra"), [], idx("animal", "sky", "water"), idx("sky")]
+    assert [r.pos for r in train] == [[0, 80], [], [1, 55, 75], [55]]
     assert all(r.neg == [] for r in train)
-    assert [r.meta for r in train] == [{"list_line": 1}, {"list_line": 3}, {"list_line": 4}]
+    assert [r.meta for r in train] == [{"list_line": 1}, {"list_line": 2}, {"list_line": 3}, {"list_line": 4}]
     assert train[0].rel_path == "actor/0001_2124494179.jpg"
     assert train[0].path == str(root / "Flickr" / "actor" / "0001_2124494179.jpg")
-    assert plan.counts == {"train": {"listed": 4, "skipped": {"no_positive": 1}},
-                           "test": {"listed": 2, "skipped": {"no_positive": 1}}}
-    (t,) = plan.splits["test"]
-    assert (t.source_id, t.pos, t.meta) == ("water/0008_100.jpg", [75], {"list_line": 2})
+    assert plan.counts == {"train": {"listed": 4, "no_positive": 1, "skipped": {}},
+                           "test": {"listed": 2, "no_positive": 1, "skipped": {}}}
+    assert [(t.source_id, t.pos, t.meta) for t in plan.splits["test"]] == [
+        ("water/0007_99.jpg", [], {"list_line": 1}), ("water/0008_100.jpg", [75], {"list_line": 2})]
+    assert plan.source["drop_no_positive"] is False
     assert plan.source["labels_from"] == "official-lists"
 
 
-def test_keep_no_positive_and_images_dir(tmp_path: Path):
+def test_drop_no_positive_and_images_dir(tmp_path: Path):
     root = make_tree(tmp_path / "nus", "\n")
-    plan = nuswide.plan(root, keep_no_positive=True, images=tmp_path / "img")
+    plan = nuswide.plan(root, drop_no_positive=True, images=tmp_path / "img")
     train = plan.splits["train"]
-    assert [r.pos for r in train] == [[0, 80], [], [1, 55, 75], [55]]
-    assert train[1].path == str(tmp_path / "img" / "actor" / "0002_174174086.jpg")
-    assert [r.source_id for r in plan.splits["test"]] == ["water/0007_99.jpg", "water/0008_100.jpg"]
-    assert plan.counts["train"] == {"listed": 4, "skipped": {"no_positive": 0}}
-    assert plan.source["keep_no_positive"] is True
+    # line 2 (no positive) dropped and counted: not Cole et al.'s protocol, opt-in
+    assert [r.pos for r in train] == [[0, 80], [1, 55, 75], [55]]
+    assert [r.meta["list_line"] for r in train] == [1, 3, 4]
+    assert train[0].path == str(tmp_path / "img" / "actor" / "0001_2124494179.jpg")
+    assert [r.source_id for r in plan.splits["test"]] == ["water/0008_100.jpg"]
+    assert plan.counts == {"train": {"listed": 4, "no_positive": 1, "skipped": {"no_positive": 1}},
+                           "test": {"listed": 2, "no_positive": 1, "skipped": {"no_positive": 1}}}
+    assert plan.source["drop_no_positive"] is True
 
 
 def test_length_mismatch_names_file_and_both_lengths(tmp_path: Path):
@@ -138,11 +146,15 @@ def test_from_npy(tmp_path: Path):
     np.save(npy / "formatted_val_labels.npy", va_labels)
     plan = nuswide.plan(from_npy=npy)
     assert plan.source["labels_from"] == "cole-npy"
+    # every npy row, the one without a positive (row 1) included: the rows are Cole et al.'s sample order
     assert [(r.source_id, r.pos, r.meta) for r in plan.splits["train"]] == [
-        ("a/1_1.jpg", [3, 10], {"npy_row": 0}), ("b/3_3.jpg", [80], {"npy_row": 2})]
+        ("a/1_1.jpg", [3, 10], {"npy_row": 0}), ("a/2_2.jpg", [], {"npy_row": 1}), ("b/3_3.jpg", [80], {"npy_row": 2})]
     assert plan.splits["train"][0].path == str(npy / "Flickr" / "a" / "1_1.jpg")
     assert [(r.source_id, r.pos) for r in plan.splits["test"]] == [("c/4_4.jpg", [0])]
-    assert plan.counts["train"] == {"listed": 3, "skipped": {"no_positive": 1}}
+    assert plan.counts["train"] == {"listed": 3, "no_positive": 1, "skipped": {}}
+    dropped = nuswide.plan(from_npy=npy, drop_no_positive=True)
+    assert [r.meta["npy_row"] for r in dropped.splits["train"]] == [0, 2]
+    assert dropped.counts["train"] == {"listed": 3, "no_positive": 1, "skipped": {"no_positive": 1}}
 
     tr_labels[1, 5] = 0.5
     np.save(npy / "formatted_train_labels.npy", tr_labels)
@@ -194,7 +206,18 @@ def test_write_dataset_end_to_end(tmp_path: Path):
     manifest = write_dataset(tmp_path / "out", plan, shard_size=2, progress=False)
     with ipc.open_file(tmp_path / "out" / "train" / "labels.arrow") as f:
         table = f.read_all()
-    assert table.column("pos").to_pylist() == [[0, 80], [1, 55, 75]]
+    # sample 1 (list line 2) has no positive and stays, as in Cole et al.'s files
+    assert table.column("pos").to_pylist() == [[0, 80], [], [1, 55, 75]]
     c = manifest.counts["train"]
-    assert (c["listed"], c["written"], c["missing"], c["skipped"]) == (4, 2, 1, {"no_positive": 1})
+    assert (c["listed"], c["written"], c["missing"], c["no_positive"], c["skipped"]) == (4, 3, 1, 1, {})
     assert manifest.source["labels_from"] == "official-lists"
+
+    # What training makes of it, as Cole et al.'s code does: the row without a positive gets no observed
+    # label (its RandomState draws still advance, so the next rows get the reference's choice), and the
+    # seed-1200 80/20 cut runs over all three rows.
+    truth = read_labels(tmp_path / "out" / "train" / "labels.arrow", 81)
+    obs = single_positive(truth)
+    assert np.diff(obs.pos_offsets).tolist() == [1, 0, 1]
+    assert (obs.dense(range(3)) == cole_reference(truth.dense(range(3)).clip(0, 1))).all()
+    train_ids, val_ids = train_val_split(manifest.splits["train"].num_samples)
+    assert sorted(train_ids.tolist() + val_ids.tolist()) == [0, 1, 2] and len(val_ids) == 1  # round(0.2 * 3)

@@ -36,12 +36,12 @@ def build_loader(cfg: Config, accelerator, split: str, sample_ids: np.ndarray | 
         from ..shards import dali as dali_loader
 
         if kind == "dali" or dali_loader.available(accelerator.device):
-            return dali_loader.DaliLoader(  # plan_workers: same batches as the CPU loader would give
+            return dali_loader.DaliLoader(  # the same batches as the CPU loader would give
                 cfg.data, split, sample_ids=sample_ids,
                 batch_size=cfg.batch_size if train else cfg.eval_batch_size,
                 image_size=cfg.image_size, train=train, rank=accelerator.process_index,
                 world_size=accelerator.num_processes, seed=cfg.seed, device=accelerator.device,
-                plan_workers=cfg.num_workers, on_error=cfg.on_error,
+                on_error=cfg.on_error,
             )
     return ShardLoader(
         cfg.data, split, sample_ids=sample_ids,

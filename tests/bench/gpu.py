@@ -173,11 +173,13 @@ def loader_epoch(loader, epoch: int, device: torch.device) -> tuple[float, list[
 
 def feed_cost_us(loader) -> float:
     """DALI's host-side work per sample: pread of the JPEG and the .idx member plus the id check."""
-    ids = np.concatenate([b for b, _ in loader.schedule.batches()])
-    loader._files.read(ids[: min(len(ids), 64)])  # indexes parsed, files opened: steady state
+    ids = loader.schedule.plan().ids.tolist()
+    reader = loader._reader
+    for sid in ids[:64]:  # indexes parsed, files opened: steady state
+        reader.read(sid)
     t0 = time.perf_counter()
-    for a in range(0, len(ids), 64):
-        loader._files.read(ids[a : a + 64])
+    for sid in ids:
+        reader.read(sid)
     return (time.perf_counter() - t0) / len(ids) * 1e6
 
 
@@ -295,9 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         row(f"CPU loader img/s @{S} ({args.cpu_workers} workers)", f"{cpu_rate:.0f}", "ShardLoader, train mode")
         if have_dali:
             dali_dev = device if gpu else None
-            dali_loader = dali.DaliLoader(
-                root, "train", device=dali_dev, plan_workers=args.cpu_workers, **common, **dali_kw
-            )
+            dali_loader = dali.DaliLoader(root, "train", device=dali_dev, **common, **dali_kw)
             loader_epoch(dali_loader, 0, device)
             dali_rate, dali_ids = loader_epoch(dali_loader, 1, device)
             kind = "GPU, nvJPEG" if gpu else "CPU operators (no GPU)"
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                 "pread JPEG + .idx member, id check")
             eval_kw = dict(batch_size=B, image_size=S, train=False, seed=0)
             if decode_scale(HEIGHT, WIDTH, S) == 1:
-                expect = "expect mean <= 1 on GPU (nvJPEG's IDCT), <= 0.2 and max 1 on CPU"
+                expect = "expect mean <= 1 on GPU (nvJPEG's IDCT), <= 0.3 on CPU (rounding of one filter)"
             else:  # the CPU loader decodes at a reduced DCT scale, DALI filters: see shards/dali.py
                 expect = f"1/{decode_scale(HEIGHT, WIDTH, S)} DCT-scale decode on the CPU side: a few levels mean"
             n_check = 2 if not args.quick else 1

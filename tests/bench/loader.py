@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{'pipeline (best of ' + str(args.repeats) + ' epochs)':<46} {'images':>7} {'seconds':>8} "
               f"{'images/s':>9} {'CPU ms/image':>13}")
         labels = {
-            "ours": "ShardLoader (shards, simplejpeg+cv2, uint8)",
+            "ours": "ShardLoader (shards, simplejpeg+AA, uint8)",
             "reference": "PIL + torchvision (files, float, normalized)",
         }
         for name, (n, wall, _) in best.items():
