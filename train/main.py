@@ -71,7 +71,7 @@ def main(argv=None) -> int:
 
     try:
         run(cfg, ImageSource)
-    except (WeightsError, FileExistsError, FormatError) as e:  # bad input: one line, no traceback
+    except (ConfigError, WeightsError, FileExistsError, FormatError) as e:  # bad input: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
