@@ -97,8 +97,9 @@ def run(cfg: Config, make_source: Callable[[Config, Dataset], Source]) -> dict[s
     val_loader = source.eval_loader(accelerator, cfg.train_split, val_ids)
     test_loader = source.eval_loader(accelerator, cfg.test_split, None)
     log(f"{dataset_name}: {ds.num_classes} classes, train {len(train_ids)} / val {len(val_ids)} / test "
-        f"{len(stores.test_ids)}; method {method} (delta_rel {cfg.loss.delta_rel}); {accelerator.num_processes} "
-        f"process(es) on {accelerator.device}; loader {type(train_loader).__name__}; run dir {rundir.path}")
+        f"{len(stores.test_ids)}; method {method_id(method, cfg.boost_alpha)} (delta_rel {cfg.loss.delta_rel}); "
+        f"{accelerator.num_processes} process(es) on {accelerator.device}; loader {type(train_loader).__name__}; "
+        f"run dir {rundir.path}")
 
     # EM+APL scores the training images after each epoch, in evaluation mode
     apl_loader = source.eval_loader(accelerator, cfg.train_split, train_ids) if method == "em_apl" else None
