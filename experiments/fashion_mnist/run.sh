@@ -43,6 +43,11 @@ python -m largeloss.train.sweep --features-dir "$FEATS" --config "$CONFIG" \
     --seeds 0 1 2 --out "$RUNS/table2" data="$DATA" analysis_entries=3000
 python -m largeloss.train.sweep --features-dir "$MAPS" --config "$CONFIG" --methods boostlu_ll_r boostlu_ll_ct boostlu_ll_cp \
     --seeds 0 1 2 --out "$RUNS/table2" data="$DATA" analysis_entries=3000
+# Partial-BCE in its own setting (partial labels) and BoostLU's boost at equal delta_rel (docs/ANALYSIS.md)
+python -m largeloss.train.sweep --features-dir "$FEATS" --config "$CONFIG" --methods an iu partial_bce \
+    --seeds 0 1 2 --out "$RUNS/partial" data="$DATA" protocol=partial:0.1
+python -m largeloss.train.sweep --features-dir "$MAPS" --config "$CONFIG" --methods boostlu_ll_r boostlu_ll_ct boostlu_ll_cp \
+    --grid boost_alpha=1 --seeds 0 1 2 --out "$RUNS/boost_ablation" data="$DATA"
 # Figure 6: fewer training images
 python -m largeloss.train.sweep --features-dir "$FEATS" --config "$CONFIG" --methods full an ll_ct --grid train_fraction=0.1,0.2,0.5,1.0 \
     --seeds 0 1 2 --out "$RUNS/fig6" data="$DATA"
@@ -52,3 +57,5 @@ python -m largeloss.train.pointing "$RUNS/table2" --batch-size 4 --overlays 6
 python -m largeloss.eval.report "$RUNS/table2" --plot-precision "$RUNS/precision.png" --plot "$RUNS/val_map.png" --json "$RUNS/table2.json"
 python -m largeloss.eval.report "$RUNS/fig5" --sweep delta_rel --plot-sweep "$RUNS/fig5.png"
 python -m largeloss.eval.report "$RUNS/fig6" --sweep train_fraction --plot-sweep "$RUNS/fig6.png"
+python -m largeloss.eval.report "$RUNS/partial"
+python -m largeloss.eval.report "$RUNS/boost_ablation" --sweep boost_alpha
