@@ -26,7 +26,9 @@ def demo(tmp_path_factory):
 
 
 def run_cmd(args, env_extra=None, timeout=300):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env_extra or {}))
+    # PYTHONPATH as conftest.py set it (the link to this checkout): `python -m largeloss...` must import this code,
+    # not an installed copy of largeloss
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
     return subprocess.run([sys.executable, "-m", "largeloss.train.main", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -110,7 +112,7 @@ def _accelerate_cmd(nproc, args):
 
 
 def _run_accelerate(args, env_extra=None):
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env_extra or {}))
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", **(env_extra or {}))
     return subprocess.run(_accelerate_cmd(2, args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
