@@ -110,7 +110,7 @@ def plot_precision(runs: list[Run], path) -> None:
             std = [statistics.stdev([100 * s[e] for s in seeds if e in s]) if sum(e in s for s in seeds) > 1 else 0.0
                    for e in epochs]
             (line,) = ax.plot(epochs, mean, marker="o",
-                              label=method_name(m) + (" (accumulated)" if m == "ll_cp" else "")
+                              label=method_name(m) + (" (accumulated)" if m.endswith("ll_cp") else "")
                               + f", {len(seeds)} seed{'s' if len(seeds) > 1 else ''}")
             ax.fill_between(epochs, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
                             color=line.get_color(), alpha=0.15)

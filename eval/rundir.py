@@ -43,6 +43,12 @@ class RunDirError(ValueError):
     """A run directory that cannot be read; the message names the file and what to do."""
 
 
+def method_id(method: str, boost_alpha: float | None = 1.0) -> str:
+    """A run's method as result.json, run names and reports know it: the loss method, ``boostlu_<method>`` when
+    the model has a BoostLU head (config ``boost_alpha`` other than 1)."""
+    return method if boost_alpha in (None, 1, 1.0) else f"boostlu_{method}"
+
+
 def default_name(dataset: str, method: str, seed: int) -> str:
     """The run directory's name when the config gives no ``run_name``."""
     return f"{dataset}-{method}-s{seed}"
@@ -288,6 +294,7 @@ def load_run(path) -> Run:
         if not isinstance(value, expected_type) or isinstance(value, bool):
             raise RunDirError(f"{rd.config}: {key!r} must be a {expected_type.__name__}, got {value!r}")
         ident[key] = value
+    ident["method"] = method_id(ident["method"], config.get("boost_alpha"))
     protocol = config.get("protocol")
     result = _read_result(rd, ident) if rd.result.exists() else None
     epochs: list[dict] = []

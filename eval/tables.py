@@ -31,7 +31,9 @@ class ReportError(Exception):
 
 
 # The paper's row order (Table 2), by the trainer's method keys; Table 3 uses the same keys.
-METHOD_ORDER = ("full", "an", "wan", "lsan", "iu", "epr", "role", "ll_r", "ll_ct", "ll_cp")
+METHOD_ORDER = ("full", "an", "wan", "lsan", "iu", "epr", "role", "ll_r", "ll_ct", "ll_cp",
+                # the follow-up methods (issue 14), in the order of their papers
+                "partial_bce", "em", "em_apl", "boostlu_ll_r", "boostlu_ll_ct", "boostlu_ll_cp", "gr_loss")
 METHOD_NAMES = {
     "full": "Full label",
     "an": "Naive AN",
@@ -43,6 +45,13 @@ METHOD_NAMES = {
     "ll_r": "LL-R",
     "ll_ct": "LL-Ct",
     "ll_cp": "LL-Cp",
+    "partial_bce": "Partial-BCE",
+    "em": "EM",
+    "em_apl": "EM + APL",
+    "boostlu_ll_r": "BoostLU + LL-R",
+    "boostlu_ll_ct": "BoostLU + LL-Ct",
+    "boostlu_ll_cp": "BoostLU + LL-Cp",
+    "gr_loss": "GR-Loss",
 }
 # The paper's column order, by the dataset names that ingest writes into the manifest.
 DATASET_ORDER = ("voc2012", "coco2014", "nuswide", "cub", "openimages_v3")
@@ -409,7 +418,7 @@ def pointing_table(runs: list[Run], digits: int = 1) -> Table | None:
 def precision_series(r: Run) -> dict[int, float]:
     """epoch -> precision of modification of one run: accumulated for LL-Cp (its modifications are the
     permanent corrections), per epoch for the others, as in the paper's Figure 4."""
-    key = "precision_modified_cum" if r.method == "ll_cp" else "precision_modified"
+    key = "precision_modified_cum" if r.method.endswith("ll_cp") else "precision_modified"
     return {e["epoch"]: float(e[key]) for e in r.epochs if e.get(key) is not None}
 
 
@@ -428,7 +437,8 @@ def precision_table(runs: list[Run], digits: int = 1) -> Table | None:
     rows, cells = [], []
     for (d, m) in sorted(series, key=lambda k: (dataset_key(k[0]), method_key(k[1]))):
         items = sorted(series[(d, m)], key=lambda x: x[0].seed)
-        row = [(f"{dataset_name(d)} " if many else "") + method_name(m) + (" (accumulated)" if m == "ll_cp" else "")]
+        accumulated = " (accumulated)" if m.endswith("ll_cp") else ""
+        row = [(f"{dataset_name(d)} " if many else "") + method_name(m) + accumulated]
         for e in epochs:
             vals = [s[e] for _, s in items if e in s]
             row.append(format_cell(vals, digits))

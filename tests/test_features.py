@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FIXTURES
+from conftest import FIXTURES, ROOT
 from largeloss.eval import metrics
 from largeloss.eval.analysis import corrections_precision
 from largeloss.eval.rundir import RunDir
@@ -249,6 +249,85 @@ def test_cli_train_and_exact_resume(dataset, feature_dir, tmp_path, capsys):
     assert features.main(args) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert features.main(["train", "--features-dir", str(feature_dir), f"data={data}", "bogus=1"]) == 2
+
+
+def test_feature_maps_and_a_boostlu_head(dataset, tmp_path):
+    """``--pooling none`` keeps the last conv map (N, D, h, w); a BoostLU run (boost_alpha) trains its head on it,
+    and refuses pooled features."""
+    data, _ = dataset
+    fdir = tmp_path / "maps"
+    for split in ("train", "test"):
+        assert features.main(["extract", "--data", str(data), "--split", split, "--image-size", "64", "--pooling",
+                              "none", "--dtype", "float32", "--batch-size", "8", "--out", str(fdir / f"{split}.npy"),
+                              "--no-progress"]) == 0
+    arr, meta = read_features(fdir / "test.npy")
+    # EfficientNet-Lite0 has stride 32: a 64 px input gives a 2 x 2 map of 1280 channels
+    assert arr.shape == (12, 1280, 2, 2) and (meta["pooling"], meta["map_size"]) == ("none", [2, 2])
+    from largeloss.train.model import build_model
+
+    model = build_model("efficientnet_lite0", K, "IMAGENET").eval()
+    samples = list(open_dataset(data).iter_samples("test"))
+    imgs = torch.from_numpy(np.stack([decode_image(s.jpeg, 64).transpose(2, 0, 1) for s in samples]))
+    with torch.no_grad():
+        # (batches of 8 there, of 12 here: the convolutions round differently in the last digits)
+        np.testing.assert_allclose(arr, model.features(imgs).numpy(), rtol=1e-4, atol=1e-4)
+    res = train_on_features(cfg_for(data, tmp_path, "image_size=64", "method=ll_ct", "delta_rel=20", "boost_alpha=5",
+                                    "epochs=2"), fdir)
+    assert res["method"] == "boostlu_ll_ct" and (tmp_path / "squares-boostlu_ll_ct-s0" / "result.json").is_file()
+    # the saved head, boosted on the test maps, gives the reported test mAP
+    from safetensors.torch import load_file
+
+    from largeloss.train.features import FeatureHead
+
+    head = FeatureHead(1280, K, boost_alpha=5.0)
+    head.load_state_dict(load_file(str(RunDir(tmp_path / "squares-boostlu_ll_ct-s0").best / "model.safetensors")))
+    with torch.no_grad():
+        scores = torch.sigmoid(head(torch.from_numpy(np.array(arr)))).numpy()
+    t, _ = LabelStore(open_dataset(data).labels_path("test"), K, "full").targets(np.arange(12))
+    labels = np.where(t.numpy() > 0.5, 1, -1).astype(np.int8)
+    assert res["test_map"] == pytest.approx(metrics.mean_average_precision(scores, labels).map, abs=1e-6)
+    pooled = tmp_path / "pooled"
+    write_features(pooled, data, "train", np.zeros((40, 8), np.float16), image_size=64)
+    write_features(pooled, data, "test", np.zeros((12, 8), np.float16), image_size=64)
+    with pytest.raises(FeaturesError, match="boost_alpha=5.0 .* `--pooling none`"):
+        train_on_features(cfg_for(data, tmp_path, "image_size=64", "boost_alpha=5", "run_name=x"), pooled)
+
+
+@pytest.fixture(scope="module")
+def map_dir(dataset, tmp_path_factory):
+    """Synthetic feature maps (N, 8, 2, 2): the pooled synthetic features plus noise that varies over the cells."""
+    data, truth = dataset
+    fdir = tmp_path_factory.mktemp("maps")
+    for split, seed in (("train", 1), ("test", 2)):
+        pooled = synthetic_features(truth[split], seed).astype(np.float32)
+        noise = np.random.default_rng(seed + 10).normal(size=(len(pooled), 8, 2, 2))
+        write_features(fdir, data, split, (pooled[:, :, None, None] + noise).astype(np.float16), pooling="none",
+                       map_size=[2, 2])
+    return fdir
+
+
+@pytest.mark.parametrize("method", ["em", "em_apl", "gr_loss", "role", "partial_bce", "boostlu_ll_ct"])
+def test_follow_up_methods_resume_exactly(dataset, feature_dir, map_dir, tmp_path, method, capsys):
+    """Each method of issue 14, killed in epoch 2 and resumed, ends as the run that was not killed."""
+    data, _ = dataset
+    fdir = map_dir if method.startswith("boostlu") else feature_dir
+    args = ["train", "--features-dir", str(fdir), "--config", str(ROOT / "configs" / "methods" / f"{method}.yaml"),
+            f"data={data}", f"out={tmp_path}", "arch=efficientnet_lite0", "weights=IMAGENET", "image_size=32",
+            "epochs=3", "batch_size=8", "lr=0.01", "progress=false", "em_alpha=0.2", "apl_beta=0.02", "apl_warmup=1",
+            "epr_num_pos=1.5", "delta_rel=10"]
+    assert features.main(args + ["run_name=r"]) == 0
+    first = read_metrics(tmp_path / "r")
+    env = dict(os.environ, LARGELOSS_KILL_AT="step:2:2")
+    killed = subprocess.run([sys.executable, "-m", "largeloss.train.features", *args, "run_name=k"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    capsys.readouterr()
+    assert features.main(["train", "--features-dir", str(fdir), f"resume={tmp_path / 'k'}"]) == 0
+    assert "resumed" in capsys.readouterr().out
+    keys = ("epoch", "train_loss", "val_map", "modified")
+    assert [[r[k] for k in keys] for r in read_metrics(tmp_path / "k")] == [[r[k] for k in keys] for r in first]
+    result = json.loads((tmp_path / "k" / "result.json").read_text())
+    assert result == json.loads((tmp_path / "r" / "result.json").read_text()) and result["method"] == method
 
 
 # --------------------------------------------------------------------------- EfficientNet-Lite0, ImageNet

@@ -455,14 +455,21 @@ def test_inputs_not_mutated(method):
     if method == "full":
         unknown = torch.zeros_like(unknown)
     extra = {"r0": 1.0, "delta_abs": 0.2} if method.endswith("_abs") else {}
-    if method == "epr":
+    if method in ("epr", "role"):
         extra["epr_num_pos"] = 1.5
+    # the follow-up methods' own keys (tests/test_methods.py) and their state inputs
+    extra.update({"em": {"em_alpha": 0.2}, "em_apl": {"em_alpha": 0.2, "apl_beta": 0.1, "apl_warmup": 1},
+                  "gr_loss": {"gr_epochs": 5}}.get(method, {}))
+    state = {"role": {"estimates": torch.rand(4, 6, requires_grad=True)},
+             "em_apl": {"pseudo": torch.where(unknown, 0.1, torch.nan)}}.get(method, {})
     cfg = LossConfig(method, delta_rel=20, **extra)
-    before = (logits.detach().clone(), target.clone(), unknown.clone(), repr(cfg))
-    out = compute_loss(logits, target, unknown, 3, cfg)
+    before = (logits.detach().clone(), target.clone(), unknown.clone(), repr(cfg),
+              {k: v.detach().clone() for k, v in state.items()})
+    out = compute_loss(logits, target, unknown, 3, cfg, **state)
     out.loss.backward()
     assert torch.equal(logits.detach(), before[0])
     assert torch.equal(target, before[1]) and torch.equal(unknown, before[2]) and repr(cfg) == before[3]
+    assert all(torch.equal(v.detach().nan_to_num(), before[4][k].nan_to_num()) for k, v in state.items())
     assert out.loss.dim() == 0 and torch.isfinite(out.loss)
 
 
@@ -659,7 +666,7 @@ def test_half_precision_logits_are_upcast():
 
 def test_config_validation():
     with pytest.raises(ValueError, match="valid methods: full, an, iu"):
-        LossConfig("role")
+        LossConfig("boostlu")  # BoostLU is the model's boost_alpha with an LL method, not a loss
     with pytest.raises(ValueError, match="delta_rel"):
         LossConfig("ll_ct", delta_rel=-0.1)
     with pytest.raises(ValueError, match="r0 is required"):

@@ -172,6 +172,38 @@ def test_two_processes_global_topk(demo, tmp_path):
     assert [r["modified"] for r in read_metrics(tmp_path / "g")] == [0, 4]
 
 
+# The follow-up methods of issue 14, each on two processes. The two with state of their own are also killed in
+# epoch 2 and resumed: EM+APL labels after epoch 1 (apl_warmup=1), so its second epoch trains on the
+# pseudo-labels that its checkpoint must restore; ROLE's estimates and their optimiser state are in the checkpoint.
+# (The others keep no state beyond the model's: tests/test_features.py resumes each of them on one process.)
+FOLLOW_UP = {"em": [], "em_apl": ["apl_warmup=1"], "gr_loss": [], "role": [], "partial_bce": ["protocol=partial:0.5"],
+             "boostlu_ll_ct": ["delta_rel=2"]}
+
+
+@pytest.mark.parametrize("method", list(FOLLOW_UP))
+def test_follow_up_methods_on_two_processes(demo, tmp_path, method):
+    base = ["--config", str(ROOT / "configs/demo.yaml"), "--config", str(ROOT / f"configs/methods/{method}.yaml"),
+            f"data={demo}", f"out={tmp_path}", "epochs=2", *TINY, *FOLLOW_UP[method]]
+    ok = _run_accelerate(base + ["run_name=straight", "debug_dump=true"])
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    res = json.loads((tmp_path / "straight" / "result.json").read_text())
+    assert res["world_size"] == 2 and res["method"] == method
+    for epoch in (1, 2):
+        d0, d1 = (np.load(tmp_path / "straight" / "debug" / f"e{epoch:04d}-r{r}.npz") for r in (0, 1))
+        assert np.array_equal(d0["weights"], d1["weights"])  # the replicas stay identical
+        assert len(d0["ids"]) + len(d1["ids"]) == 51
+    if method == "em_apl":
+        assert "APL after epoch 1:" in ok.stdout
+    if method not in ("em_apl", "role"):
+        return
+    killed = _run_accelerate(base + ["run_name=killed"], {"LARGELOSS_KILL_AT": "step:2:1"})
+    assert killed.returncode != 0
+    resumed = _run_accelerate([f"resume={tmp_path / 'killed'}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed" in resumed.stdout
+    _compare_runs(tmp_path / "straight", tmp_path / "killed")
+
+
 def test_analyses_on_the_demo(demo, tmp_path, capsys):
     """Issue 7 in the default run: memorisation tracker + precision of modification during an LL-Ct run,
     then the pointing game, and the report shows Table 1, Figure 4's data and Table 4."""

@@ -79,6 +79,7 @@ class Config:
     arch: Arch = "resnet50"
     weights: str = "none"  # none | IMAGENET1K_V1 | IMAGENET1K_V2 | DEFAULT | path/to/weights.pth (train/model.py)
     image_size: int = 448
+    boost_alpha: float = 1.0  # BoostLU (Kim et al., CVPR 2023): positive CAM values x alpha before pooling; 1 = off
     # ---- optimisation (docs/ARCHITECTURE.md section 6) ----
     optimizer: Optimizer = "adam"
     lr: float = 1e-5  # backbone learning rate
@@ -93,6 +94,11 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     # per-dataset delta_rel of the large-loss methods, used when delta_rel is not given
     delta_rel_table: Mapping[TableKey, float] = field(default_factory=lambda: types.MappingProxyType({}))
+    # ROLE's label estimates learn at the head's learning rate x role_lr_mult (Cole et al.: 10)
+    role_lr_mult: float = 10.0
+    # ROLE's estimates and EM+APL's pseudo-labels are dense [training images x classes] tables in every
+    # process's memory (train/methods.py): larger runs are refused (2**27 entries: 2 GiB with ROLE's Adam state)
+    max_state_entries: int = 2**27
     # ---- evaluation (docs/ARCHITECTURE.md section 7; each dataset config names its reference's) ----
     map_convention: Convention = "exclude"
     eval_batch_size: int = 64
@@ -341,6 +347,11 @@ def resolve(entries: Iterable[Entry]) -> Config:
         table = values.get("delta_rel_table", {})
         if table_key in table:
             values["delta_rel"] = table[table_key]
+    if values.get("method") == "gr_loss":  # GR-Loss's schedules span the run's epochs after its LinearInit
+        if values.get("gr_epochs") is None:
+            values["gr_epochs"] = values.get("epochs", Config.epochs)
+        if values.get("gr_linear_init") is None:
+            values["gr_linear_init"] = values.get("linear_init_epochs", Config.linear_init_epochs)
     try:
         loss = LossConfig(**{k: values.pop(k) for k in LOSS_KEYS if k in values})
     except (TypeError, ValueError) as e:
@@ -362,6 +373,12 @@ def _check_ranges(cfg: Config, where: Callable[[str], str]) -> None:
             raise ConfigError(f"{where(k)}: {k} must be positive, got {getattr(cfg, k)}")
     if not math.isfinite(cfg.lr) or cfg.lr <= 0:
         raise ConfigError(f"{where('lr')}: lr must be positive, got {cfg.lr}")
+    for k in ("boost_alpha", "role_lr_mult"):
+        if not math.isfinite(getattr(cfg, k)) or getattr(cfg, k) <= 0:
+            raise ConfigError(f"{where(k)}: {k} must be positive, got {getattr(cfg, k)}")
+    if cfg.loss.method == "em_apl" and cfg.loss.apl_warmup >= cfg.epochs:
+        raise ConfigError(f"{where('apl_warmup')}: apl_warmup ({cfg.loss.apl_warmup}) must be < epochs ({cfg.epochs}): "
+                          "APL spreads its pseudo-labels over the epochs after the warm-up")
 
 
 # ------------------------------------------------------------------------------------------- output

@@ -24,6 +24,9 @@ squash-resized by the CPU loader in evaluation mode. ``<split>.json`` beside it 
 (arch, weights and their sha256, image size, split, the dataset's manifest sha256, ...); it is written last
 and is the mark of a complete file. ``train`` reads ``<train_split>.npy`` and ``<test_split>.npy`` from
 ``--features-dir`` and refuses files made from another dataset, backbone or image size than its config.
+``extract --pooling none`` keeps the maps instead: ``<split>.npy`` is (N, D, h, w), the sidecar has
+``"pooling": "none"`` and ``"map_size": [h, w]``, and the head applies ``MultiLabelNet``'s head to the map,
+which is what BoostLU (``boost_alpha``) needs; pooled features refuse ``boost_alpha`` != 1.
 """
 from __future__ import annotations
 
@@ -42,9 +45,11 @@ import torch
 
 from ..shards.progress import progress_bar
 from .loop import make_accelerator, run
+from .model import head_logits
 
 FORMAT = "largeloss-features"
 VERSION = 1
+POOLINGS = ("gap", "none")
 SIDECAR_KEYS = ("format", "version", "split", "num_samples", "dim", "dtype", "arch", "weights", "weights_sha256",
                 "image_size", "pooling", "dataset", "manifest_sha256")
 
@@ -70,8 +75,9 @@ def sidecar_path(npy: str | os.PathLike) -> Path:
 
 def extract(data: str | os.PathLike, split: str, arch: str, weights: str, image_size: int, out: str | os.PathLike,
             *, batch_size: int | None = None, dtype: str = "float16", num_workers: int = 0, device: str | None = None,
-            progress: bool = True) -> dict[str, Any]:
-    """Write ``out`` (N, D) and its sidecar ``out`` with .json; returns the sidecar dict.
+            progress: bool = True, pooling: str = "gap") -> dict[str, Any]:
+    """Write ``out`` (N, D), or (N, D, h, w) with ``pooling="none"``, and its sidecar ``out`` with .json;
+    returns the sidecar dict.
 
     ``batch_size`` defaults to 64 on a GPU and 4 on the CPU, where larger batches spend more time in page
     faults of fresh activation buffers than in convolutions."""
@@ -84,6 +90,8 @@ def extract(data: str | os.PathLike, split: str, arch: str, weights: str, image_
         raise FeaturesError(f"--out {out}: the features file must end in .npy (its sidecar is the .json beside it)")
     if dtype not in ("float16", "float32"):
         raise FeaturesError(f"--dtype must be float16 or float32, got {dtype!r}")
+    if pooling not in POOLINGS:
+        raise FeaturesError(f"--pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
     ds = open_dataset(data)
     n = ds.num_samples(split)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -102,10 +110,11 @@ def extract(data: str | os.PathLike, split: str, arch: str, weights: str, image_
     try:
         with torch.no_grad():
             for images, ids in loader:
-                f = model.features(images.to(dev)).float().mean(dim=(2, 3)).cpu().numpy()
+                f = model.features(images.to(dev)).float()
+                f = (f.mean(dim=(2, 3)) if pooling == "gap" else f).cpu().numpy()
                 ids = ids.numpy()
                 if feats is None:
-                    feats = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=(n, f.shape[1]))
+                    feats = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=(n, *f.shape[1:]))
                 if seen[ids].any():
                     raise RuntimeError(f"features {split}: sample {ids[seen[ids]][0]} delivered twice by the loader")
                 seen[ids] = True
@@ -116,7 +125,7 @@ def extract(data: str | os.PathLike, split: str, arch: str, weights: str, image_
                                f"(e.g. id {int(np.flatnonzero(~seen)[0])}); run `ingest verify {data}`")
         if feats is None:
             raise FeaturesError(f"{data}: split {split!r} has no samples")
-        dim = int(feats.shape[1])
+        dim, map_size = int(feats.shape[1]), [int(v) for v in feats.shape[2:]]
         feats.flush()
         del feats
         os.replace(tmp, out)
@@ -135,7 +144,9 @@ def extract(data: str | os.PathLike, split: str, arch: str, weights: str, image_
         "weights": weights,
         "weights_sha256": None if wfile is None else sha256_file(wfile),
         "image_size": int(image_size),
-        "pooling": "gap",  # mean over the last conv map, the head's input in MultiLabelNet.forward
+        # gap: the mean over the last conv map, the head's input in MultiLabelNet.forward; none: the map itself
+        "pooling": pooling,
+        **({"map_size": map_size} if pooling == "none" else {}),
         "dataset": ds.manifest.dataset,
         "dataset_dir": str(Path(data).resolve()),
         "manifest_sha256": sha256_file(Path(data) / "manifest.json"),
@@ -171,9 +182,11 @@ def read_features(npy: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
     if meta["version"] != VERSION:
         raise FeaturesError(f"{side}: version {meta['version']}, this code reads {VERSION}; extract the features again")
     arr = np.load(npy, mmap_mode="r")
-    if arr.shape != (meta["num_samples"], meta["dim"]) or str(arr.dtype) != meta["dtype"]:
-        raise FeaturesError(f"{npy}: array {arr.shape} {arr.dtype}, the sidecar says ({meta['num_samples']}, "
-                            f"{meta['dim']}) {meta['dtype']}; extract the features again")
+    map_size = meta.get("map_size", []) if meta["pooling"] == "none" else []  # (h, w) of feature maps
+    shape = (meta["num_samples"], meta["dim"], *map_size)
+    if arr.shape != shape or str(arr.dtype) != meta["dtype"]:
+        raise FeaturesError(f"{npy}: array {arr.shape} {arr.dtype}, the sidecar says {shape} {meta['dtype']}; "
+                            "extract the features again")
     return arr, meta
 
 
@@ -200,15 +213,20 @@ def check_features(meta: dict[str, Any], where: Path, cfg, ds, split: str, manif
 
 class FeatureHead(torch.nn.Module):
     """The linear head of a MultiLabelNet on cached features; its state dict (``head.weight``, ``head.bias``) is
-    a MultiLabelNet's head, as the pointing game expects of a head-only run."""
+    a MultiLabelNet's head, as the pointing game expects of a head-only run. On pooled rows [B, D] it is the
+    linear layer; on feature maps [B, D, h, w] (``--pooling none``) it is ``MultiLabelNet``'s head, BoostLU
+    included (``boost_alpha``)."""
 
-    def __init__(self, dim: int, num_classes: int):
+    def __init__(self, dim: int, num_classes: int, boost_alpha: float = 1.0):
         super().__init__()
         self.head = torch.nn.Linear(dim, num_classes)
+        self.boost_alpha = float(boost_alpha)
 
     def forward(self, features: torch.Tensor, frozen_backbone: bool = True) -> torch.Tensor:
         # float32 whatever the run's mixed precision: the head is all there is to compute
         with torch.autocast(features.device.type, enabled=False):
+            if features.dim() == 4:
+                return head_logits(self.head, features, self.boost_alpha)
             return self.head(features)
 
 
@@ -253,6 +271,13 @@ class FeatureSource:
         if len(dims) != 1:
             raise FeaturesError(f"{features_dir}: the splits' features have different widths {sorted(dims)}")
         self.dim = dims.pop()
+        poolings = {metas[s]["pooling"] for s in metas}
+        if len(poolings) != 1:
+            raise FeaturesError(f"{features_dir}: the splits' features were pooled differently {sorted(poolings)}")
+        if cfg.boost_alpha != 1.0 and poolings != {"none"}:
+            raise FeaturesError(f"{features_dir}: boost_alpha={cfg.boost_alpha} (BoostLU) boosts the class activation "
+                                "maps, which pooled features no longer have; extract feature maps with "
+                                "`--pooling none` into another folder and pass that as --features-dir")
         self.cfg = cfg
         self.result_extra = {"trainer": "features", "features_dir": str(features_dir.resolve())}
         self.run_record = {"features_dir": str(features_dir.resolve()), "splits": metas}
@@ -265,7 +290,7 @@ class FeatureSource:
         return accelerator
 
     def model(self, num_classes: int):
-        head, cfg = FeatureHead(self.dim, num_classes), self.cfg
+        head, cfg = FeatureHead(self.dim, num_classes, self.cfg.boost_alpha), self.cfg
         # the head's parameter group of the end-to-end trainer (train/model.py param_groups)
         return head, [{"params": list(head.parameters()), "lr": cfg.lr * cfg.head_lr_mult,
                        "weight_decay": cfg.weight_decay, "name": "head"}]
@@ -315,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, metavar="FILE.npy")
     e.add_argument("--batch-size", type=_positive, default=None, help="default 64 on a GPU, 4 on the CPU")
     e.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    e.add_argument("--pooling", choices=POOLINGS, default="gap",
+                   help="gap: (N, D) pooled rows; none: (N, D, h, w) feature maps, for BoostLU (boost_alpha)")
     e.add_argument("--num-workers", type=int, default=0, help="loader worker processes (default 0: decode in-process)")
     e.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     e.add_argument("--no-progress", action="store_true")
@@ -335,8 +362,9 @@ def main(argv=None) -> int:
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")
             meta = extract(args.data, args.split, args.arch, args.weights, args.image_size, args.out,
                            batch_size=args.batch_size, dtype=args.dtype, num_workers=args.num_workers,
-                           device=args.device, progress=not args.no_progress)
-            print(f"[features] {args.out}: {meta['num_samples']} x {meta['dim']} {meta['dtype']} "
+                           device=args.device, progress=not args.no_progress, pooling=args.pooling)
+            shape = " x ".join(map(str, [meta["num_samples"], meta["dim"], *meta.get("map_size", [])]))
+            print(f"[features] {args.out}: {shape} {meta['dtype']} "
                   f"({meta['seconds']} s)")
             return 0
         from .main import parse_args

@@ -72,7 +72,7 @@ class ImageSource:
         return accelerator
 
     def model(self, num_classes: int):
-        model = build_model(self.cfg.arch, num_classes, self.cfg.weights)
+        model = build_model(self.cfg.arch, num_classes, self.cfg.weights, self.cfg.boost_alpha)
         return model, param_groups(model, self.cfg.lr, self.cfg.head_lr_mult, self.cfg.weight_decay)
 
     def frozen_backbone(self, epoch: int) -> bool:

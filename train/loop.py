@@ -26,7 +26,7 @@ import torch
 
 from ..eval import metrics
 from ..eval.analysis import MemorizationTracker, PrecisionTracker, predict_logits
-from ..eval.rundir import RunDir, default_name
+from ..eval.rundir import RunDir, default_name, method_id
 from ..shards import protocols
 from ..shards.format import UNLISTED_NEGATIVE, UNLISTED_UNKNOWN
 from ..shards.labelstore import LabelStore
@@ -34,9 +34,10 @@ from ..shards.progress import progress_bar
 from ..shards.reader import Dataset, open_dataset
 from . import checkpoint as ckpt
 from .config import Config, to_dict
-from .evaluate import evaluate
+from .evaluate import evaluate, predict
 from .hooks import Hooks, fault_point
 from .losses import TOPK_METHODS, compute_loss
+from .methods import check_state_size, method_state
 
 
 class Source(Protocol):
@@ -59,6 +60,7 @@ def run(cfg: Config, make_source: Callable[[Config, Dataset], Source]) -> dict[s
     content."""
     ds = open_dataset(cfg.data, verify=cfg.verify, progress=cfg.progress)
     source = make_source(cfg, ds)  # checks its inputs (weights, feature files) before the run directory exists
+    check_state_size(cfg, len(split_train_val(ds.num_samples(cfg.train_split), cfg)[0]), ds.num_classes)
     accelerator = source.accelerator()
     main = accelerator.is_main_process
     log = (lambda msg: print(f"{source.log_prefix} {msg}", flush=True)) if main else (lambda msg: None)
@@ -82,15 +84,26 @@ def run(cfg: Config, make_source: Callable[[Config, Dataset], Source]) -> dict[s
     # ---- model: same seed on every rank before building it, then per rank ----
     seed_everything(cfg.seed)
     model, groups = source.model(ds.num_classes)
-    model, optimizer = accelerator.prepare(model, make_optimizer(cfg, groups))
+    # ROLE's estimates / EM+APL's pseudo-labels (train/methods.py): ROLE's are trained with the model
+    extra = method_state(cfg, stores.train, train_ids)
+    if extra is not None and extra.module is not None:
+        model, extra.module, optimizer = accelerator.prepare(
+            model, extra.module, make_optimizer(cfg, groups + extra.param_groups()))
+    else:
+        model, optimizer = accelerator.prepare(model, make_optimizer(cfg, groups))
+    if extra is not None and extra.module is None:
+        accelerator.register_for_checkpointing(extra)
     seed_everything(cfg.seed * 1000 + accelerator.process_index)
     train_loader = source.train_loader(accelerator, train_ids)
     val_loader = source.eval_loader(accelerator, cfg.train_split, val_ids)
     test_loader = source.eval_loader(accelerator, cfg.test_split, None)
     log(f"{dataset_name}: {ds.num_classes} classes, train {len(train_ids)} / val {len(val_ids)} / test "
-        f"{len(stores.test_ids)}; method {method}{_delta_rel(cfg)}; {accelerator.num_processes} "
-        f"process(es) on {accelerator.device}; loader {type(train_loader).__name__}; run dir {rundir.path}")
+        f"{len(stores.test_ids)}; method {method_id(method, cfg.boost_alpha)}{_delta_rel(cfg)}; "
+        f"{accelerator.num_processes} process(es) on {accelerator.device}; loader {type(train_loader).__name__}; "
+        f"run dir {rundir.path}")
 
+    # EM+APL scores the training images after each epoch, in evaluation mode
+    apl_loader = source.eval_loader(accelerator, cfg.train_split, train_ids) if method == "em_apl" else None
     start_epoch, best_map, best_epoch, stopped_early = 1, -math.inf, 0, False
     if resume_state is not None:
         accelerator.load_state(str(latest))
@@ -113,9 +126,13 @@ def run(cfg: Config, make_source: Callable[[Config, Dataset], Source]) -> dict[s
     for epoch in range(start_epoch if not stopped_early else cfg.epochs + 1, cfg.epochs + 1):
         frozen = source.frozen_backbone(epoch)
         stats = train_epoch(epoch, model, optimizer, train_loader, stores.train, cfg, accelerator, frozen=frozen,
-                            precision=precision, hooks=hooks)
+                            precision=precision, hooks=hooks, extra=extra)
         if method == "ll_cp":
             next_label_generation(stores.train, epoch, accelerator)
+        if extra is not None:
+            note = extra.end_epoch(epoch, lambda: predict(model, apl_loader, accelerator, train_ids))
+            if note:
+                log(note)
         if memo is not None:
             memo.score_epoch(epoch, lambda _ids: predict_logits(accelerator.unwrap_model(model), memo_loader,
                                                                  accelerator.device))
@@ -189,9 +206,10 @@ class EpochStats:
 
 
 def train_epoch(epoch: int, model, optimizer, loader, store: LabelStore, cfg: Config, accelerator, *,
-                frozen: bool, precision: PrecisionTracker | None, hooks: Hooks) -> EpochStats:
+                frozen: bool, precision: PrecisionTracker | None, hooks: Hooks, extra=None) -> EpochStats:
     """One pass over ``loader``'s batches (at most ``max_steps_per_epoch``); LL-Cp corrections go to ``store``'s
-    log of this epoch, to be merged by ``next_label_generation``."""
+    log of this epoch, to be merged by ``next_label_generation``. ``extra``: the method's state
+    (train/methods.py), which gives the loss its extra inputs."""
     model.train()
     loader.set_epoch(epoch)
     n_steps = len(loader) if cfg.max_steps_per_epoch <= 0 else min(len(loader), cfg.max_steps_per_epoch)
@@ -206,7 +224,8 @@ def train_epoch(epoch: int, model, optimizer, loader, store: LabelStore, cfg: Co
         target, unknown = (t.to(device) for t in store.targets(ids.numpy()))
         with accelerator.autocast():
             logits = model(inputs.to(device, non_blocking=True), frozen_backbone=frozen)
-        out = compute_loss(logits.float(), target, unknown, epoch, cfg.loss, gather_fn=gather_fn)
+        extra_inputs = {} if extra is None else extra.loss_inputs(ids.numpy(), device)
+        out = compute_loss(logits.float(), target, unknown, epoch, cfg.loss, gather_fn=gather_fn, **extra_inputs)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(out.loss)
         optimizer.step()
@@ -300,7 +319,8 @@ def run_config(cfg: Config, dataset_name: str) -> dict[str, Any]:
 
 def open_run_dir(cfg: Config, dataset_name: str, accelerator) -> tuple[RunDir, Path | None]:
     """The run directory with its config.yaml written, and its newest checkpoint when resuming (else None)."""
-    run = RunDir(cfg.resume or Path(cfg.out) / (cfg.run_name or default_name(dataset_name, cfg.loss.method, cfg.seed)))
+    name = cfg.run_name or default_name(dataset_name, method_id(cfg.loss.method, cfg.boost_alpha), cfg.seed)
+    run = RunDir(cfg.resume or Path(cfg.out) / name)
     latest = ckpt.latest_checkpoint(run) if cfg.resume else None
     if not cfg.resume and run.started:
         raise FileExistsError(f"{run.path} already holds a run; pass resume={run.path} to continue it, or another "
@@ -356,7 +376,7 @@ def result_record(cfg: Config, dataset_name: str, manifest, best_epoch: int, bes
     per-class number of training images whose label is known."""
     result = {
         "dataset": dataset_name,
-        "method": cfg.loss.method,
+        "method": method_id(cfg.loss.method, cfg.boost_alpha),
         "seed": cfg.seed,
         "protocol": cfg.protocol,
         "best_epoch": best_epoch,

@@ -52,8 +52,37 @@ Methods
               R(t)", and the epoch-1 exemption belongs to the method's description, so epoch 1 is exempt by
               default (``abs_skip_first_epoch``); set it False to apply R(1) = r0 - delta_abs in epoch 1.
 
-ROLE (Cole et al.) is not implemented here: it needs a learned per-image label estimate, i.e. state outside a
-pure loss of (logits, target, unknown, epoch, config).
+Follow-up single-positive methods
+---------------------------------
+These take probabilities ``p = sigmoid(x)`` through ``-log(p + eps)`` with their authors' epsilon, as their
+public code does (the loss values and gradients equal theirs; the tests pin values computed with it). Their
+authors' code knows single positive labels only; where a partial-label protocol observes negatives, the
+extension to them is stated per method.
+
+``em``        EM (Zhou et al., ECCV 2022): observed positives ``-log(p + 1e-5)``; unobserved entries
+              ``-em_alpha * H(p)`` with ``H(p) = -p log(p + 1e-5) - (1-p) log(1-p + 1e-5)`` (entropy
+              maximisation); sum over B*K entries / (B*K). Observed negatives: ``-log(1-p + 1e-5)``.
+``em_apl``    EM + APL: as ``em``, and the unobserved entries that asymmetric pseudo-labelling has labelled
+              (``pseudo`` not NaN: a soft negative label s, the prediction when it was labelled) get
+              ``apl_beta * (-s log(p + 1e-5) - (1-s) log(1-p + 1e-5))`` instead of the entropy term. The
+              pseudo-labels are state of the run (train/methods.py), passed in as ``pseudo``.
+``gr_loss``   GR-Loss (Chen et al., IJCAI 2024): observed positives ``-log(p + 1e-7)``; unobserved entries
+              ``v(p) * (k(p) L1(p) + (1 - k(p)) L2(p))`` with ``L1 = (1 - p^q2)/q2``, ``L2 = (1 - (1-p)^q3)/q3``,
+              ``k = sigmoid(w p + b)``, ``v = exp(-(p - mu)^2 / (2 sigma^2))`` (k and v of the detached p);
+              w, b, mu, sigma move linearly over the epochs (``gr_schedule``); mean over B*K. Observed
+              negatives: ``L2(p)`` (k = 0, v = 1).
+``role``      ROLE (Cole et al., CVPR 2021): the classifier and a learned label estimate ``estimates``
+              (probabilities, [B, K], with gradient; train/methods.py keeps the table) each fit the observed
+              positives and the other's detached output, plus EPR's regulariser on both, all halved (the
+              authors' formula). Observed negatives: ``-log(1-p + 1e-5)`` for both, as the positives.
+``partial_bce`` Partial-BCE (Durand et al., CVPR 2019): per image ``g(p_y) / K * sum_{known} BCE`` with
+              ``p_y`` the proportion of known labels of the image and ``g(p) = pbce_alpha p^pbce_gamma +
+              pbce_beta`` (g(1) = 1; the paper's gamma = 1, g(0.1) = 5: alpha = -40/9, beta = 49/9); mean over
+              the B images; BCE on logits. With single positive labels every image has p_y = 1/K, and it is
+              Naive IU times a constant.
+
+BoostLU (Kim et al., CVPR 2023) is not a loss: it is the model's head (``boost_alpha``, train/model.py)
+under any of these losses, the large-loss ones in the authors' code.
 
 Which entries LL-R / LL-Ct / LL-Cp modify: ``ll_selection``
 ----------------------------------------------------------
@@ -112,9 +141,12 @@ __all__ = [
     "select_topk",
     "select_official",
     "select_global_topk",
+    "gr_schedule",
+    "pbce_normalisation",
 ]
 
-Method = Literal["full", "an", "iu", "wan", "lsan", "epr", "ll_r", "ll_ct", "ll_cp", "ll_r_abs", "ll_ct_abs"]
+Method = Literal["full", "an", "iu", "wan", "lsan", "epr", "ll_r", "ll_ct", "ll_cp", "ll_r_abs", "ll_ct_abs",
+                 "em", "em_apl", "gr_loss", "role", "partial_bce"]
 METHODS: tuple[str, ...] = get_args(Method)
 #: which entries LL-R / LL-Ct / LL-Cp modify and LL-Cp corrects (module docstring)
 Selection = Literal["official", "exact_k"]
@@ -153,6 +185,25 @@ def _check_real(name: str, value: object, *, minimum: float | None = None, maxim
         raise ValueError(f"LossConfig.{name} must be <= {maximum}, got {value!r}")
 
 
+#: the authors' per-dataset values of the keys that have no default, for the error that asks for them
+_AUTHORS_VALUES = {
+    "em_alpha": "Zhou et al. use VOC 0.2, COCO 0.1, NUS-WIDE 0.1, CUB 0.01 (configs/<dataset>.yaml sets it)",
+    "apl_beta": "Zhou et al. use VOC 0.02, COCO 0.9, NUS-WIDE 0.2, CUB 0.4 (configs/<dataset>.yaml sets it)",
+    "apl_warmup": "Zhou et al. use VOC 5, COCO 5, NUS-WIDE 4, CUB 3 (configs/<dataset>.yaml sets it)",
+}
+
+
+def _check_int(name: str, value: object, *, minimum: int, allow_none: bool = False) -> None:
+    if value is None:
+        if allow_none:
+            return
+        raise ValueError(f"LossConfig.{name} is required for this method, got None")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"LossConfig.{name} must be an integer, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"LossConfig.{name} must be >= {minimum}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class LossConfig:
     """Typed loss configuration. Frozen: the loss never changes its config (schedules are functions of t).
@@ -182,6 +233,37 @@ class LossConfig:
     #: LL-R/Ct/Cp: which entries are modified and corrected (module docstring). ``official`` by default: the
     #: paper's numbers come from the authors' code, and this reproduces its selection and its float k
     ll_selection: Selection = "official"
+    # ---- follow-up methods; the authors' per-dataset values are in configs/<dataset>.yaml ----
+    #: EM / EM+APL: weight of the entropy term (Zhou et al.'s alpha: VOC 0.2, COCO 0.1, NUS 0.1, CUB 0.01)
+    em_alpha: float | None = None
+    #: EM+APL: weight of the pseudo-labelled entries (Zhou et al.'s beta: VOC 0.02, COCO 0.9, NUS 0.2, CUB 0.4)
+    apl_beta: float | None = None
+    #: EM+APL: pseudo-labelling at the end of every epoch >= apl_warmup (their warmup_epoch: VOC 5, COCO 5,
+    #: NUS 4, CUB 3)
+    apl_warmup: int | None = None
+    #: EM+APL: share of a class's unobserved entries labelled negative over the epochs after the warm-up
+    apl_neg_proportion: float = 0.9
+    #: GR-Loss: q of L1 (unobserved entries as positives) and of L2 (as negatives); Chen et al.'s defaults
+    gr_q2: float = 0.01
+    gr_q3: float = 1.0
+    #: GR-Loss: k(p) = sigmoid(w p + b) moves from (gr_w, gr_b) to (gr_w_end, gr_b_end) over the epochs
+    gr_w: float = 0.0
+    gr_w_end: float = 2.0
+    gr_b: float = -2.0
+    gr_b_end: float = -2.0
+    #: GR-Loss: v(p) = exp(-(p - mu)^2 / (2 sigma^2)) moves from (gr_mu, gr_sigma) to (gr_mu_end, gr_sigma_end)
+    gr_mu: float = 0.5
+    gr_mu_end: float = 0.8
+    gr_sigma: float = 2.0
+    gr_sigma_end: float = 0.5
+    #: GR-Loss: T and n of the schedules (gr_schedule); a training config fills them from `epochs` and
+    #: `linear_init_epochs` when not given
+    gr_epochs: int | None = None
+    gr_linear_init: int | None = None
+    #: Partial-BCE: g(p) = pbce_alpha p^pbce_gamma + pbce_beta, g(1) = 1; Durand et al.: gamma 1, g(0.1) = 5
+    pbce_alpha: float = -40 / 9
+    pbce_beta: float = 49 / 9
+    pbce_gamma: float = 1.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -202,11 +284,42 @@ class LossConfig:
         else:
             _check_real("r0", self.r0, allow_none=True)
             _check_real("delta_abs", self.delta_abs, allow_none=True)
-        _check_real("epr_num_pos", self.epr_num_pos, minimum=0.0, allow_none=self.method != "epr")
+        _check_real("epr_num_pos", self.epr_num_pos, minimum=0.0, allow_none=self.method not in ("epr", "role"))
         if self.global_topk and self.method not in TOPK_METHODS:
             raise ValueError(
                 f"LossConfig.global_topk applies to {', '.join(sorted(TOPK_METHODS))} only, "
                 f"not to method {self.method!r}; set global_topk=false")
+        self._check_follow_up()
+
+    def _check_follow_up(self) -> None:
+        """The keys of the follow-up methods; a method's own keys are required for it."""
+        method = self.method
+        required = {"em": ("em_alpha",), "em_apl": ("em_alpha", "apl_beta", "apl_warmup")}.get(method, ())
+        for name in required:
+            if getattr(self, name) is None:
+                raise ValueError(f"LossConfig.{name} is required for method {method!r}; {_AUTHORS_VALUES[name]}")
+        _check_real("em_alpha", self.em_alpha, minimum=0.0, allow_none=True)
+        _check_real("apl_beta", self.apl_beta, minimum=0.0, allow_none=True)
+        _check_int("apl_warmup", self.apl_warmup, minimum=1, allow_none=True)
+        _check_real("apl_neg_proportion", self.apl_neg_proportion, minimum=0.0, maximum=1.0)
+        for name in ("gr_q2", "gr_q3", "gr_sigma", "gr_sigma_end"):
+            _check_real(name, getattr(self, name))
+            if getattr(self, name) <= 0:
+                raise ValueError(f"LossConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("gr_w", "gr_w_end", "gr_b", "gr_b_end", "gr_mu", "gr_mu_end", "pbce_alpha"):
+            _check_real(name, getattr(self, name))
+        _check_int("gr_epochs", self.gr_epochs, minimum=1, allow_none=method != "gr_loss")
+        _check_int("gr_linear_init", self.gr_linear_init, minimum=0, allow_none=True)
+        if self.gr_epochs is not None and (self.gr_linear_init or 0) >= self.gr_epochs:
+            raise ValueError(f"LossConfig.gr_linear_init ({self.gr_linear_init}) must be < gr_epochs "
+                             f"({self.gr_epochs}): the schedules divide by gr_epochs - gr_linear_init")
+        _check_real("pbce_beta", self.pbce_beta, minimum=0.0)
+        _check_real("pbce_gamma", self.pbce_gamma)
+        if self.pbce_gamma <= 0:
+            raise ValueError(f"LossConfig.pbce_gamma must be > 0, got {self.pbce_gamma!r}")
+        if abs(self.pbce_alpha + self.pbce_beta - 1.0) > 1e-9:
+            raise ValueError(f"LossConfig.pbce_alpha + pbce_beta must be 1 (g(1) = 1: all labels known is plain "
+                             f"BCE), got {self.pbce_alpha!r} + {self.pbce_beta!r}; set pbce_beta = 1 - pbce_alpha")
 
 
 @dataclass(frozen=True)
@@ -293,6 +406,30 @@ def abs_threshold(epoch: int, cfg: LossConfig) -> float:
         raise ValueError(f"abs_threshold is defined for {sorted(_ABS_METHODS)}, not {cfg.method!r}")
     assert cfg.r0 is not None and cfg.delta_abs is not None  # guaranteed by LossConfig.__post_init__
     return float(_exact(cfg.r0) - epoch * _exact(cfg.delta_abs))
+
+
+def gr_schedule(epoch: int, cfg: LossConfig) -> tuple[float, float, float, float]:
+    """GR-Loss's (w, b, mu, sigma) in ``epoch`` (1-based), as Chen et al.'s training script computes them.
+
+    With T = gr_epochs and n = gr_linear_init: ``w = w0 + (w_end - w0) * max(t - n - 1, 0) / (T - n)``, b the
+    same; ``mu = mu0 + (mu_end - mu0) * max(t - n, 0) / (T - n)``, sigma the same (k(p) lags one epoch behind
+    v(p) in their script, and neither reaches its end value within T epochs). Float64, as their script.
+    """
+    epoch = _check_epoch(epoch)
+    if cfg.method != "gr_loss":
+        raise ValueError(f"gr_schedule is defined for gr_loss, not {cfg.method!r}")
+    assert cfg.gr_epochs is not None  # guaranteed by LossConfig.__post_init__
+    n = cfg.gr_linear_init or 0
+    span = cfg.gr_epochs - n
+    k_step, v_step = max(epoch - n - 1, 0) / span, max(epoch - n, 0) / span
+    return (cfg.gr_w + (cfg.gr_w_end - cfg.gr_w) * k_step, cfg.gr_b + (cfg.gr_b_end - cfg.gr_b) * k_step,
+            cfg.gr_mu + (cfg.gr_mu_end - cfg.gr_mu) * v_step,
+            cfg.gr_sigma + (cfg.gr_sigma_end - cfg.gr_sigma) * v_step)
+
+
+def pbce_normalisation(known_fraction: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """Partial-BCE's ``g(p) = pbce_alpha * p ** pbce_gamma + pbce_beta`` of the per-image known-label fraction."""
+    return cfg.pbce_alpha * known_fraction ** cfg.pbce_gamma + cfg.pbce_beta
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -522,15 +659,94 @@ def _process_group(gather_fn: GatherFn | None, rank: int | None,
     return gather_fn, rank, world_size
 
 
+_FOLLOW_UP_METHODS = frozenset({"em", "em_apl", "gr_loss", "role", "partial_bce"})
+#: -log(p + eps) of the authors' code: Zhou et al. (EM, APL) and Cole et al. (ROLE) 1e-5, Chen et al. (GR) 1e-7
+_EPS_ZHOU_COLE = 1e-5
+_EPS_GR = 1e-7
+
+
+def _neg_log(p: torch.Tensor, eps: float) -> torch.Tensor:
+    return -torch.log(p + eps)
+
+
+def _check_aux(name: str, value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or value.shape != x.shape or not value.is_floating_point():
+        raise ValueError(f"{name} must be a float tensor of shape {tuple(x.shape)}, got "
+                         f"{getattr(value, 'dtype', type(value).__name__)} {tuple(getattr(value, 'shape', ()))}")
+    if value.device != x.device:
+        raise ValueError(f"{name} is on {value.device} but logits on {x.device}")
+    return value.to(x.dtype)
+
+
+def _follow_up_loss(x: torch.Tensor, y: torch.Tensor, unknown: torch.Tensor, epoch: int, cfg: LossConfig,
+                    estimates: torch.Tensor | None, pseudo: torch.Tensor | None) -> torch.Tensor:
+    """The scalar loss of em, em_apl, gr_loss, role and partial_bce (module docstring)."""
+    method = cfg.method
+    batch, classes = x.shape
+    n = batch * classes
+    positive = ~unknown & (y > 0.5)  # observed positives and LL-Cp corrections
+    negative = ~unknown & ~positive  # observed negatives (partial-label protocols)
+    if method == "partial_bce":
+        known_sum = _bce(x, y).masked_fill(unknown, 0.0).sum(dim=1)
+        known_fraction = (~unknown).sum(dim=1).to(x.dtype) / classes
+        return (pbce_normalisation(known_fraction, cfg) / classes * known_sum).mean()
+    p = torch.sigmoid(x)
+    if method == "gr_loss":
+        w, b, mu, sigma = gr_schedule(epoch, cfg)
+        with torch.no_grad():
+            k = 1 / (1 + torch.exp(-(w * p + b)))
+            v = torch.exp(-0.5 * ((p - mu) / sigma) ** 2)
+        # each branch sees p only where it is used, so that a masked-out branch's infinite derivative
+        # (p^q2 at p = 0, (1-p)^q3 at p = 1 with q3 < 1) cannot turn into a NaN gradient
+        as_positive = (1 - torch.pow(torch.where(unknown, p, 0.5), cfg.gr_q2)) / cfg.gr_q2
+        as_negative = (1 - torch.pow(1 - torch.where(positive, 0.5, p), cfg.gr_q3)) / cfg.gr_q3
+        per_entry = torch.where(positive, _neg_log(p, _EPS_GR),
+                                torch.where(negative, as_negative, v * (k * as_positive + (1 - k) * as_negative)))
+        return per_entry.mean()
+    log_p, log_q = _neg_log(p, _EPS_ZHOU_COLE), _neg_log(1 - p, _EPS_ZHOU_COLE)  # -log p, -log(1 - p)
+    observed = torch.where(positive, log_p, 0.0) + torch.where(negative, log_q, 0.0)
+    if method == "role":
+        if estimates is None:
+            raise ValueError("method 'role' needs estimates: the label estimator's probabilities for the batch "
+                             "(train/methods.py RoleState)")
+        assert cfg.epr_num_pos is not None  # guaranteed by LossConfig.__post_init__
+        e = _check_aux("estimates", estimates, x)
+        e_log_p, e_log_q = _neg_log(e, _EPS_ZHOU_COLE), _neg_log(1 - e, _EPS_ZHOU_COLE)
+        e_observed = torch.where(positive, e_log_p, 0.0) + torch.where(negative, e_log_q, 0.0)
+        e_fixed, p_fixed = e.detach(), p.detach()
+        cross_classifier = e_fixed * log_p + (1 - e_fixed) * log_q
+        cross_estimator = p_fixed * e_log_p + (1 - p_fixed) * e_log_q
+        reg = ((p.sum(dim=1).mean() - cfg.epr_num_pos) ** 2 + (e.sum(dim=1).mean() - cfg.epr_num_pos) ** 2)
+        per_entry = 0.5 * (observed + e_observed) + 0.5 * (cross_classifier + cross_estimator)
+        return per_entry.sum() / n + 0.5 * reg / classes**2
+    # em, em_apl: the unobserved entries maximise their entropy, unless pseudo-labelled
+    assert cfg.em_alpha is not None  # guaranteed by LossConfig.__post_init__
+    labelled = torch.zeros_like(unknown)
+    if method == "em_apl" and pseudo is not None:
+        pseudo = _check_aux("pseudo", pseudo, x)
+        labelled = unknown & ~torch.isnan(pseudo)
+    neg_entropy = -(p * log_p + (1 - p) * log_q)
+    per_entry = observed + torch.where(unknown & ~labelled, cfg.em_alpha * neg_entropy, 0.0)
+    if labelled.any():
+        assert cfg.apl_beta is not None
+        soft = torch.nan_to_num(pseudo, nan=0.0)
+        per_entry = per_entry + torch.where(labelled, cfg.apl_beta * (soft * log_p + (1 - soft) * log_q), 0.0)
+    return per_entry.sum() / n
+
+
 def compute_loss(logits: torch.Tensor, target: torch.Tensor, unknown: torch.Tensor, epoch: int,
                  cfg: LossConfig, *, gather_fn: GatherFn | None = None, rank: int | None = None,
-                 world_size: int | None = None) -> LossOutput:
+                 world_size: int | None = None, estimates: torch.Tensor | None = None,
+                 pseudo: torch.Tensor | None = None) -> LossOutput:
     """Loss of one mini-batch under ``cfg.method``; see the module docstring for each method.
 
     ``epoch`` is 1-based. Inputs are never modified. ``gather_fn``, ``rank`` and ``world_size`` are used only
     with ``cfg.global_topk``: then the call is collective (every rank makes it with the same B, K and epoch);
     ``rank``/``world_size`` default to torch.distributed's (0 and 1 when it is not initialised), and a
-    single process needs no ``gather_fn`` (the global top-k is the per-batch one).
+    single process needs no ``gather_fn`` (the global top-k is the per-batch one). The state of the
+    follow-up methods comes in explicitly: ``estimates`` (``role``: the label estimator's probabilities for
+    the batch, float [B, K] with gradient) and ``pseudo`` (``em_apl``: soft pseudo-labels, float [B, K],
+    NaN where an entry has none; None: none yet).
     """
     if not isinstance(cfg, LossConfig):
         raise TypeError(f"cfg must be a LossConfig, got {type(cfg).__name__}")
@@ -572,6 +788,8 @@ def compute_loss(logits: torch.Tensor, target: torch.Tensor, unknown: torch.Tens
         expected_pos = torch.sigmoid(x).sum(dim=1).mean()
         reg = (expected_pos - cfg.epr_num_pos) ** 2 / classes**2
         return unmodified(observed_sum / n + reg)
+    if method in _FOLLOW_UP_METHODS:
+        return unmodified(_follow_up_loss(x, y, unknown, epoch, cfg, estimates, pseudo))
 
     # Large-loss methods. The selection uses the loss against the AN target, without gradient.
     per_entry = _bce(x, y)

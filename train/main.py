@@ -72,7 +72,7 @@ def main(argv=None) -> int:
 
     try:
         run(cfg, ImageSource)
-    except (WeightsError, FileExistsError, FormatError, SampleError) as e:  # bad input: one line, no traceback
+    except (ConfigError, WeightsError, FileExistsError, FormatError, SampleError) as e:  # bad input: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

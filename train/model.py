@@ -4,6 +4,12 @@ The pool and the head compute in float32 whatever the autocast dtype (``MultiLab
 precision applies to the backbone only, so that the logits, and the large-loss selection made on them, are
 not rounded to bf16/fp16.
 
+BoostLU (Kim et al., CVPR 2023; ``boost_alpha`` != 1): the head is applied as a 1x1 convolution to the
+feature map, giving class activation maps, and their positive values are multiplied by ``boost_alpha``
+before the global average pool, in training and in evaluation alike, as in the authors' model. With
+``boost_alpha`` = 1 that is the plain pool-then-linear head (the same function), and the model computes it
+that way.
+
 The model takes the loader's uint8 NCHW images; ``normalize`` turns them into the backbone's expected
 input (ImageNet mean/std for torchvision ResNets, (x - 127) / 128 for EfficientNet-Lite). ``features``
 returns the last convolutional map so that class activation maps (pointing game) use the same head.
@@ -58,11 +64,29 @@ class SmallCNN(nn.Module):
         return self.body(x)
 
 
+def boosted_pool(cams: torch.Tensor, alpha: float) -> torch.Tensor:
+    """BoostLU: class activation maps [B, K, h, w] -> logits [B, K], the positive CAM values multiplied by
+    ``alpha`` before the global average pool (alpha = 1: the plain pool)."""
+    if cams.dim() != 4:
+        raise ValueError(f"boosted_pool: expected CAMs [B, K, h, w], got {tuple(cams.shape)}")
+    return torch.where(cams > 0, cams * alpha, cams).mean(dim=(2, 3))
+
+
+def head_logits(head: nn.Linear, features: torch.Tensor, boost_alpha: float = 1.0) -> torch.Tensor:
+    """Logits [B, K] of the linear head on a feature map [B, D, h, w]: pool then head, or with BoostLU
+    (``boost_alpha`` != 1) the head as a 1x1 convolution (its bias added at every cell), boosted, pooled."""
+    if boost_alpha == 1.0:
+        return head(features.mean(dim=(2, 3)))
+    cams = torch.einsum("bdhw,kd->bkhw", features, head.weight) + head.bias.view(1, -1, 1, 1)
+    return boosted_pool(cams, boost_alpha)
+
+
 class MultiLabelNet(nn.Module):
-    def __init__(self, backbone: nn.Module, feat_dim: int, num_classes: int, mean, std):
+    def __init__(self, backbone: nn.Module, feat_dim: int, num_classes: int, mean, std, boost_alpha: float = 1.0):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(feat_dim, num_classes)
+        self.boost_alpha = float(boost_alpha)  # BoostLU's alpha; 1 = off
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
@@ -80,7 +104,7 @@ class MultiLabelNet(nn.Module):
         to bf16 (8 significant bits) tie at the k-th largest loss in many batches, which decides the
         large-loss selection; the official code runs in float32, so the head does too (README: benchmarks)."""
         with torch.autocast(feature_map.device.type, enabled=False):
-            return self.head(feature_map.mean(dim=(2, 3), dtype=torch.float32))
+            return head_logits(self.head, feature_map.float(), self.boost_alpha)
 
     def forward(self, images: torch.Tensor, frozen_backbone: bool = False) -> torch.Tensor:
         """Logits [B, K] in float32. ``frozen_backbone`` (LinearInit): the backbone runs without gradient and
@@ -149,7 +173,14 @@ def resolve_weights_file(arch: str, weights: str) -> Path | None:
     return path
 
 
-def build_model(arch: str, num_classes: int, weights: str = "none") -> MultiLabelNet:
+def build_model(arch: str, num_classes: int, weights: str = "none", boost_alpha: float = 1.0) -> MultiLabelNet:
+    """The model of ``arch`` with a ``num_classes`` head; ``boost_alpha`` != 1 makes it a BoostLU model."""
+    model = _build_model(arch, num_classes, weights)
+    model.boost_alpha = float(boost_alpha)
+    return model
+
+
+def _build_model(arch: str, num_classes: int, weights: str) -> MultiLabelNet:
     if arch not in ARCHS:
         raise ValueError(f"arch={arch!r}: choose one of {', '.join(ARCHS)}")
     path = resolve_weights_file(arch, weights)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import configs
-from ..eval.rundir import RunDir, RunDirError, load_run
+from ..eval.rundir import RunDir, RunDirError, load_run, method_id
 
 
 @dataclass
@@ -117,7 +117,8 @@ def plan_jobs(configs: list[str], methods: list[str], grid: list[tuple[str, list
                 grid_over = [f"{k}={v}" for k, v in zip(keys, values)]
                 # name from the resolved method (a method file may set it), the grid values and the seed
                 cfg = build_config(cfg_files, list(overrides) + grid_over + [f"seed={seed}"])
-                name = "-".join([cfg.loss.method] + [f"{k}={_safe(v)}" for k, v in zip(keys, values)] + [f"s{seed}"])
+                grid_part = [f"{k}={_safe(v)}" for k, v in zip(keys, values)]
+                name = "-".join([method_id(cfg.loss.method, cfg.boost_alpha), *grid_part, f"s{seed}"])
                 run_dir = out / name
                 job = Job(name, run_dir, cfg_files,
                           list(overrides) + grid_over + [f"seed={seed}", f"out={out}", f"run_name={name}"],
