@@ -181,9 +181,10 @@ def decode_rgb(data: bytes, size: int) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def resize_planes(img: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+def resize_planes(img: np.ndarray, size: int | tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
     """Squash-resize an HxWxC uint8 array to planar (C, size, size) uint8 with the reference's filter
-    (``size`` may also be (height, width): ``ingest --max-side`` keeps the aspect ratio).
+    (``size`` may also be (height, width): ``ingest --max-side`` keeps the aspect ratio); into ``out``, a
+    C-contiguous (C, size, size) uint8 array, when given (the CPU loader's shared-memory slot: no copy).
 
     The reference code resizes PIL images (``transforms.Resize``: PIL's antialiased bilinear filter, a
     triangle whose support grows with the reduction). This is the same filter: torch's uint8
@@ -202,6 +203,10 @@ def resize_planes(img: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     # feed the model.
     t = torch.from_numpy(img).permute(2, 0, 1).unsqueeze(0)
     out_size = (size, size) if isinstance(size, int) else tuple(size)
+    if out is not None:  # the aten operator F.interpolate calls, in its out= form (F.interpolate has none)
+        torch.ops.aten._upsample_bilinear2d_aa.out(t, list(out_size), False, None, None,
+                                                   out=torch.from_numpy(out).unsqueeze(0))
+        return out
     return F.interpolate(t, size=out_size, mode="bilinear", align_corners=False, antialias=True)[0].numpy()
 
 
