@@ -6,10 +6,13 @@ Which samples each rank reads, in which order and in which batches is ``shards.s
 - **Reading.** The DataLoader workers deal the rank's stream round robin (``EpochPlan.worker``). Each
   reads its samples in stream order by offset (``shards.tar.ShardReader``: random access through the
   shards' DALI indexes, which are parsed once in the main process before the workers fork), decodes
-  (``shards.jpeg``) and yields *single decoded samples*; batches are assembled in the main process,
-  so the batch count and batch composition do not depend on the number of workers or on how fast each
-  one runs. A worker writes each image into one of its slots in shared memory and sends only the slot
-  index; the main process copies the slot into the batch and frees it (see ``_ShardStream``). OpenCV is
+  (``shards.jpeg``) and yields decoded samples in runs of up to ``MAX_CHUNK`` consecutive stream positions
+  (the stream is dealt to the workers run by run, ``EpochPlan.worker``); batches are assembled in the main
+  process, so the batch count and batch composition do not depend on the number of workers or on how
+  fast each one runs. A worker resizes each image straight into one of its slots in shared memory and
+  sends only the slot index; the main process copies the slot into the batch and frees it (see
+  ``_ShardStream``). A sample that cannot be read or decoded travels as a marker and is raised or
+  skipped by the main process when the stream reaches it. OpenCV is
   set to one thread in the calling process before the workers fork (the workers are the parallelism;
   see ``ShardLoader.__iter__``).
 - **Errors.** A missing or damaged DALI index is a ``FormatError`` naming the file (at construction or

@@ -171,16 +171,9 @@ def test_resume_refused_on_changed_max_side_or_quality(tmp_path, monkeypatch):
     write_dataset(tmp_path / "ref", _plan(tmp_path / "src"), shard_size=2, max_side=256, progress=False)
     reference = _tree(tmp_path / "ref")
 
-    real_commit, calls = writer._commit_shard, []
+    from test_writer import crash_after_second_commit
 
-    def crash_after_second(split_dir, state_dir, shard):
-        info = real_commit(split_dir, state_dir, shard)
-        calls.append(info.file)
-        if len(calls) == 2:
-            raise RuntimeError("simulated crash")
-        return info
-
-    monkeypatch.setattr(writer, "_commit_shard", crash_after_second)
+    real_commit = crash_after_second_commit(monkeypatch)
     with pytest.raises(RuntimeError, match="simulated crash"):
         write_dataset(out, _plan(tmp_path / "src"), shard_size=2, max_side=256, progress=False)
     monkeypatch.setattr(writer, "_commit_shard", real_commit)
