@@ -25,7 +25,7 @@ from types import ModuleType
 from typing import Any
 
 from ..shards.format import FormatError, IngestError, IngestPlan
-from ..shards.jpeg import DEFAULT_MAX_PIXELS, MAX_PIXELS_LIMIT
+from ..shards.jpeg import DEFAULT_MAX_PIXELS, DEFAULT_QUALITY, MAX_PIXELS_LIMIT
 from ..shards.reader import open_dataset, verify
 from ..shards.writer import CHECK_MODES, summary_table, write_dataset
 from . import coco, cub, demo, nuswide, openimages, voc
@@ -34,7 +34,8 @@ from .argtypes import positive_int, positive_int_at_most
 #: sub-command -> adapter module, in the order of ``ingest --help``
 ADAPTERS: dict[str, ModuleType] = {m.NAME: m for m in (voc, coco, nuswide, cub, openimages, demo)}
 #: the dests of the options ``_add_common`` adds to every adapter's sub-command
-COMMON_OPTIONS = ("out", "shard_size", "workers", "check", "max_pixels", "strict", "overwrite", "no_progress")
+COMMON_OPTIONS = ("out", "shard_size", "workers", "check", "max_pixels", "max_side", "quality", "strict", "overwrite",
+                  "no_progress")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -53,6 +54,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    metavar="N",
                    help=f"an image whose JPEG header declares more than N pixels is counted as corrupt (default "
                         f"{DEFAULT_MAX_PIXELS}, 16384 x 16384; at most {MAX_PIXELS_LIMIT}, OpenCV's limit)")
+    g.add_argument("--max-side", type=positive_int, default=None, metavar="N",
+                   help="re-encode, once, every image whose longer side exceeds N pixels to longer side N (aspect "
+                        "ratio kept, antialiased; the manifest records it); default: store the source bytes")
+    g.add_argument("--quality", type=positive_int_at_most(100), default=None, metavar="Q",
+                   help=f"JPEG quality of the images --max-side re-encodes (default {DEFAULT_QUALITY})")
     g.add_argument("--strict", action="store_true",
                    help="stop at the first missing or corrupt image instead of skipping and counting it")
     g.add_argument("--overwrite", action="store_true",
@@ -114,9 +120,13 @@ def main(argv: list[str] | None = None) -> int:
         if command == "verify":
             return _verify(options["dir"])
         common = {k: options.pop(k) for k in COMMON_OPTIONS}  # what is left are the adapter's own options
+        if common["quality"] is not None and common["max_side"] is None:
+            parser.error("--quality sets the JPEG quality of --max-side re-encoding; give --max-side N too")
         plan = adapter_plan(command, options, common)
         manifest = write_dataset(common["out"], plan, shard_size=common["shard_size"], workers=common["workers"],
                                  strict=common["strict"], check=common["check"], max_pixels=common["max_pixels"],
+                                 max_side=common["max_side"],
+                                 quality=DEFAULT_QUALITY if common["quality"] is None else common["quality"],
                                  overwrite=common["overwrite"], progress=not common["no_progress"])
     except (IngestError, FormatError, OSError) as e:
         print(f"ingest {command}: error: {e}", file=sys.stderr)

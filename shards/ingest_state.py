@@ -20,18 +20,18 @@ reasons) and a sha256 over those records' contents and their image files' size a
 
 A re-run into the same folder first checks ``.ingest/state.json`` (``prepare_output``): the dataset,
 classes, ``unlisted``, split names, ``plan.source`` and the arguments that change the output (shard size,
-strict, check, max_pixels, the format and writer versions: ``fingerprint``) must equal the interrupted
-run's, or the run stops with an error naming each difference (``overwrite=True`` discards the old output
-instead). Then, per split, ``kept_shards`` keeps the longest prefix of shards whose sidecar exists and
-whose files still have the recorded size and sha256, and deletes every later shard file and sidecar. The
-writer replays the kept shards' record ranges from the plan without reading any image, recomputing each
-shard's digest from the records and a ``stat`` of their files: from the first shard whose digest differs
-(a record, a label or an image file changed, an image was deleted or appeared, or the source now ends
-inside the shard), every shard is deleted (``remove_shards_from``) and rewritten from the current
-source. ``labels.arrow`` and the manifest are rebuilt from the full record stream, so the result is
-byte-identical to an uninterrupted run over the current source. An image rewritten with the same size
-and the same mtime (to the nanosecond) is not noticed: that takes hashing every image, which is what
-resuming avoids.
+strict, check, max_pixels, max_side and quality when max_side is set, the format and writer versions:
+``fingerprint``) must equal the interrupted run's, or the run stops with an error naming each difference
+(``overwrite=True`` discards the old output instead). Then, per split, ``kept_shards`` keeps the longest
+prefix of shards whose sidecar exists and whose files still have the recorded size and sha256, and deletes
+every later shard file and sidecar. The writer replays the kept shards' record ranges from the plan
+without reading any image, recomputing each shard's digest from the records and a ``stat`` of their files:
+from the first shard whose digest differs (a record, a label or an image file changed, an image was
+deleted or appeared, or the source now ends inside the shard), every shard is deleted
+(``remove_shards_from``) and rewritten from the current source. ``labels.arrow`` and the manifest are
+rebuilt from the full record stream, so the result is byte-identical to an uninterrupted run over the
+current source. An image rewritten with the same size and the same mtime (to the nanosecond) is not
+noticed: that takes hashing every image, which is what resuming avoids.
 """
 from __future__ import annotations
 
@@ -70,8 +70,12 @@ _SIDECAR_RE = re.compile(r"^(\d{6})\.json$")
 
 # ------------------------------------------------------------------------------------ the output folder
 
-def fingerprint(plan: IngestPlan, shard_size: int, strict: bool, check: str, max_pixels: int) -> dict[str, Any]:
-    """Everything the output bytes depend on; a resumed run must match it exactly."""
+def fingerprint(plan: IngestPlan, shard_size: int, strict: bool, check: str, max_pixels: int,
+                max_side: int | None = None, quality: int | None = None) -> dict[str, Any]:
+    """Everything the output bytes depend on; a resumed run must match it exactly. ``max_side`` and
+    ``quality`` (``--max-side``) are in it only when ``max_side`` is set, so that the state of a run without
+    it is what earlier versions wrote (and resumes across the upgrade)."""
+    bounded = {} if max_side is None else {"max_side": max_side, "quality": quality}
     return json.loads(json.dumps({
         "format_version": FORMAT_VERSION,
         "writer_version": WRITER_VERSION,
@@ -84,6 +88,7 @@ def fingerprint(plan: IngestPlan, shard_size: int, strict: bool, check: str, max
         "strict": strict,
         "check": check,
         "max_pixels": max_pixels,
+        **bounded,
     }))
 
 
@@ -181,7 +186,7 @@ def sidecar_path(state_dir: Path, index: int) -> Path:
 
 
 def write_sidecar(state_dir: Path, index: int, info: ShardInfo, first_record: int, num_records: int,
-                  records_sha256: str, skipped: list) -> None:
+                  records_sha256: str, skipped: list, reencoded: int = 0) -> None:
     """Mark shard ``index`` as committed; its tar and DALI index must be in place and fsynced."""
     sidecar = {
         "writer_version": WRITER_VERSION,
@@ -191,6 +196,8 @@ def write_sidecar(state_dir: Path, index: int, info: ShardInfo, first_record: in
         "records_sha256": records_sha256,
         "skipped": skipped,  # [[record index, "missing"|"corrupt", rel_path, detail], ...]
     }
+    if reencoded:  # samples re-encoded by --max-side; absent = 0 (the sidecars of a run without it are unchanged)
+        sidecar["reencoded"] = reencoded
     write_json_atomic(sidecar_path(state_dir, index), json.dumps(sidecar, indent=0))
 
 

@@ -142,12 +142,20 @@ def header_problem(data: bytes) -> str | None:
     return too_many_pixels(width, height, MAX_PIXELS_LIMIT)
 
 
-def decode_scale(height: int, width: int, size: int) -> int:
-    """Largest DCT reduction in (1, 2, 4, 8) that keeps both sides >= size (so 1 below 2x the target)."""
+def decode_scale(height: int, width: int, size: int | tuple[int, int]) -> int:
+    """Largest DCT reduction in (1, 2, 4, 8) that keeps both sides >= the target (so 1 below 2x the target);
+    ``size`` is S (an S x S target) or (target height, target width)."""
+    out_h, out_w = (size, size) if isinstance(size, int) else size
     f = 1
-    while f < 8 and height >= 2 * f * size and width >= 2 * f * size:
+    while f < 8 and height >= 2 * f * out_h and width >= 2 * f * out_w:
         f *= 2
     return f
+
+
+def _scaled(height: int, width: int, f: int) -> dict[str, int]:
+    """simplejpeg's arguments for a 1/f decode: libjpeg-turbo picks the smallest M/8 scale whose output is
+    >= the minimum; ceil(h/f) makes that exactly 1/f (scaled sizes are rounded up)."""
+    return {} if f == 1 else {"min_height": -(-height // f), "min_width": -(-width // f)}
 
 
 def decode_rgb(data: bytes, size: int) -> np.ndarray:
@@ -157,11 +165,8 @@ def decode_rgb(data: bytes, size: int) -> np.ndarray:
         too_large = too_many_pixels(width, height, MAX_PIXELS_LIMIT)
         if too_large:  # no decoder is asked to allocate it (ingest refuses such images; this one was altered)
             raise DecodeError(too_large)
-        f = decode_scale(height, width, size)
-        # libjpeg-turbo picks the smallest M/8 scale whose output is >= the minimum; ceil(h/f) makes
-        # that exactly 1/f (scaled sizes are rounded up).
-        scaled = {} if f == 1 else {"min_height": -(-height // f), "min_width": -(-width // f)}
-        return simplejpeg.decode_jpeg(data, colorspace="RGB", **scaled)
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", **_scaled(height, width,
+                                                                         decode_scale(height, width, size)))
     except DecodeError:
         raise
     except ValueError as e:  # not a JPEG libjpeg-turbo accepts (PNG bytes, some exotic JPEGs)
@@ -176,8 +181,10 @@ def decode_rgb(data: bytes, size: int) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def resize_planes(img: np.ndarray, size: int) -> np.ndarray:
-    """Squash-resize an HxWx3 uint8 array to planar (3, size, size) uint8 with the reference's filter.
+def resize_planes(img: np.ndarray, size: int | tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
+    """Squash-resize an HxWxC uint8 array to planar (C, size, size) uint8 with the reference's filter
+    (``size`` may also be (height, width): ``ingest --max-side`` keeps the aspect ratio); into ``out``, a
+    C-contiguous (C, size, size) uint8 array, when given (the CPU loader's shared-memory slot: no copy).
 
     The reference code resizes PIL images (``transforms.Resize``: PIL's antialiased bilinear filter, a
     triangle whose support grows with the reduction). This is the same filter: torch's uint8
@@ -195,7 +202,12 @@ def resize_planes(img: np.ndarray, size: int) -> np.ndarray:
     # a copy (a planar copy first cost twice as much); its output is planar, which is what the loaders
     # feed the model.
     t = torch.from_numpy(img).permute(2, 0, 1).unsqueeze(0)
-    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0].numpy()
+    out_size = (size, size) if isinstance(size, int) else tuple(size)
+    if out is not None:  # the aten operator F.interpolate calls, in its out= form (F.interpolate has none)
+        torch.ops.aten._upsample_bilinear2d_aa.out(t, list(out_size), False, None, None,
+                                                   out=torch.from_numpy(out).unsqueeze(0))
+        return out
+    return F.interpolate(t, size=out_size, mode="bilinear", align_corners=False, antialias=True)[0].numpy()
 
 
 def decode_image(data: bytes, size: int) -> np.ndarray:
@@ -204,3 +216,58 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
     if img.shape[:2] != (size, size):
         img = cv2.merge(list(resize_planes(img, size)))  # interleaved 15x faster than numpy's transposing copy
     return img
+
+
+# ------------------------------------------------------------------------------ bounded size (ingest)
+
+#: default of ``ingest --quality``: the JPEG quality of images re-encoded by ``--max-side``
+DEFAULT_QUALITY = 90
+#: chroma subsampling of re-encoded images: 4:4:4 (full-resolution colour). After the reduction the
+#: source's own 4:2:0 chroma is finer than the new image's pixels; 4:2:0 again would halve it a second
+#: time, below what the reference (full decode, then resize) sees at the training size (README: the
+#: bounded-size rows measure both the distance to the reference and the decode cost of each choice).
+REENCODE_SUBSAMPLING = "444"
+
+
+def bounded_size(width: int, height: int, max_side: int) -> tuple[int, int] | None:
+    """(width, height) of an image re-encoded to longer side ``max_side`` (the shorter side scaled alike,
+    rounded half up, at least 1), or None when its longer side is at most ``max_side`` (kept as it is)."""
+    if max(width, height) <= max_side:
+        return None
+    if width >= height:
+        return max_side, max(1, (2 * height * max_side + width) // (2 * width))
+    return max(1, (2 * width * max_side + height) // (2 * height)), max_side
+
+
+def reencode_bounded(data: bytes, max_side: int, quality: int = DEFAULT_QUALITY) -> tuple[bytes, int, int] | None:
+    """``data`` re-encoded with its longer side reduced to ``max_side`` as (bytes, width, height), or None when
+    it is no larger (its bytes are then stored unchanged).
+
+    The pixels go through the loaders' path: a reduced DCT scale while the image stays >= 2x the new size,
+    then the antialiased bilinear filter (``resize_planes``), then libjpeg-turbo at ``quality`` with 4:4:4
+    chroma (``REENCODE_SUBSAMPLING``). A grayscale JPEG stays grayscale (one channel); every other one
+    (YCbCr, Adobe CMYK/YCCK: libjpeg-turbo converts them) is stored as RGB-in-YCbCr. Metadata segments
+    (EXIF, ICC profiles) are not carried over; EXIF orientation is ignored by the loaders either way.
+    ``data`` must have passed ``validate_jpeg`` (its pixel limit is checked on the source); an image that
+    does not decode even leniently is a ``DecodeError``.
+    """
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError as e:
+        raise DecodeError(f"unreadable JPEG header: {e}") from None
+    target = bounded_size(width, height, max_side)
+    if target is None:
+        return None
+    out_w, out_h = target
+    gray = colorspace == "Gray"
+    try:
+        # not strict: data libjpeg only warns about decodes as it does in the loaders (whose OpenCV fallback
+        # is lenient too); ``--check full`` refuses such images before they get here
+        img = simplejpeg.decode_jpeg(data, colorspace="GRAY" if gray else "RGB", strict=False,
+                                     **_scaled(height, width, decode_scale(height, width, (out_h, out_w))))
+    except ValueError as e:
+        raise DecodeError(f"cannot be decoded to re-encode it (--max-side): {e}") from None
+    pixels = np.ascontiguousarray(resize_planes(img, (out_h, out_w)).transpose(1, 2, 0))
+    encoded = simplejpeg.encode_jpeg(pixels, quality=quality, colorspace="GRAY" if gray else "RGB",
+                                     colorsubsampling="Gray" if gray else REENCODE_SUBSAMPLING)
+    return encoded, out_w, out_h

@@ -6,10 +6,13 @@ Which samples each rank reads, in which order and in which batches is ``shards.s
 - **Reading.** The DataLoader workers deal the rank's stream round robin (``EpochPlan.worker``). Each
   reads its samples in stream order by offset (``shards.tar.ShardReader``: random access through the
   shards' DALI indexes, which are parsed once in the main process before the workers fork), decodes
-  (``shards.jpeg``) and yields *single decoded samples*; batches are assembled in the main process,
-  so the batch count and batch composition do not depend on the number of workers or on how fast each
-  one runs. A worker writes each image into one of its slots in shared memory and sends only the slot
-  index; the main process copies the slot into the batch and frees it (see ``_ShardStream``). OpenCV is
+  (``shards.jpeg``) and yields decoded samples in runs of up to ``MAX_CHUNK`` consecutive stream positions
+  (the stream is dealt to the workers run by run, ``EpochPlan.worker``); batches are assembled in the main
+  process, so the batch count and batch composition do not depend on the number of workers or on how
+  fast each one runs. A worker resizes each image straight into one of its slots in shared memory and
+  sends only the slot index; the main process copies the slot into the batch and frees it (see
+  ``_ShardStream``). A sample that cannot be read or decoded travels as a marker and is raised or
+  skipped by the main process when the stream reaches it. OpenCV is
   set to one thread in the calling process before the workers fork (the workers are the parallelism;
   see ``ShardLoader.__iter__``).
 - **Errors.** A missing or damaged DALI index is a ``FormatError`` naming the file (at construction or
@@ -26,6 +29,7 @@ Which samples each rank reads, in which order and in which batches is ``shards.s
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import multiprocessing
@@ -68,17 +72,20 @@ class SampleError(RuntimeError):
     """A sample could not be read or decoded; the message names the shard file and the key."""
 
 
-def _decode(data: bytes, size: int) -> tuple[np.ndarray, bool]:
-    """(pixels, planar): the decoded image squash-resized to (size, size), planar CHW when it was resized
-    (``resize_planes`` outputs planes), HWC when it was decoded at that size already; ``DecodeError``."""
+def _decode(data: bytes, size: int, flip: bool, out: np.ndarray | None = None) -> np.ndarray:
+    """The image squash-resized to CHW (size, size), flipped horizontally if asked, into ``out`` when given
+    (a shared-memory slot); ``DecodeError``. Unflipped, the resize writes straight into ``out``."""
     img = decode_rgb(data, size)
-    if img.shape[:2] != (size, size):
-        return resize_planes(img, size), True
-    return img, False
+    if img.shape[:2] == (size, size):
+        return _to_chw(img, False, flip, out)
+    if flip:
+        return _to_chw(resize_planes(img, size), True, True, out)
+    return resize_planes(img, size, out)
 
 
 def _to_chw(img: np.ndarray, planar: bool, flip: bool, out: np.ndarray | None = None) -> np.ndarray:
-    """``_decode``'s pixels as CHW (into ``out`` when given), flipped horizontally if asked.
+    """Decoded pixels, planar CHW or (``planar=False``) HWC, as CHW (into ``out`` when given), flipped
+    horizontally if asked.
 
     Planes are copied or flipped plane by plane. HWC is split with ``cv2.split`` into views of the
     output planes: measured 0.06 ms at 448x448 against 0.23 ms for numpy's transposing copy.
@@ -109,13 +116,28 @@ def _to_chw(img: np.ndarray, planar: bool, flip: bool, out: np.ndarray | None = 
 # ----------------------------------------------------------------------------------------------
 
 # What flows to the main process, one per planned sample:
-# (sample id, worker, payload, skip reason or None, message or None). The payload is the CHW
+# (sample id, worker, payload, failure reason or None, message or None). The payload is the CHW
 # uint8 array when decoding runs in the main process, the index of the worker's shared-memory slot that
-# holds it when it runs in DataLoader workers, None for a skipped sample. Why slots: per-sample IPC
-# of 3x448x448 uint8 moved ~600 samples/s as tensors (one shared-memory segment each) and ~1150/s as
-# pickled arrays (2 workers, a busy 2-core machine), about as much CPU as decoding itself; a slot
-# is written in place by the worker and copied once into the batch.
+# holds it when it runs in DataLoader workers, None for a sample that failed (the main process raises
+# or skips it, in stream order). Why slots: per-sample IPC of 3x448x448 uint8 moved ~600 samples/s as
+# tensors (one shared-memory segment each) and ~1150/s as pickled arrays (2 workers, a busy 2-core
+# machine), about as much CPU as decoding itself; a slot is written in place by the worker and copied
+# once into the batch. Items travel in lists of up to ``chunk`` consecutive stream positions, one
+# DataLoader item each: the DataLoader's per-item cost (an index request, a result message, its pickling,
+# a profiler record) is paid once per list (tests/bench/loader.py, README).
 _Item = tuple[int, int, "np.ndarray | int | None", "str | None", "str | None"]
+
+#: most samples per DataLoader item (``_chunk``)
+MAX_CHUNK = 4
+
+
+def _chunk(batch_size: int, num_workers: int) -> int:
+    """Samples per DataLoader item: half a worker's share of a batch, at most ``MAX_CHUNK`` (one sample
+    in-process). Half, not all of it: with a whole share per item the main process waits for the last image
+    of every worker before it can assemble anything, and on a busy 2-core machine the epoch took 1.4x as long
+    in wall time (407 vs 562 img/s at 448 px, batch 16, 2 workers; CPU per image 2.14 vs 2.23 ms); with 2-4
+    samples per item the CPU saving stays and the wall time is that of one sample per item (README)."""
+    return 1 if num_workers == 0 else max(1, min(MAX_CHUNK, -(-batch_size // (2 * num_workers))))
 
 
 class _ShardStream(IterableDataset):
@@ -130,6 +152,7 @@ class _ShardStream(IterableDataset):
         on_error: str,
         slots: torch.Tensor | None = None,
         free: list | None = None,
+        chunk: int = 1,
     ):
         # In-process decoding: both None. With workers: slots [W, R, 3, S, S] uint8 in shared memory and
         # one semaphore per worker counting its free slots (R at the start). The worker takes a permit
@@ -144,12 +167,15 @@ class _ShardStream(IterableDataset):
         self.plan = plan
         self.image_size = image_size
         self.on_error = on_error
+        self.chunk = chunk
 
-    def __iter__(self) -> Iterator[_Item]:
+    def __iter__(self) -> Iterator[list[_Item]]:
         info = get_worker_info()
         worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        ids, flips = self.plan.worker(worker, n_workers)
-        yield from self._produce(ids, flips, worker)
+        ids, flips = self.plan.worker(worker, n_workers, self.chunk)
+        items = self._produce(ids, flips, worker)
+        while run := list(itertools.islice(items, self.chunk)):
+            yield run
 
     def _slot(self, worker: int, k: int) -> tuple[int, np.ndarray]:
         """Slot of this worker's k-th image; waits until the main process has copied the image R before it."""
@@ -166,24 +192,20 @@ class _ShardStream(IterableDataset):
             data, error = self.reader.read(sid)
             reason = "read"
             if data is not None:
+                slot, out = (None, None) if self.slots is None else self._slot(worker, used_slots)
                 try:
-                    img, planar = _decode(data, self.image_size)
+                    pixels = _decode(data, self.image_size, flip, out)
                 except DecodeError as e:
                     reason, error = "decode", str(e)
+                    if slot is not None:
+                        self.free[worker].release()  # the slot stays unused: its permit goes back
                 else:
-                    if self.slots is None:
-                        yield sid, worker, _to_chw(img, planar, flip), None, None
-                    else:
-                        slot, out = self._slot(worker, used_slots)
+                    if slot is not None:
                         used_slots += 1
-                        _to_chw(img, planar, flip, out)
-                        yield sid, worker, slot, None, None
+                    yield sid, worker, pixels if slot is None else slot, None, None
                     continue
-            fix = FIX_DECODE if reason == "decode" else FIX_READ
-            message = f"{self.reader.path_of(sid)}: sample {sample_key(sid)}: {error}"
-            if self.on_error == "raise":
-                raise SampleError(f"{message}; {fix}")
-            yield sid, worker, None, reason, message
+            # raised or skipped by the main process when the stream reaches it (_assemble)
+            yield sid, worker, None, reason, f"{self.reader.path_of(sid)}: sample {sample_key(sid)}: {error}"
 
 
 def _pass_through(item: _Item) -> _Item:
@@ -275,6 +297,7 @@ class ShardLoader:
         plan = sched.plan()
         self._reader.load(plan.ids)  # parsed here, before the workers fork, so that they inherit the indexes
         n_workers = self.num_workers
+        chunk = _chunk(sched.batch_size, n_workers)
         extra = {}
         slots = free = None
         if n_workers > 0:
@@ -282,15 +305,16 @@ class ShardLoader:
             # workers fork, because reconfiguring OpenCV's thread pool inside a forked child deadlocks
             # when the parent had used the pool. Side effect: OpenCV in this process stays single-threaded.
             cv2.setNumThreads(1)
-            # keep about two batches in flight across the workers: single samples are small requests
-            prefetch = max(2, math.ceil(2 * sched.batch_size / n_workers))
+            # keep about two batches in flight across the workers (a request is one chunk of samples)
+            prefetch = max(2, math.ceil(2 * sched.batch_size / (n_workers * chunk)))
             extra["prefetch_factor"] = prefetch
-            # a worker has about `prefetch` requests outstanding, so prefetch + 2 slots rarely make it wait
-            s, ring = self.image_size, max(1, prefetch + _RING_EXTRA)
+            # a worker has about `prefetch` requests outstanding, so prefetch + 2 chunks of slots rarely make it
+            # wait; at least one chunk, which the worker fills before sending it
+            s, ring = self.image_size, chunk * max(1, prefetch + _RING_EXTRA)
             slots = torch.empty((n_workers, ring, 3, s, s), dtype=torch.uint8).share_memory_()
             free = [multiprocessing.Semaphore(ring) for _ in range(n_workers)]
         stream = _ShardStream(self._reader, plan, image_size=self.image_size, on_error=self.on_error, slots=slots,
-                              free=free)
+                              free=free, chunk=chunk)
         loader = DataLoader(
             stream,
             batch_size=None,
@@ -304,7 +328,8 @@ class ShardLoader:
         if self.pin_memory and not pin:
             logger.warning("pin_memory=True but CUDA is not available: batches are not pinned")
             self.pin_memory = False  # say it once
-        return self._batches(iter(loader), plan.batch_sizes[plan.start_batch :], pin, slots, free, extra)
+        items = itertools.chain.from_iterable(loader)
+        return self._batches(items, plan.batch_sizes[plan.start_batch :], pin, slots, free, extra, chunk)
 
     def _batches(
         self,
@@ -314,15 +339,16 @@ class ShardLoader:
         slots: torch.Tensor | None,
         free: list | None,
         dataloader_args: dict,
+        chunk: int,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         try:
             yield from self._assemble(items, sizes, pin, slots, free)
         finally:
             if free is not None:
                 # Stopped early (or done): workers may still be serving outstanding requests (at most
-                # prefetch_factor * num_workers in all) before the DataLoader shuts them down; unblock them.
+                # prefetch_factor * num_workers chunks in all) before the DataLoader shuts them down; unblock them.
                 for sem in free:
-                    for _ in range(dataloader_args["prefetch_factor"] * len(free) + 1):
+                    for _ in range((dataloader_args["prefetch_factor"] * len(free) + 1) * chunk):
                         sem.release()
 
     def _assemble(
@@ -359,6 +385,8 @@ class ShardLoader:
                     out[len(ids)] = slot_arrays[worker, payload]
                     free[worker].release()
                 if payload is None:
+                    if self.on_error == "raise":
+                        raise SampleError(f"{message}; {FIX_DECODE if reason == 'decode' else FIX_READ}")
                     self._record_skip(reason, message)
                     continue
                 ids.append(sid)

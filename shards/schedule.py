@@ -126,10 +126,15 @@ class EpochPlan:
         """Samples of this rank in the whole epoch (start_batch ignored)."""
         return sum(self.batch_sizes)
 
-    def worker(self, worker: int, num_workers: int) -> tuple[np.ndarray, np.ndarray]:
+    def worker(self, worker: int, num_workers: int, chunk: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """(ids, flips) that loader worker ``worker`` of ``num_workers`` yields: positions ``worker, worker +
-        num_workers, ...`` of the stream, which a DataLoader's round robin (``interleave``) puts back in order."""
-        return self.ids[worker::num_workers], self.flips[worker::num_workers]
+        num_workers, ...`` of the stream, which a DataLoader's round robin (``interleave``) puts back in order.
+        With ``chunk`` > 1 the stream is dealt in runs of ``chunk`` consecutive positions (run ``worker``,
+        ``worker + num_workers``, ...), each run one DataLoader item, which the round robin puts back alike."""
+        if chunk == 1:
+            return self.ids[worker::num_workers], self.flips[worker::num_workers]
+        mine = (np.arange(len(self.ids)) // chunk) % num_workers == worker
+        return self.ids[mine], self.flips[mine]
 
     def batches(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """(ids, flips) of each batch this plan yields (batches ``start_batch..``)."""

@@ -2,11 +2,11 @@
 
 A shard ``<split>/NNNNNN.tar`` is a POSIX ustar archive. Each sample is three consecutive members, in
 this order (``MEMBER_EXTS``): ``<key>.idx`` (the sample id, 4 bytes little-endian int32:
-``encode_sample_id`` / ``decode_sample_id``), ``<key>.jpg`` (the source bytes) and ``<key>.json`` (the
-sample's metadata, at least ``SAMPLE_JSON_FIELDS``). The bytes depend only on the samples
-(``TarBytes``): members have mtime 0, uid/gid 0, empty user/group names and mode 0644, data is
-zero-padded to 512-byte blocks, and the archive ends with two zero blocks (no padding to a 10 KiB
-record).
+``encode_sample_id`` / ``decode_sample_id``), ``<key>.jpg`` (the source bytes; ``ingest --max-side``
+re-encodes large ones) and ``<key>.json`` (the sample's metadata, at least ``SAMPLE_JSON_FIELDS``).
+The bytes depend only on the samples (``TarBytes``): members have mtime 0, uid/gid 0, empty user/group
+names and mode 0644, data is zero-padded to 512-byte blocks, and the archive ends with two zero blocks
+(no padding to a 10 KiB record).
 
 Its DALI index ``<split>/NNNNNN.idx`` is the text format of DALI's ``wds2idx`` tool, v1.2
 (``DALI_INDEX_VERSION``): written by ``write_dali_index`` (from the tar) or ``format_dali_index`` (from
@@ -259,7 +259,7 @@ def read_dali_index(path: str | os.PathLike, first_sample: int, num_samples: int
 class Sample:
     sample_id: int
     key: str
-    jpeg: bytes  # the source JPEG bytes, unchanged
+    jpeg: bytes  # the source JPEG bytes (re-encoded only by ``ingest --max-side``)
     meta: dict[str, Any]  # <key>.json: source_id, rel_path, width, height, plus the adapter's meta (boxes ...)
 
 

@@ -13,9 +13,13 @@ Conventions
 
 - Sample ids are dense 0..N-1 per split in record order, counting only the records whose image was
   written; a missing or corrupt image takes no id (it is counted, and named in the sidecar).
-- Images are stored as the source bytes, never re-encoded; each is validated first
-  (``shards.jpeg.validate_jpeg``: ``check="fast"``, the default, checks the header, its pixel count
-  against ``max_pixels`` and the marker structure; ``check="full"`` also decodes it in strict mode).
+- Images are stored as the source bytes; each is validated first (``shards.jpeg.validate_jpeg``:
+  ``check="fast"``, the default, checks the header, its pixel count against ``max_pixels`` and the marker
+  structure; ``check="full"`` also decodes it in strict mode). Only with ``max_side`` (``ingest
+  --max-side N``, off by default) is an image whose longer side exceeds N re-encoded, once, at longer side
+  N (``shards.jpeg.reencode_bounded``, JPEG ``quality``); its ``<key>.json`` then gives the stored size as
+  ``width``/``height``, the source's as ``source_width``/``source_height``, and ``boxes`` scaled into the
+  stored image; the manifest records N, the quality and how many images of each split were re-encoded.
 - The manifest lists the size and sha256 of every file it describes (shards, DALI indexes,
   ``labels.arrow``): ``ingest verify`` and the trainer check them (``shards.reader``).
 - Work is spread over threads: ``workers`` loader threads read and validate images, the main thread
@@ -74,7 +78,15 @@ from .ingest_state import (
     source_stat,
     write_sidecar,
 )
-from .jpeg import DEFAULT_MAX_PIXELS, MAX_PIXELS_LIMIT, CorruptImage, validate_jpeg
+from .jpeg import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_QUALITY,
+    MAX_PIXELS_LIMIT,
+    CorruptImage,
+    DecodeError,
+    reencode_bounded,
+    validate_jpeg,
+)
 from .labels import LabelsBuilder, label_schema, write_labels
 from .progress import progress_bar
 from .tar import TarBytes, format_dali_index, sample_members, write_synced_text
@@ -96,9 +108,18 @@ class _Loaded:
     height: int = 0
     detail: str = ""
     stat: list[int] | None = None  # [size, mtime_ns] of the file read (``ingest_state.source_stat``)
+    source_size: tuple[int, int] | None = None  # (width, height) of the source when it was re-encoded
 
 
-def _load(rec: Record, full: bool, max_pixels: int) -> _Loaded:
+@dataclass(frozen=True)
+class _Bound:
+    """``max_side`` re-encoding: None (off) or the longer side and the JPEG quality."""
+
+    max_side: int
+    quality: int
+
+
+def _load(rec: Record, full: bool, max_pixels: int, bound: _Bound | None = None) -> _Loaded:
     stat = None
     if rec.data is not None:
         data = bytes(rec.data)
@@ -116,11 +137,18 @@ def _load(rec: Record, full: bool, max_pixels: int) -> _Loaded:
         w, h = validate_jpeg(data, full=full, max_pixels=max_pixels)
     except CorruptImage as e:
         return _Loaded("corrupt", detail=str(e), stat=stat)
+    if bound is not None:  # after validation: --max-pixels applies to the source
+        try:
+            reencoded = reencode_bounded(data, bound.max_side, bound.quality)
+        except DecodeError as e:
+            return _Loaded("corrupt", detail=str(e), stat=stat)
+        if reencoded is not None:
+            return _Loaded("ok", reencoded[0], reencoded[1], reencoded[2], stat=stat, source_size=(w, h))
     return _Loaded("ok", data, w, h, stat=stat)
 
 
 def _load_in_order(items: Iterator[tuple[int, Record]], workers: int, full: bool,
-                   max_pixels: int) -> Iterator[tuple[int, Record, _Loaded]]:
+                   max_pixels: int, bound: _Bound | None = None) -> Iterator[tuple[int, Record, _Loaded]]:
     """Read and validate images, ``workers`` at a time, yielding results in record order.
 
     Threads, not processes: file reads and libjpeg-turbo (simplejpeg) release the GIL (measured: 2 threads
@@ -128,13 +156,13 @@ def _load_in_order(items: Iterator[tuple[int, Record]], workers: int, full: bool
     """
     if workers <= 1:
         for i, rec in items:
-            yield i, rec, _load(rec, full, max_pixels)
+            yield i, rec, _load(rec, full, max_pixels, bound)
         return
     window: deque = deque()
     ex = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest-load")
     try:
         for i, rec in items:
-            window.append((i, rec, ex.submit(_load, rec, full, max_pixels)))
+            window.append((i, rec, ex.submit(_load, rec, full, max_pixels, bound)))
             if len(window) >= 4 * workers:  # bounded read-ahead: at most 4*workers images in memory
                 j, r, fut = window.popleft()
                 yield j, r, fut.result()
@@ -178,10 +206,21 @@ def _record_labels(rec: Record, k: int, where: str) -> tuple[tuple[int, ...], tu
     return pos, neg
 
 
-def _sample_json(rec: Record, width: int, height: int, where: str) -> bytes:
+def _sample_json(rec: Record, width: int, height: int, where: str,
+                 source_size: tuple[int, int] | None = None) -> bytes:
     d = dict(rec.meta)
     # width/height from the JPEG header override any the source states: they are what a decoder returns
     d.update(source_id=rec.source_id, rel_path=rec.rel_path, width=width, height=height)
+    if source_size is not None:  # re-encoded (max_side): boxes follow the pixels into the stored image
+        sx, sy = width / source_size[0], height / source_size[1]
+        d.update(source_width=source_size[0], source_height=source_size[1])
+        if isinstance(d.get("boxes"), list):
+            try:
+                d["boxes"] = [{**b, "bbox": [b["bbox"][0] * sx, b["bbox"][1] * sy, b["bbox"][2] * sx,
+                                             b["bbox"][3] * sy]} for b in d["boxes"]]
+            except (TypeError, KeyError, IndexError) as e:
+                raise IngestError(f"{where}: meta boxes must be {{'bbox': [xmin, ymin, xmax, ymax], ...}} to be "
+                                  f"scaled with the image (--max-side), got {d['boxes']!r} ({e}; adapter bug)") from e
     try:
         return json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
     except (TypeError, ValueError) as e:
@@ -199,6 +238,7 @@ class _Run:
     full_check: bool
     max_pixels: int
     progress: bool
+    bound: _Bound | None = None
 
 
 @dataclass
@@ -219,6 +259,7 @@ class _OpenShard:
     last_record: int = -1
     digest: Any = field(default_factory=hashlib.sha256)
     skipped: list = field(default_factory=list)
+    reencoded: int = 0  # samples re-encoded by max_side (kept in the sidecar for a resumed run's counts)
 
 
 def _tmp_tar_path(split_dir: Path, index: int) -> Path:
@@ -242,7 +283,7 @@ def _commit_shard(split_dir: Path, state_dir: Path, shard: _OpenShard) -> ShardI
                      size=shard.tar.size, sha256=shard.tar.sha.hexdigest(), idx_size=len(index_bytes),
                      idx_sha256=hashlib.sha256(index_bytes).hexdigest())
     write_sidecar(state_dir, shard.index, info, shard.first_record, shard.last_record - shard.first_record + 1,
-                  shard.digest.hexdigest(), shard.skipped)
+                  shard.digest.hexdigest(), shard.skipped, shard.reencoded)
     return info
 
 
@@ -362,7 +403,7 @@ def _write_split(run: _Run, split: str, records: Iterable[Record]) -> _SplitResu
     k = run.num_classes
     labels = LabelsBuilder()
     shards: list[ShardInfo] = []
-    counts = {"missing": 0, "corrupt": 0}
+    counts = {"missing": 0, "corrupt": 0, "reencoded": 0}
     problems: list[list] = []
     total = len(records) if hasattr(records, "__len__") else None
     bar = progress_bar(total, f"ingest {split}", "img", enabled=run.progress)
@@ -410,6 +451,7 @@ def _write_split(run: _Run, split: str, records: Iterable[Record]) -> _SplitResu
                     labels.add(*row)
             assert len(labels) == sc["shard"]["first_sample"] + sc["shard"]["num_samples"]
             shards.append(ShardInfo(**sc["shard"]))
+            counts["reencoded"] += sc.get("reencoded", 0)
             first_record += sc["num_records"]
             bar.update(sc["num_records"])
 
@@ -417,7 +459,7 @@ def _write_split(run: _Run, split: str, records: Iterable[Record]) -> _SplitResu
         sink = _ShardSink(split_dir, state_dir)
         pending_digests: list[bytes] = []
         pending_skips: list[list] = []
-        loaded = _load_in_order(_with_image(items, split), run.workers, run.full_check, run.max_pixels)
+        loaded = _load_in_order(_with_image(items, split), run.workers, run.full_check, run.max_pixels, run.bound)
         for i, rec, res in loaded:
             where = _record_where(split, i, rec)
             pos, neg = _record_labels(rec, k, where)
@@ -445,7 +487,10 @@ def _write_split(run: _Run, split: str, records: Iterable[Record]) -> _SplitResu
             sid = len(labels)
             if sid >= 10**KEY_DIGITS:
                 raise IngestError(f"split {split!r} has more than 10^{KEY_DIGITS} samples, the most a key can number")
-            meta_json = _sample_json(rec, res.width, res.height, where)
+            meta_json = _sample_json(rec, res.width, res.height, where, res.source_size)
+            if res.source_size is not None:
+                counts["reencoded"] += 1
+                shard.reencoded += 1
             sink.put("add", shard.tar.sample(sample_members(sid, res.data, meta_json)))
             labels.add(pos, neg)
             shard.num_samples += 1
@@ -479,9 +524,9 @@ def _write_split(run: _Run, split: str, records: Iterable[Record]) -> _SplitResu
     return _SplitResult(info, {"written": n, **counts, "problems": problems})
 
 
-def _merge_counts(split: str, plan_counts: dict[str, Any], mine: dict[str, Any]) -> dict[str, Any]:
+def _merge_counts(split: str, plan_counts: dict[str, Any], mine: dict[str, Any], bounded: bool) -> dict[str, Any]:
     theirs = json.loads(json.dumps(plan_counts))  # a deep copy that also proves it is plain JSON
-    for key in ("written", "missing", "corrupt", "problems"):
+    for key in ("written", "missing", "corrupt", "reencoded", "problems"):
         if key in theirs:
             raise ValueError(f"plan.counts[{split!r}] sets {key!r}, which the writer computes (adapter bug)")
     written, missing, corrupt = mine["written"], mine["missing"], mine["corrupt"]
@@ -493,6 +538,8 @@ def _merge_counts(split: str, plan_counts: dict[str, Any], mine: dict[str, Any])
         "corrupt": corrupt,
         "skipped": dict(sorted(theirs.pop("skipped", {}).items())),
     }
+    if bounded:  # only with max_side, so that a manifest without it keeps the bytes of earlier versions
+        out["reencoded"] = mine["reencoded"]
     out.update(sorted(theirs.items()))
     # the first MAX_PROBLEMS_LISTED skipped images: [record index, reason, rel_path, detail]
     out["problems"] = mine["problems"]
@@ -529,6 +576,8 @@ def write_dataset(
     strict: bool = False,
     check: str = "fast",
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_side: int | None = None,
+    quality: int = DEFAULT_QUALITY,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Manifest:
@@ -539,6 +588,8 @@ def write_dataset(
     validate images; the output does not depend on it. ``strict`` makes a missing or corrupt image an
     error instead of a counted skip. ``check`` is "fast" (header + structure) or "full" (strict decode);
     an image whose header declares more than ``max_pixels`` pixels (1 .. ``jpeg.MAX_PIXELS_LIMIT``) is corrupt.
+    ``max_side``: None (default) stores every image's source bytes; N re-encodes an image whose longer side
+    exceeds N at longer side N and JPEG ``quality`` (1..100; ``shards.jpeg.reencode_bounded``).
     """
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
@@ -548,6 +599,11 @@ def write_dataset(
         raise ValueError(f"check must be one of {CHECK_MODES}, got {check!r}")
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or not 1 <= max_pixels <= MAX_PIXELS_LIMIT:
         raise ValueError(f"max_pixels must be an int in 1..{MAX_PIXELS_LIMIT}, got {max_pixels!r}")
+    if max_side is not None and (isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 1):
+        raise ValueError(f"max_side must be None or a positive int, got {max_side!r}")
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise ValueError(f"quality must be an int in 1..100, got {quality!r}")
+    bound = None if max_side is None else _Bound(max_side, quality)
     _check_plan(plan)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -555,12 +611,14 @@ def write_dataset(
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
     lock = OutputLock(out)
     try:
-        fp = fingerprint(plan, shard_size, strict, check, max_pixels)
+        fp = fingerprint(plan, shard_size, strict, check, max_pixels, *((max_side, quality) if bound else ()))
         prepare_output(out, fp, overwrite)
-        run = _Run(out, plan, len(plan.classes), shard_size, workers, strict, check == "full", max_pixels, progress)
+        run = _Run(out, plan, len(plan.classes), shard_size, workers, strict, check == "full", max_pixels, progress,
+                   bound)
         results = {split: _write_split(run, split, records) for split, records in plan.splits.items()}
         # adapters may fill plan.counts while their records are iterated, so merge only now
-        counts = {split: _merge_counts(split, plan.counts.get(split, {}), r.counts) for split, r in results.items()}
+        counts = {split: _merge_counts(split, plan.counts.get(split, {}), r.counts, bound is not None)
+                  for split, r in results.items()}
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             dataset=plan.dataset,
@@ -569,7 +627,7 @@ def write_dataset(
             counts=counts,
             source={**fp["source"], "ingest": {
                 "writer_version": WRITER_VERSION, "shard_size": shard_size, "strict": strict, "check": check,
-                "max_pixels": max_pixels}},
+                "max_pixels": max_pixels, **({"max_side": max_side, "quality": quality} if bound else {})}},
         )
         write_json_atomic(out / MANIFEST_NAME, manifest.to_json() + "\n")
     finally:
@@ -600,6 +658,11 @@ def summary_table(manifest: Manifest) -> str:
     widths = [max(len(r[j]) for r in rows) for j in range(len(header))]
     lines = ["  ".join(v.ljust(w) if j in (0, 5) else v.rjust(w) for j, (v, w) in enumerate(zip(r, widths))).rstrip()
              for r in rows]
+    bound = manifest.source.get("ingest", {})
+    if "max_side" in bound:
+        parts = ", ".join(f"{split} {manifest.counts.get(split, {}).get('reencoded', 0)}" for split in manifest.splits)
+        lines.append(f"re-encoded at longer side {bound['max_side']} (--max-side; JPEG quality {bound['quality']}): "
+                     f"{parts}")
     problems = [(split, p) for split in manifest.splits for p in manifest.counts.get(split, {}).get("problems", [])]
     if problems:
         lines.append(f"skipped images (at most {MAX_PROBLEMS_LISTED} per split are named in manifest.json):")

@@ -263,11 +263,9 @@ def _count_loads(monkeypatch) -> list[str]:
     return loaded
 
 
-def test_resume_after_crash_is_byte_identical(tmp_path, monkeypatch):
-    paths = _files(tmp_path / "src", 9)
-    paths[3].unlink()
-    write_dataset(tmp_path / "ref", _resume_plan(paths), shard_size=2, progress=False)
-
+def crash_after_second_commit(monkeypatch):
+    """Make the writer raise "simulated crash" right after it committed its second shard; returns the real
+    ``_commit_shard`` (to restore it)."""
     calls = []
     real_commit = writer._commit_shard
 
@@ -279,6 +277,15 @@ def test_resume_after_crash_is_byte_identical(tmp_path, monkeypatch):
         return info
 
     monkeypatch.setattr(writer, "_commit_shard", crash_after_second)
+    return real_commit
+
+
+def test_resume_after_crash_is_byte_identical(tmp_path, monkeypatch):
+    paths = _files(tmp_path / "src", 9)
+    paths[3].unlink()
+    write_dataset(tmp_path / "ref", _resume_plan(paths), shard_size=2, progress=False)
+
+    real_commit = crash_after_second_commit(monkeypatch)
     with pytest.raises(RuntimeError, match="simulated crash"):
         write_dataset(tmp_path / "out", _resume_plan(paths), shard_size=2, workers=2, progress=False)
     train = tmp_path / "out" / "train"

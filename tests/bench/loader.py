@@ -16,6 +16,13 @@ The ratio (ours / reference images per second) is printed last.
 
     python tests/bench/loader.py                              # 400 images, 2 workers, 448 px
     python tests/bench/loader.py --images 300 --workers 2 --repeats 2
+    python tests/bench/loader.py --bounded 224:256,448:512 --width 1024 --height 768   # ingest --max-side
+
+It also prints the loader's CPU time per image divided by that of ``shards.jpeg.decode_image`` alone
+(decode + resize, one thread) on the same files: what the loader costs beyond the work it cannot avoid.
+``--bounded S:N,...`` measures instead, on the same generated JPEGs, the loader at S px over shards of the
+source bytes and over ``ingest --max-side N`` shards (CPU time of all processes per image, and images per
+CPU second = per core), and the ingest CPU per image of each.
 """
 from __future__ import annotations
 
@@ -42,7 +49,9 @@ if "largeloss" not in sys.modules:  # run as a file from a checkout: its folders
     sys.modules["largeloss"] = _pkg
 
 from largeloss.shards.format import UNLISTED_NEGATIVE, IngestPlan, Record  # noqa: E402
+from largeloss.shards.jpeg import decode_image  # noqa: E402
 from largeloss.shards.loader import ShardLoader  # noqa: E402
+from largeloss.shards.tar import iter_samples  # noqa: E402
 from largeloss.shards.writer import write_dataset  # noqa: E402
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -68,6 +77,21 @@ def make_image(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     return np.clip(noisy, 0, 255).astype(np.uint8)
 
 
+def ingest(files: list[Path], out: Path, shard_size: int, max_side: int | None = None) -> float:
+    """Write ``files`` as shards with the project's writer (one loader thread); its CPU seconds (all threads)."""
+    records = [Record(source_id=str(i), rel_path=p.name, pos=[0], path=str(p)) for i, p in enumerate(files)]
+    plan = IngestPlan(
+        dataset="bench",
+        classes=[{"index": 0, "id": "c0", "name": "c0"}],
+        splits={"train": records},
+        unlisted=UNLISTED_NEGATIVE,
+    )
+    c0 = time.process_time()
+    bound = {} if max_side is None else {"max_side": max_side}  # so that the bench also runs on older checkouts
+    write_dataset(out, plan, shard_size=shard_size, workers=1, progress=False, **bound)
+    return time.process_time() - c0
+
+
 def generate(out: Path, n: int, width: int, height: int, shard_size: int, seed: int) -> list[Path]:
     rng = np.random.default_rng(seed)
     files = []
@@ -78,15 +102,20 @@ def generate(out: Path, n: int, width: int, height: int, shard_size: int, seed: 
         path = out / "jpg" / f"{i:06d}.jpg"
         path.write_bytes(buf.tobytes())
         files.append(path)
-    records = [Record(source_id=str(i), rel_path=p.name, pos=[0], path=str(p)) for i, p in enumerate(files)]
-    plan = IngestPlan(
-        dataset="bench",
-        classes=[{"index": 0, "id": "c0", "name": "c0"}],
-        splits={"train": records},
-        unlisted=UNLISTED_NEGATIVE,
-    )
-    write_dataset(out / "shards", plan, shard_size=shard_size, progress=False)
+    ingest(files, out / "shards", shard_size)
     return files
+
+
+def time_decode_resize(blobs: list[bytes], size: int, rounds: int = 3) -> float:
+    """CPU milliseconds per image of ``shards.jpeg.decode_image`` (decode + antialiased resize to S x S), one
+    thread, best of ``rounds`` passes: the floor of any loader's CPU cost per image on these files."""
+    best = float("inf")
+    for _ in range(rounds):
+        c0 = time.process_time()
+        for b in blobs:
+            decode_image(b, size)
+        best = min(best, time.process_time() - c0)
+    return best / len(blobs) * 1e3
 
 
 def time_decoders(files: list[Path], rounds: int = 5) -> dict[str, float]:
@@ -152,11 +181,11 @@ def run_epoch(loader, size: int) -> tuple[int, float, float]:
     return n, wall, cpu_seconds() - c0
 
 
-def epoch_ours(root: Path, args: argparse.Namespace, epoch: int) -> tuple[int, float, float]:
-    loader = ShardLoader(root, "train", batch_size=args.batch_size, image_size=args.size, train=True,
+def epoch_ours(root: Path, args: argparse.Namespace, epoch: int, size: int | None = None) -> tuple[int, float, float]:
+    loader = ShardLoader(root, "train", batch_size=args.batch_size, image_size=size or args.size, train=True,
                          num_workers=args.workers, seed=args.seed)
     loader.set_epoch(epoch)
-    return run_epoch(loader, args.size)
+    return run_epoch(loader, size or args.size)
 
 
 def epoch_reference(files: list[Path], args: argparse.Namespace, epoch: int) -> tuple[int, float, float]:
@@ -181,8 +210,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch intra-op threads of the main process, for both pipelines (default 1: on a busy "
                          "machine more threads made the reference's batch collation, a plain copy, ~100x slower)")
     ap.add_argument("--dir", type=Path, default=None, help="work folder (default: a temporary one, removed)")
+    ap.add_argument("--bounded", metavar="S:N,...", default=None,
+                    help="instead: the loader at S px on the source shards against `ingest --max-side N` shards of "
+                         "the same JPEGs, per S:N pair (use with --width 1024 --height 768), and the ingest CPU")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.torch_threads)
+    if args.bounded:
+        cv2.setNumThreads(1)
+        return bounded(args)
 
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
         work = args.dir or Path(tmp)
@@ -199,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, ms in dec.items():
             print(f"  {name:<11} {ms:6.2f}")
         print(f"  -> {min(dec, key=dec.get)} is faster ({max(dec.values()) / min(dec.values()):.2f}x)")
+        floor_ms = time_decode_resize([p.read_bytes() for p in files], args.size)
+        print(f"decode + resize to {args.size} px alone (shards.jpeg.decode_image, one thread): {floor_ms:.2f} CPU "
+              "ms/image")
 
         best = {"ours": (0, float("inf"), 0.0), "reference": (0, float("inf"), 0.0)}
         for rep in range(args.repeats):
@@ -222,7 +260,48 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{labels[name]:<46} {n:>7} {wall:>8.2f} {rate[name]:>9.1f} {cpu_ms[name]:>13.2f}")
         print(f"\nCPU time per image, reference / ours: {cpu_ms['reference'] / cpu_ms['ours']:.2f}x "
               "(all processes; less sensitive to other load on the machine)")
-        print(f"ratio ours / reference (images/s): {rate['ours'] / rate['reference']:.2f}x")
+        print(f"loader CPU / decode+resize CPU per image: {cpu_ms['ours']:.2f} / {floor_ms:.2f} ms = "
+              f"{cpu_ms['ours'] / floor_ms:.2f}x (goal <= 1.4x)")
+        print(f"ratio ours / reference (images/s): {rate['ours'] / rate['reference']:.2f}x (goal > 3x)")
+    return 0
+
+
+def bounded(args: argparse.Namespace) -> int:
+    """``--bounded``: shards of the source JPEGs against ``ingest --max-side N`` shards, per (S, N) pair."""
+    pairs = [tuple(int(v) for v in p.split(":")) for p in args.bounded.split(",")]
+    with tempfile.TemporaryDirectory(prefix="bench_bounded_") as tmp:
+        work = args.dir or Path(tmp)
+        files = generate(work, args.images, args.width, args.height, args.shard_size, args.seed)
+        n = len(files)
+        mean_kb = sum(p.stat().st_size for p in files) / n / 1024
+        plain_cpu = min(ingest(files, work / f"plain{r}", args.shard_size) for r in range(2))
+        print(f"{n} JPEGs {args.width}x{args.height} (mean {mean_kb:.0f} KiB); workers {args.workers}, batch "
+              f"{args.batch_size}; ingest of the source bytes: {plain_cpu / n * 1e3:.2f} CPU ms/image (best of 2)")
+        print(f"\n{'S':>4} {'shards':<16} {'KiB/img':>8} {'ingest CPU ms/img':>18} {'decode+resize ms':>17} "
+              f"{'loader CPU ms/img':>18} {'img/s per core':>15} {'img/s (wall)':>13}")
+        for size, max_side in pairs:
+            roots = {"source bytes": work / "shards", f"--max-side {max_side}": work / f"max{max_side}"}
+            ingest_ms = {"source bytes": plain_cpu / n * 1e3,
+                         f"--max-side {max_side}": ingest(files, roots[f"--max-side {max_side}"], args.shard_size,
+                                                          max_side) / n * 1e3}
+            best = {name: (float("inf"), float("inf")) for name in roots}
+            for rep in range(args.repeats):  # alternating, so that load from elsewhere hits both alike
+                for name, root in roots.items():
+                    got, wall, cpu = epoch_ours(root, args, rep, size)
+                    assert got == n, (name, got)
+                    best[name] = (min(best[name][0], cpu), min(best[name][1], wall))
+            for name, root in roots.items():
+                blobs = []
+                for tar in sorted((root / "train").glob("*.tar")):
+                    blobs += [s.jpeg for s in iter_samples(tar)]
+                floor_ms = time_decode_resize(blobs, size)
+                cpu, wall = best[name]
+                print(f"{size:>4} {name:<16} {sum(map(len, blobs)) / n / 1024:>8.1f} {ingest_ms[name]:>18.2f} "
+                      f"{floor_ms:>17.2f} {cpu / n * 1e3:>18.2f} {n / cpu:>15.0f} {n / wall:>13.0f}")
+            extra = ingest_ms[f"--max-side {max_side}"] - ingest_ms["source bytes"]
+            gain = best["source bytes"][0] / best[f"--max-side {max_side}"][0]
+            print(f"     -> at {size} px, --max-side {max_side}: x{gain:.2f} images per CPU second in the loader, "
+                  f"for {extra:.2f} ms of ingest CPU per image once")
     return 0
 
 
