@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -148,6 +149,9 @@ def _choices(t) -> str:
     return "null" if t is type(None) else t.__name__
 
 
+_INT_RE = re.compile(r"[+-]?[0-9]+")
+
+
 def coerce(key: str, value: Any, where: str, t: Any = None) -> Any:
     """Turn a YAML or command-line value into the key's type, or fail naming the key and source."""
     t = KEY_TYPES[key] if t is None else t
@@ -183,8 +187,9 @@ def coerce(key: str, value: Any, where: str, t: Any = None) -> Any:
             return value.lower() in ("true", "1", "yes", "on")
         raise ConfigError(f"{where}: {key} must be true/false, got {value!r}")
     if t is int:
+        # ASCII digits with one optional sign: str.isdigit() also accepts "²", which int() then refuses
         if isinstance(value, bool) or not (isinstance(value, int)
-                                           or (isinstance(value, str) and value.lstrip("-").isdigit())):
+                                           or (isinstance(value, str) and _INT_RE.fullmatch(value.strip()))):
             raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
         return int(value)
     if t is float:
@@ -262,7 +267,12 @@ def load_yaml(path: str | Path) -> list[Entry]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {e.object[e.start]:#04x}); save the file as "
+                          "UTF-8") from None
     loader = _UniqueKeyLoader(text)
     loader.name = str(path)
     try:
@@ -350,18 +360,39 @@ def resolve(entries: Iterable[Entry]) -> Config:
     return cfg
 
 
+#: int keys that must be >= 1; every other int key must be >= 0 (counts, seeds, sizes: none is negative)
+POSITIVE_INTS = ("batch_size", "epochs", "image_size", "eval_batch_size", "log_every")
+#: float keys of Config with their allowed interval (as printed, and as a test); any other float key must
+#: be finite
+FLOAT_RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {
+    "val_frac": ("(0, 1)", lambda v: 0.0 < v < 1.0),  # 0 leaves no validation cut to choose the best epoch on
+    "train_fraction": ("(0, 1]", lambda v: 0.0 < v <= 1.0),
+    "lr": ("(0, inf)", lambda v: v > 0.0),
+    "head_lr_mult": ("(0, inf)", lambda v: v > 0.0),
+    "momentum": ("[0, 1]", lambda v: 0.0 <= v <= 1.0),
+    "weight_decay": ("[0, inf)", lambda v: v >= 0.0),
+    "early_stop_drop": ("[0, inf)", lambda v: v >= 0.0),
+}
+
+
 def _check_ranges(cfg: Config, where: Callable[[str], str]) -> None:
+    """Every int and float key of Config against its range (the loss keys are LossConfig's to check)."""
     if not cfg.data:
         raise ConfigError("config: `data` (the dataset directory written by `ingest`) is not set")
-    if not (0.0 < cfg.train_fraction <= 1.0):
-        raise ConfigError(f"{where('train_fraction')}: train_fraction must be in (0, 1], got {cfg.train_fraction}")
-    if not (0.0 <= cfg.val_frac < 1.0):
-        raise ConfigError(f"{where('val_frac')}: val_frac must be in [0, 1), got {cfg.val_frac}")
-    for k in ("batch_size", "epochs", "image_size", "eval_batch_size"):
-        if getattr(cfg, k) <= 0:
-            raise ConfigError(f"{where(k)}: {k} must be positive, got {getattr(cfg, k)}")
-    if not math.isfinite(cfg.lr) or cfg.lr <= 0:
-        raise ConfigError(f"{where('lr')}: lr must be positive, got {cfg.lr}")
+    for key, t in get_type_hints(Config).items():
+        value = getattr(cfg, key)
+        if t is int:
+            low = 1 if key in POSITIVE_INTS else 0
+            if value < low:
+                raise ConfigError(f"{where(key)}: {key} must be {'positive' if low else '>= 0'}, got {value}")
+        elif t is float:
+            interval, ok = FLOAT_RANGES.get(key, ("(-inf, inf)", lambda v: True))
+            if not (math.isfinite(value) and ok(value)):
+                raise ConfigError(f"{where(key)}: {key} must be in {interval}, got {value}")
+    for k, v in cfg.delta_rel_table.items():
+        if not (math.isfinite(v) and 0.0 <= v <= 100.0):
+            raise ConfigError(f"{where('delta_rel_table')}: delta_rel_table.{k} must be in [0, 100] (a percent), "
+                              f"got {v}")
 
 
 # ------------------------------------------------------------------------------------------- output
