@@ -28,7 +28,7 @@ from typing import Annotated, Any, Callable, Iterable, Literal, get_args, get_or
 import yaml
 
 from ..eval.metrics import Convention
-from ..eval.rundir import RunDir
+from ..eval.rundir import TRAINER_STATE, RunDir
 from ..shards.protocols import PROTOCOL_FORMS, parse_protocol
 from .losses import LossConfig
 from .model import Arch
@@ -324,18 +324,46 @@ def build_config(config_files: Iterable[str | Path] = (), overrides: Iterable[st
 KEYS_ADDED_LATER = {"ll_selection": "exact_k"}
 
 
+#: keys a resume may change on the command line (they do not change what is computed); every other key is
+#: the checkpoint's
+RESUMABLE_OVERRIDES = ("progress", "num_workers", "log_every")
+
+
 def resume_config(run_dir: str, overrides: Iterable[str]) -> Config:
     """The config saved in ``run_dir``, continued from there (``resume``), with ``overrides`` (the caller
-    restricts them to keys that do not change what is computed). A key of ``KEYS_ADDED_LATER`` missing from
-    the saved config takes the value the run was trained with, not today's default."""
-    run_config = RunDir(run_dir).config
-    if not run_config.is_file():
-        raise ConfigError(f"resume={run_dir}: {run_config} not found; is this a run directory?")
-    saved = [e for e in load_yaml(run_config) if e[0] != "resume"]
-    saved_keys = {e[0] for e in saved}
-    older = [(k, v, f"{run_config} (saved before {k} existed)") for k, v in KEYS_ADDED_LATER.items()
-             if k not in saved_keys]
-    return resolve(older + saved + [("resume", str(run_dir), "command line")] + parse_overrides(overrides))
+    restricts them to ``RESUMABLE_OVERRIDES``). A key of ``KEYS_ADDED_LATER`` missing from the saved config
+    takes the value the run was trained with, not today's default. The run's newest checkpoint holds the
+    config it was trained with: config.yaml must equal it, but for ``RESUMABLE_OVERRIDES``, or resume is
+    refused naming the keys that differ."""
+    from .checkpoint import latest_checkpoint, read_state
+
+    rd = RunDir(run_dir)
+    if not rd.config.is_file():
+        raise ConfigError(f"resume={run_dir}: {rd.config} not found; is this a run directory?")
+    rd.lock().close()  # a run in use is refused here, before its files are read while they change
+    cfg = resolve(_saved_entries(load_yaml(rd.config), str(rd.config)) + [("resume", str(run_dir), "command line")]
+                  + parse_overrides(overrides))
+    latest = latest_checkpoint(rd)
+    if latest is not None:
+        state_path = latest / TRAINER_STATE
+        trained = resolve(_saved_entries([(k, v, str(state_path)) for k, v in read_state(latest)["config"].items()],
+                                         str(state_path)))
+        now, then = to_dict(cfg), to_dict(trained)
+        differ = [k for k in now if k not in ("resume", *RESUMABLE_OVERRIDES) and now[k] != then[k]]
+        if differ:
+            shown = "; ".join(f"{k}: {now[k]!r} in config.yaml, {then[k]!r} in the checkpoint" for k in differ)
+            raise ConfigError(f"resume={run_dir}: {rd.config} differs from the config the run was trained with "
+                              f"({state_path}) in {shown}; restore config.yaml, or start a new run (only "
+                              f"{', '.join(RESUMABLE_OVERRIDES)} may change on resume, as key=value)")
+    return cfg
+
+
+def _saved_entries(entries: list[Entry], where: str) -> list[Entry]:
+    """A saved config's entries without ``resume``, and the ``KEYS_ADDED_LATER`` it lacks."""
+    saved = [e for e in entries if e[0] != "resume"]
+    keys = {e[0] for e in saved}
+    return [(k, v, f"{where} (saved before {k} existed)") for k, v in KEYS_ADDED_LATER.items()
+            if k not in keys] + saved
 
 
 def resolve(entries: Iterable[Entry]) -> Config:
