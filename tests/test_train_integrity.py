@@ -37,7 +37,8 @@ def demo(tmp_path_factory):
 def finished(demo, tmp_path_factory):
     """A finished 2-epoch LL-Cp run; tests work on copies."""
     out = tmp_path_factory.mktemp("finished")
-    assert train_main(["--config", str(ROOT / "configs/demo.yaml"), "--config", str(ROOT / "configs/methods/ll_cp.yaml"),
+    methods = ROOT / "configs" / "methods"
+    assert train_main(["--config", str(ROOT / "configs/demo.yaml"), "--config", str(methods / "ll_cp.yaml"),
                        f"data={demo}", f"out={out}", "epochs=2", "run_name=run", *TINY]) == 0
     return out / "run"
 
