@@ -13,24 +13,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_train import TINY
+from test_train import demo as _demo
 
 from conftest import ROOT
 from largeloss.eval.rundir import RunDir
-from largeloss.ingest.cli import main as ingest_main
 from largeloss.shards.format import IngestError
 from largeloss.shards.ingest_state import STATE_DIR, OutputLock
 from largeloss.train import checkpoint as ckpt
 from largeloss.train.main import main as train_main
 
-TINY = ["arch=small_cnn", "weights=none", "image_size=64", "batch_size=8", "eval_batch_size=16", "num_workers=0",
-        "progress=false", "lr=3e-3", "head_lr_mult=1", "early_stop_drop=100"]
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    d = tmp_path_factory.mktemp("demo") / "data"
-    assert ingest_main(["demo", "--out", str(d), "--n-train", "64", "--n-test", "24", "--no-progress"]) == 0
-    return d
+demo = _demo  # the demo dataset fixture of test_train.py
 
 
 @pytest.fixture(scope="module")
