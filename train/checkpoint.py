@@ -8,11 +8,13 @@ raises ``CheckpointError`` naming the file it was writing; LATEST still names th
 Every checkpoint folder (epoch-NNNN/ and best/) holds ``checksums.json``: the sha256 of each other file
 in it, trainer_state.json included. Reading a checkpoint (``verify_folder``) checks that the files are
 exactly those, with those hashes, so a damaged, missing or extra file is a ``CheckpointError`` naming it,
-never weights, optimizer state or a label generation number silently changed.
+never weights, optimizer state or a label generation number silently changed. A folder without
+checksums.json (written before it existed) is used unverified, with a warning.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -27,6 +29,8 @@ from .hooks import fault_point
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or read; the message names the file."""
 
+
+logger = logging.getLogger(__name__)
 
 CHECKSUMS = "checksums.json"
 
@@ -43,7 +47,10 @@ def verify_folder(folder: Path) -> None:
     try:
         sums = json.loads(sums_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise CheckpointError(f"{sums_path}: missing; {damaged}") from None
+        # written before checksums existed: usable, as corrections.py's version-1 generations, so that such
+        # runs can still resume and be evaluated; every checkpoint written now has the file
+        logger.warning("%s: no %s (written before checkpoints had checksums): not verified", folder, CHECKSUMS)
+        return
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{sums_path}: not valid JSON ({e}); {damaged}") from None
     if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
@@ -194,7 +201,7 @@ def load_best_weights(run: RunDir) -> dict:
     if not best.is_dir() and (run.checkpoints / ".old-best").is_dir():
         best = run.checkpoints / ".old-best"  # killed between the two renames of save_best
     if not best.is_dir():
-        raise CheckpointError(f"{best}: no saved best weights; the run directory was damaged")
+        raise CheckpointError(f"{best}: no saved best weights; the run has not saved a best model yet")
     verify_folder(best)
     files = sorted(best.glob("*.safetensors"))
     if not files:
