@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+import weakref
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Callable, Iterable
@@ -284,6 +285,11 @@ def lock_file(path: str | os.PathLike, busy: Callable[[str], Exception]) -> IO[s
     f.truncate(0)
     f.write(str(os.getpid()))
     f.flush()
+    # a forked child (a loader worker) shares the lock, which lasts until every copy is closed: a worker that
+    # outlives a killed holder would keep the directory locked. Children close their copy (that does not
+    # release the parent's lock).
+    ref = weakref.ref(f)
+    os.register_at_fork(after_in_child=lambda: ref() is not None and ref().close())
     return f
 
 

@@ -117,6 +117,23 @@ def test_a_run_directory_in_use_is_refused_naming_the_holder(run_copy, demo, cap
     assert train_main([f"resume={run_copy}"]) == 0
 
 
+def test_a_forked_child_does_not_keep_the_lock(tmp_path):
+    # a loader worker forked while the run holds the lock must not hold it after the run is gone
+    lock = RunDir(tmp_path).lock()
+    child = os.fork()
+    if child == 0:  # the worker: lives on after its parent released (or lost) the lock
+        import time
+
+        time.sleep(20)
+        os._exit(0)
+    try:
+        lock.close()
+        RunDir(tmp_path).lock().close()  # would raise "in use by another training" if the child held a copy
+    finally:
+        os.kill(child, 9)
+        os.waitpid(child, 0)
+
+
 def test_two_ingests_into_one_folder_name_the_holder(tmp_path):
     (tmp_path / STATE_DIR).mkdir()
     first = OutputLock(tmp_path)
