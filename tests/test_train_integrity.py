@@ -120,18 +120,23 @@ def test_a_run_directory_in_use_is_refused_naming_the_holder(run_copy, demo, cap
 def test_a_forked_child_does_not_keep_the_lock(tmp_path):
     # a loader worker forked while the run holds the lock must not hold it after the run is gone
     lock = RunDir(tmp_path).lock()
+    ready_r, ready_w = os.pipe()
     child = os.fork()
     if child == 0:  # the worker: lives on after its parent released (or lost) the lock
         import time
 
+        os.write(ready_w, b"1")  # the fork handlers (which close the child's copy) have run by now
         time.sleep(20)
         os._exit(0)
     try:
+        assert os.read(ready_r, 1) == b"1"
         lock.close()
         RunDir(tmp_path).lock().close()  # would raise "in use by another training" if the child held a copy
     finally:
         os.kill(child, 9)
         os.waitpid(child, 0)
+        os.close(ready_r)
+        os.close(ready_w)
 
 
 def test_two_ingests_into_one_folder_name_the_holder(tmp_path):
