@@ -16,6 +16,7 @@ Layout of a run directory (``RunDir`` names every path)::
     pointing.json, pointing/    the pointing game's result and overlays (train/pointing.py)
     debug/                      ``debug_dump=true`` (tests): per rank and epoch, the ids, corrections, weights
     tb/                         TensorBoard event files, when tensorboard is installed
+    .lock                       flock held by the trainer's rank 0 while it runs (the holder's pid inside)
 
 mAP values in result.json and metrics.jsonl are fractions in [0, 1]. A directory holding any of
 ``RUN_FILES`` is a run directory; ``find_runs`` finds them below other directories. Reading checks the
@@ -28,11 +29,11 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
-from ..shards.format import write_json_atomic
+from ..shards.format import lock_file, write_json_atomic
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "result.json")
 RESULT_KEYS = ("dataset", "method", "seed", "best_epoch", "best_val_map", "test_map", "map_convention")
@@ -121,6 +122,10 @@ class RunDir:
     def tb(self) -> Path:
         return self.path / "tb"
 
+    @property
+    def lock_path(self) -> Path:
+        return self.path / ".lock"
+
     # ---- state ----
     def is_run(self) -> bool:
         return any((self.path / f).exists() for f in RUN_FILES)
@@ -135,6 +140,13 @@ class RunDir:
         return self.result.is_file()
 
     # ---- writing (rank 0 of the trainer) ----
+    def lock(self) -> IO[str]:
+        """Lock the run directory (which must exist) until the returned file is closed; ``RunDirError`` naming
+        the holder's pid when another process has it."""
+        return lock_file(self.lock_path, lambda holder: RunDirError(
+            f"{self.path}: in use by another training ({holder}, lock {self.lock_path}); wait for it to finish, "
+            "or pass another run_name/out"))
+
     def write_config(self, config: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         self.config.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
@@ -143,13 +155,14 @@ class RunDir:
         with open(self.metrics, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
-    def truncate_metrics(self, last_epoch: int) -> None:
-        """On resume, drop the metrics of epochs after the checkpoint (they will be recomputed)."""
+    def truncate_metrics(self, last_epoch: int) -> list[str]:
+        """On resume, drop the metrics of epochs after the checkpoint (they will be recomputed), and a last
+        line torn by a kill or a full disk; returns a warning per line dropped for being torn."""
         if not self.metrics.is_file():
-            return
-        keep = [line for line in self.metrics.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["epoch"] <= last_epoch]
-        write_json_atomic(self.metrics, "".join(line + "\n" for line in keep))
+            return []
+        rows, notes = _read_metrics(self.metrics, finished=False)
+        write_json_atomic(self.metrics, "".join(json.dumps(r) + "\n" for r in rows if r["epoch"] <= last_epoch))
+        return [f"{self.metrics}: {note}" for note in notes]
 
     def write_json(self, path: Path, obj: dict[str, Any]) -> None:
         """``result.json``, ``features.json``, ``pointing.json``: written whole, atomically."""

@@ -17,13 +17,16 @@ Sample ids are dense 0..N-1 per split; a sample's WebDataset key is its zero-pad
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import re
+import weakref
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable
+from typing import IO, Any, Callable, Iterable
 
 #: 2: the manifest lists the size and sha256 of every file (shard, DALI index, labels.arrow); a manifest of
 #: another version is refused (``Manifest.from_dict``): the fix is a new ingest
@@ -262,6 +265,32 @@ def write_json_atomic(path: str | os.PathLike, text: str) -> None:
         tmp.unlink(missing_ok=True)  # a full disk (or an interrupt) must not leave the temporary file behind
         raise
     fsync_dir(path.parent)
+
+
+def lock_file(path: str | os.PathLike, busy: Callable[[str], Exception]) -> IO[str]:
+    """Hold an exclusive ``flock`` on ``path`` (created if absent) until the returned file is closed; this
+    process's pid is written into it. When another process holds it, raise ``busy(holder)``, where holder is
+    "pid N" from the file (or "another process" if the file has none yet). The lock goes with the process:
+    a killed holder leaves a file that the next caller locks at once, so stale files need no cleaning."""
+    f = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        f.seek(0)
+        pid = f.read().strip()
+        f.close()
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            raise busy(f"pid {pid}" if pid.isdigit() else "another process") from e
+        raise
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    # a forked child (a loader worker) shares the lock, which lasts until every copy is closed: a worker that
+    # outlives a killed holder would keep the directory locked. Children close their copy (that does not
+    # release the parent's lock).
+    ref = weakref.ref(f)
+    os.register_at_fork(after_in_child=lambda: ref() is not None and ref().close())
+    return f
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -35,8 +35,6 @@ noticed: that takes hashing every image, which is what resuming avoids.
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -56,6 +54,7 @@ from .format import (
     Record,
     ShardInfo,
     file_sha256,
+    lock_file,
     shard_name,
     write_json_atomic,
 )
@@ -165,15 +164,8 @@ class OutputLock:
 
     def __init__(self, out: Path):
         path = out / STATE_DIR / LOCK_NAME
-        self.f = open(path, "a")
-        try:
-            fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            self.f.close()
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise IngestError(
-                    f"{path}: another ingest is writing to {path.parent.parent}; wait for it to finish") from e
-            raise
+        self.f = lock_file(path, lambda holder: IngestError(
+            f"{path}: another ingest ({holder}) is writing to {out}; wait for it to finish"))
 
     def release(self) -> None:
         self.f.close()

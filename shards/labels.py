@@ -62,9 +62,13 @@ def check_label_schema(schema: pa.Schema, where: str) -> str:
     """Validate a labels.arrow schema; return its ``unlisted`` value."""
     for f in LABEL_SCHEMA:
         if schema.get_field_index(f.name) < 0 or not schema.field(f.name).type.equals(f.type):
-            raise FormatError(f"{where}: column {f.name!r} must be {f.type}, schema is {schema}")
+            try:  # one line: str(schema) has several
+                columns = ", ".join(f"{c.name}: {c.type}" for c in schema)
+            except UnicodeDecodeError:  # a damaged column name
+                columns = "not readable (a column name is not UTF-8)"
+            raise FormatError(f"{where}: column {f.name!r} must be {f.type}, the columns are {columns}; re-run ingest")
     meta = schema.metadata or {}
-    unlisted = meta.get(b"unlisted", b"").decode()
+    unlisted = meta.get(b"unlisted", b"").decode("utf-8", errors="replace")
     if unlisted not in UNLISTED_VALUES:
         raise FormatError(
             f"{where}: schema metadata 'unlisted' must be {UNLISTED_NEGATIVE}|{UNLISTED_UNKNOWN}, got {unlisted!r}"
@@ -241,7 +245,11 @@ def read_labels(path: str | os.PathLike, num_classes: int) -> SparseLabels:
     unlisted = check_label_schema(reader.schema, where)
     try:
         batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
-    except (pa.ArrowInvalid, OSError) as e:
+        for b in batches:
+            # offsets past their buffers (a damaged file) would be read from outside the mapping: SIGBUS
+            for name in ("sample", "pos", "neg"):
+                b.column(name).validate(full=True)
+    except (pa.ArrowException, OSError) as e:
         raise FormatError(f"{where}: a record batch is unreadable ({e}); re-run ingest for this split") from e
 
     first = 0
@@ -378,7 +386,7 @@ def open_labels_file(path: Path, split: str | None = None) -> ipc.RecordBatchFil
         return ipc.open_file(pa.memory_map(str(path), "r"))
     except FileNotFoundError:
         raise FormatError(f"{path}: not found; {fix}") from None
-    except (pa.ArrowInvalid, OSError) as e:
+    except (pa.ArrowException, OSError) as e:
         raise FormatError(f"{path}: not an Arrow IPC file ({e}); {fix}") from e
 
 
@@ -390,8 +398,10 @@ def check_labels_file(path: Path, split: str) -> str:
 def read_labels_table(path: Path) -> pa.Table:
     """``labels.arrow`` as a memory-mapped Arrow table (zero-copy)."""
     try:
-        return open_labels_file(path).read_all()
-    except (pa.ArrowInvalid, OSError) as e:
+        table = open_labels_file(path).read_all()
+        table.validate(full=True)  # as in read_labels: a damaged offset must not be followed out of the file
+        return table
+    except (pa.ArrowException, OSError) as e:
         raise FormatError(f"{path}: a record batch is unreadable ({e}); re-run ingest for this split") from e
 
 

@@ -16,7 +16,7 @@ import torch
 from conftest import FIXTURES, ROOT
 from largeloss.eval import metrics
 from largeloss.eval.analysis import corrections_precision
-from largeloss.eval.rundir import RunDir
+from largeloss.eval.rundir import RunDir, RunDirError
 from largeloss.shards.format import UNLISTED_NEGATIVE, IngestPlan, Record
 from largeloss.shards.jpeg import decode_image
 from largeloss.shards.labelstore import LabelStore
@@ -194,7 +194,7 @@ def test_train_writes_the_trainers_run_dir(dataset, feature_dir, tmp_path):
     ct = read_metrics(tmp_path / "ct")
     assert ct[0]["train_loss"] == rows[0]["train_loss"] and ct[0]["val_map"] == rows[0]["val_map"]
     assert ct[0]["modified"] == 0 and ct[1]["modified"] == 4 * 5
-    with pytest.raises(FileExistsError, match="already holds a run"):
+    with pytest.raises(RunDirError, match="already holds a run"):
         train_on_features(cfg_for(data, tmp_path, "method=an", "run_name=an"), feature_dir)
 
 

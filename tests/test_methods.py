@@ -361,7 +361,7 @@ def test_method_keys_and_errors():
         build_config([], base + ["method=em_apl", "em_alpha=0.1", "apl_beta=0.2", "apl_warmup=5", "epochs=5"])
     with pytest.raises(ConfigError, match="epr_num_pos is required"):
         build_config([], base + ["method=role"])
-    with pytest.raises(ConfigError, match="boost_alpha must be positive"):
+    with pytest.raises(ConfigError, match=r"boost_alpha must be in \(0, inf\), got 0.0"):
         build_config([], base + ["boost_alpha=0"])
     # GR-Loss's schedules take the run's epochs and LinearInit unless given
     cfg = build_config([], base + ["method=gr_loss", "epochs=7", "linear_init_epochs=2"])

@@ -146,7 +146,7 @@ def test_two_processes_ll_cp(demo, tmp_path):
     assert store.num_corrections == 8
     # only rank 0 writes run files (besides the per-rank debug dumps asked for here)
     names = sorted(p.name for p in run.iterdir())
-    assert names == ["checkpoints", "config.yaml", "debug", "labels", "metrics.jsonl", "result.json"]
+    assert names == [".lock", "checkpoints", "config.yaml", "debug", "labels", "metrics.jsonl", "result.json"]
 
 
 def test_two_processes_resume_after_kill(demo, tmp_path):

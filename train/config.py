@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -27,7 +28,7 @@ from typing import Annotated, Any, Callable, Iterable, Literal, get_args, get_or
 import yaml
 
 from ..eval.metrics import Convention
-from ..eval.rundir import RunDir
+from ..eval.rundir import TRAINER_STATE, RunDir
 from ..shards.protocols import PROTOCOL_FORMS, parse_protocol
 from .losses import LossConfig
 from .model import Arch
@@ -154,6 +155,9 @@ def _choices(t) -> str:
     return "null" if t is type(None) else t.__name__
 
 
+_INT_RE = re.compile(r"[+-]?[0-9]+")
+
+
 def coerce(key: str, value: Any, where: str, t: Any = None) -> Any:
     """Turn a YAML or command-line value into the key's type, or fail naming the key and source."""
     t = KEY_TYPES[key] if t is None else t
@@ -189,8 +193,9 @@ def coerce(key: str, value: Any, where: str, t: Any = None) -> Any:
             return value.lower() in ("true", "1", "yes", "on")
         raise ConfigError(f"{where}: {key} must be true/false, got {value!r}")
     if t is int:
+        # ASCII digits with one optional sign: str.isdigit() also accepts "²", which int() then refuses
         if isinstance(value, bool) or not (isinstance(value, int)
-                                           or (isinstance(value, str) and value.lstrip("-").isdigit())):
+                                           or (isinstance(value, str) and _INT_RE.fullmatch(value.strip()))):
             raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
         return int(value)
     if t is float:
@@ -268,7 +273,12 @@ def load_yaml(path: str | Path) -> list[Entry]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {e.object[e.start]:#04x}); save the file as "
+                          "UTF-8") from None
     loader = _UniqueKeyLoader(text)
     loader.name = str(path)
     try:
@@ -320,18 +330,46 @@ def build_config(config_files: Iterable[str | Path] = (), overrides: Iterable[st
 KEYS_ADDED_LATER = {"ll_selection": "exact_k"}
 
 
+#: keys a resume may change on the command line (they do not change what is computed); every other key is
+#: the checkpoint's
+RESUMABLE_OVERRIDES = ("progress", "num_workers", "log_every")
+
+
 def resume_config(run_dir: str, overrides: Iterable[str]) -> Config:
     """The config saved in ``run_dir``, continued from there (``resume``), with ``overrides`` (the caller
-    restricts them to keys that do not change what is computed). A key of ``KEYS_ADDED_LATER`` missing from
-    the saved config takes the value the run was trained with, not today's default."""
-    run_config = RunDir(run_dir).config
-    if not run_config.is_file():
-        raise ConfigError(f"resume={run_dir}: {run_config} not found; is this a run directory?")
-    saved = [e for e in load_yaml(run_config) if e[0] != "resume"]
-    saved_keys = {e[0] for e in saved}
-    older = [(k, v, f"{run_config} (saved before {k} existed)") for k, v in KEYS_ADDED_LATER.items()
-             if k not in saved_keys]
-    return resolve(older + saved + [("resume", str(run_dir), "command line")] + parse_overrides(overrides))
+    restricts them to ``RESUMABLE_OVERRIDES``). A key of ``KEYS_ADDED_LATER`` missing from the saved config
+    takes the value the run was trained with, not today's default. The run's newest checkpoint holds the
+    config it was trained with: config.yaml must equal it, but for ``RESUMABLE_OVERRIDES``, or resume is
+    refused naming the keys that differ."""
+    from .checkpoint import latest_checkpoint, read_state
+
+    rd = RunDir(run_dir)
+    if not rd.config.is_file():
+        raise ConfigError(f"resume={run_dir}: {rd.config} not found; is this a run directory?")
+    rd.lock().close()  # a run in use is refused here, before its files are read while they change
+    cfg = resolve(_saved_entries(load_yaml(rd.config), str(rd.config)) + [("resume", str(run_dir), "command line")]
+                  + parse_overrides(overrides))
+    latest = latest_checkpoint(rd)
+    if latest is not None:
+        state_path = latest / TRAINER_STATE
+        trained = resolve(_saved_entries([(k, v, str(state_path)) for k, v in read_state(latest)["config"].items()],
+                                         str(state_path)))
+        now, then = to_dict(cfg), to_dict(trained)
+        differ = [k for k in now if k not in ("resume", *RESUMABLE_OVERRIDES) and now[k] != then[k]]
+        if differ:
+            shown = "; ".join(f"{k}: {now[k]!r} in config.yaml, {then[k]!r} in the checkpoint" for k in differ)
+            raise ConfigError(f"resume={run_dir}: {rd.config} differs from the config the run was trained with "
+                              f"({state_path}) in {shown}; restore config.yaml, or start a new run (only "
+                              f"{', '.join(RESUMABLE_OVERRIDES)} may change on resume, as key=value)")
+    return cfg
+
+
+def _saved_entries(entries: list[Entry], where: str) -> list[Entry]:
+    """A saved config's entries without ``resume``, and the ``KEYS_ADDED_LATER`` it lacks."""
+    saved = [e for e in entries if e[0] != "resume"]
+    keys = {e[0] for e in saved}
+    return [(k, v, f"{where} (saved before {k} existed)") for k, v in KEYS_ADDED_LATER.items()
+            if k not in keys] + saved
 
 
 def resolve(entries: Iterable[Entry]) -> Config:
@@ -361,21 +399,41 @@ def resolve(entries: Iterable[Entry]) -> Config:
     return cfg
 
 
+#: int keys that must be >= 1; every other int key must be >= 0 (counts, seeds, sizes: none is negative)
+POSITIVE_INTS = ("batch_size", "epochs", "image_size", "eval_batch_size", "log_every")
+#: float keys of Config with their allowed interval (as printed, and as a test); any other float key must
+#: be finite
+FLOAT_RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {
+    "val_frac": ("(0, 1)", lambda v: 0.0 < v < 1.0),  # 0 leaves no validation cut to choose the best epoch on
+    "train_fraction": ("(0, 1]", lambda v: 0.0 < v <= 1.0),
+    "lr": ("(0, inf)", lambda v: v > 0.0),
+    "head_lr_mult": ("(0, inf)", lambda v: v > 0.0),
+    "momentum": ("[0, 1]", lambda v: 0.0 <= v <= 1.0),
+    "weight_decay": ("[0, inf)", lambda v: v >= 0.0),
+    "early_stop_drop": ("[0, inf)", lambda v: v >= 0.0),
+    "boost_alpha": ("(0, inf)", lambda v: v > 0.0),  # BoostLU's factor on positive CAM values; 1 = off
+    "role_lr_mult": ("(0, inf)", lambda v: v > 0.0),
+}
+
+
 def _check_ranges(cfg: Config, where: Callable[[str], str]) -> None:
+    """Every int and float key of Config against its range (the loss keys are LossConfig's to check)."""
     if not cfg.data:
         raise ConfigError("config: `data` (the dataset directory written by `ingest`) is not set")
-    if not (0.0 < cfg.train_fraction <= 1.0):
-        raise ConfigError(f"{where('train_fraction')}: train_fraction must be in (0, 1], got {cfg.train_fraction}")
-    if not (0.0 <= cfg.val_frac < 1.0):
-        raise ConfigError(f"{where('val_frac')}: val_frac must be in [0, 1), got {cfg.val_frac}")
-    for k in ("batch_size", "epochs", "image_size", "eval_batch_size"):
-        if getattr(cfg, k) <= 0:
-            raise ConfigError(f"{where(k)}: {k} must be positive, got {getattr(cfg, k)}")
-    if not math.isfinite(cfg.lr) or cfg.lr <= 0:
-        raise ConfigError(f"{where('lr')}: lr must be positive, got {cfg.lr}")
-    for k in ("boost_alpha", "role_lr_mult"):
-        if not math.isfinite(getattr(cfg, k)) or getattr(cfg, k) <= 0:
-            raise ConfigError(f"{where(k)}: {k} must be positive, got {getattr(cfg, k)}")
+    for key, t in get_type_hints(Config).items():
+        value = getattr(cfg, key)
+        if t is int:
+            low = 1 if key in POSITIVE_INTS else 0
+            if value < low:
+                raise ConfigError(f"{where(key)}: {key} must be {'positive' if low else '>= 0'}, got {value}")
+        elif t is float:
+            interval, ok = FLOAT_RANGES.get(key, ("(-inf, inf)", lambda v: True))
+            if not (math.isfinite(value) and ok(value)):
+                raise ConfigError(f"{where(key)}: {key} must be in {interval}, got {value}")
+    for k, v in cfg.delta_rel_table.items():
+        if not (math.isfinite(v) and 0.0 <= v <= 100.0):
+            raise ConfigError(f"{where('delta_rel_table')}: delta_rel_table.{k} must be in [0, 100] (a percent), "
+                              f"got {v}")
     if cfg.loss.method == "em_apl" and cfg.loss.apl_warmup >= cfg.epochs:
         raise ConfigError(f"{where('apl_warmup')}: apl_warmup ({cfg.loss.apl_warmup}) must be < epochs ({cfg.epochs}): "
                           "APL spreads its pseudo-labels over the epochs after the warm-up")

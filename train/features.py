@@ -351,8 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from .config import ConfigError
-    from .model import WeightsError
+    from .main import bad_input_errors, parse_args
 
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -367,14 +366,9 @@ def main(argv=None) -> int:
             print(f"[features] {args.out}: {shape} {meta['dtype']} "
                   f"({meta['seconds']} s)")
             return 0
-        from .main import parse_args
-
         cfg = parse_args(rest)
         train_on_features(cfg, args.features_dir)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (FeaturesError, WeightsError, FileExistsError, FileNotFoundError) as e:
+    except (FeaturesError, FileNotFoundError, *bad_input_errors()) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -14,6 +14,7 @@ losses, LL-Cp generations, analyses, checkpoints and the run directory (eval/run
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -26,14 +27,14 @@ import torch
 
 from ..eval import metrics
 from ..eval.analysis import MemorizationTracker, PrecisionTracker, predict_logits
-from ..eval.rundir import RunDir, default_name, method_id
+from ..eval.rundir import RunDir, RunDirError, default_name, method_id
 from ..shards import protocols
-from ..shards.format import UNLISTED_NEGATIVE, UNLISTED_UNKNOWN
+from ..shards.format import MANIFEST_NAME, UNLISTED_NEGATIVE, UNLISTED_UNKNOWN
 from ..shards.labelstore import LabelStore
 from ..shards.progress import progress_bar
 from ..shards.reader import Dataset, open_dataset
 from . import checkpoint as ckpt
-from .config import Config, to_dict
+from .config import Config, ConfigError, to_dict
 from .evaluate import evaluate, predict
 from .hooks import Hooks, fault_point
 from .losses import TOPK_METHODS, compute_loss
@@ -57,22 +58,33 @@ class Source(Protocol):
 
 def run(cfg: Config, make_source: Callable[[Config, Dataset], Source]) -> dict[str, Any]:
     """Train, validate and test under ``cfg`` on the source ``make_source(cfg, dataset)``; returns result.json's
-    content."""
+    content. The run directory is locked while this runs (``open_run_dir``)."""
+    with contextlib.ExitStack() as cleanup:
+        return _run(cfg, make_source, cleanup)
+
+
+def _run(cfg: Config, make_source: Callable[[Config, Dataset], Source], cleanup: contextlib.ExitStack):
+    # everything that can be checked is checked before the run directory is created or locked, so that a
+    # failed start leaves nothing behind and the corrected command is not refused
     ds = open_dataset(cfg.data, verify=cfg.verify, progress=cfg.progress)
+    check_splits(ds, cfg)
+    train_ids, val_ids = split_train_val(ds.num_samples(cfg.train_split), cfg)
     source = make_source(cfg, ds)  # checks its inputs (weights, feature files) before the run directory exists
-    check_state_size(cfg, len(split_train_val(ds.num_samples(cfg.train_split), cfg)[0]), ds.num_classes)
+    check_state_size(cfg, len(train_ids), ds.num_classes)
     accelerator = source.accelerator()
     main = accelerator.is_main_process
     log = (lambda msg: print(f"{source.log_prefix} {msg}", flush=True)) if main else (lambda msg: None)
     dataset_name = cfg.dataset or ds.manifest.dataset
     method = cfg.loss.method
-    rundir, latest = open_run_dir(cfg, dataset_name, accelerator)
+    # ---- model: same seed on every rank before building it (a weights file that does not fit fails here) ----
+    seed_everything(cfg.seed)
+    model, groups = source.model(ds.num_classes)
+    rundir, latest = open_run_dir(cfg, dataset_name, accelerator, cleanup)
     resume_state = None if latest is None else ckpt.read_state(latest)
     if main:
         source.write_run_files(rundir)
 
     # ---- labels; the analyses (eval/analysis.py) are made before any use_generation ----
-    train_ids, val_ids = split_train_val(ds.num_samples(cfg.train_split), cfg)
     stores = label_stores(ds, cfg, train_ids, val_ids, rundir.labels, accelerator.process_index)
     precision = PrecisionTracker(stores.train) if cfg.analysis_entries > 0 else None
     memo = memo_loader = None
@@ -81,9 +93,6 @@ def run(cfg: Config, make_source: Callable[[Config, Dataset], Source]) -> dict[s
                                    resume_after_epoch=None if resume_state is None else resume_state["epoch"])
         memo_loader = source.memo_loader(memo.image_ids)
 
-    # ---- model: same seed on every rank before building it, then per rank ----
-    seed_everything(cfg.seed)
-    model, groups = source.model(ds.num_classes)
     # ROLE's estimates / EM+APL's pseudo-labels (train/methods.py): ROLE's are trained with the model
     extra = method_state(cfg, stores.train, train_ids)
     if extra is not None and extra.module is not None:
@@ -116,7 +125,8 @@ def run(cfg: Config, make_source: Callable[[Config, Dataset], Source]) -> dict[s
     if cfg.resume:
         stores.train.discard_logs_after(start_epoch - 1)
         if main:
-            rundir.truncate_metrics(start_epoch - 1)
+            for warning in rundir.truncate_metrics(start_epoch - 1):
+                log(f"warning: {warning}")
         log(f"resumed {rundir.path} after epoch {start_epoch - 1}" if resume_state is not None
             else f"{rundir.path} has no checkpoint yet: starting from epoch 1")
     accelerator.wait_for_everyone()
@@ -317,24 +327,54 @@ def run_config(cfg: Config, dataset_name: str) -> dict[str, Any]:
     return to_dict(cfg) | {"dataset": dataset_name}
 
 
-def open_run_dir(cfg: Config, dataset_name: str, accelerator) -> tuple[RunDir, Path | None]:
-    """The run directory with its config.yaml written, and its newest checkpoint when resuming (else None)."""
-    name = cfg.run_name or default_name(dataset_name, method_id(cfg.loss.method, cfg.boost_alpha), cfg.seed)
-    run = RunDir(cfg.resume or Path(cfg.out) / name)
+def open_run_dir(cfg: Config, dataset_name: str, accelerator,
+                 cleanup: contextlib.ExitStack) -> tuple[RunDir, Path | None]:
+    """The run directory, locked by rank 0 until ``cleanup`` closes (two runs in one directory would
+    interleave their checkpoints and metrics), with its config.yaml written; and its newest checkpoint when
+    resuming (else None). Refused, on every rank, when another process holds the lock or when a new run
+    would overwrite a started one."""
+    run = RunDir(cfg.resume or Path(cfg.out) / (cfg.run_name or default_name(
+        dataset_name, method_id(cfg.loss.method, cfg.boost_alpha), cfg.seed)))
+    refusal = [None]
+    if accelerator.is_main_process:
+        try:
+            run.path.mkdir(parents=True, exist_ok=True)
+            cleanup.enter_context(run.lock())
+            if not cfg.resume and run.started:
+                raise RunDirError(f"{run.path} already holds a run; pass resume={run.path} to continue it, or "
+                                  "another run_name/out")
+        except RunDirError as e:
+            refusal = [str(e)]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(refusal)
+    if refusal[0] is not None:
+        raise RunDirError(refusal[0])
     latest = ckpt.latest_checkpoint(run) if cfg.resume else None
-    if not cfg.resume and run.started:
-        raise FileExistsError(f"{run.path} already holds a run; pass resume={run.path} to continue it, or another "
-                              "run_name/out")
-    accelerator.wait_for_everyone()  # every rank has checked the run directory before rank 0 writes to it
     if accelerator.is_main_process:
         run.write_config(run_config(cfg, dataset_name))
     accelerator.wait_for_everyone()
     return run, latest
 
 
+def check_splits(ds: Dataset, cfg: Config) -> None:
+    """The config's split names are splits of the dataset."""
+    for key in ("train_split", "test_split"):
+        name = getattr(cfg, key)
+        if name not in ds.manifest.splits:
+            raise ConfigError(f"{key}={name!r}: {ds.root / MANIFEST_NAME} has no such split; choose one of "
+                              f"{', '.join(ds.manifest.splits)}")
+
+
 def split_train_val(num_samples: int, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
-    """Cole et al.'s 80/20 cut of the official train split, then the optional training subset."""
+    """Cole et al.'s 80/20 cut of the official train split, then the optional training subset; both parts
+    must hold samples."""
     train_ids, val_ids = protocols.train_val_split(num_samples, cfg.val_frac, cfg.split_seed)
+    if len(train_ids) == 0 or len(val_ids) == 0:
+        part = "validation" if len(val_ids) == 0 else "training"
+        raise ConfigError(f"val_frac={cfg.val_frac}: leaves no {part} samples of the {num_samples} in split "
+                          f"{cfg.train_split!r}; choose a val_frac that leaves both parts at least one sample")
     if cfg.train_fraction < 1.0:
         # nested subsets: the first fraction of one fixed permutation, so 10 % is inside 20 % ...
         perm = np.random.RandomState(cfg.split_seed + 1).permutation(len(train_ids))

@@ -23,7 +23,14 @@ if __package__ in (None, ""):  # run as a file from a checkout: the checkout is 
     sys.modules["largeloss"] = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(sys.modules["largeloss"])
 
-from largeloss.train.config import Config, ConfigError, build_config, describe_keys, resume_config  # noqa: E402
+from largeloss.train.config import (  # noqa: E402
+    RESUMABLE_OVERRIDES,
+    Config,
+    ConfigError,
+    build_config,
+    describe_keys,
+    resume_config,
+)
 
 
 def parse_args(argv=None) -> Config:
@@ -45,10 +52,6 @@ def parse_args(argv=None) -> Config:
     return build_config(args.config, args.overrides)
 
 
-# keys that may change when a run is resumed (they do not change what is computed)
-RESUMABLE_OVERRIDES = ("progress", "num_workers", "log_every")
-
-
 def _resume_config(run_dir: str, overrides: list[str], files: list[str]) -> Config:
     if files:
         raise ConfigError("resume: the config comes from the run directory; drop --config")
@@ -58,21 +61,29 @@ def _resume_config(run_dir: str, overrides: list[str], files: list[str]) -> Conf
     return resume_config(run_dir, overrides)
 
 
+def bad_input_errors() -> tuple[type[Exception], ...]:
+    """What the trainers report as one line (the message names the file or key and the fix), exit code 2."""
+    from largeloss.eval.rundir import RunDirError
+    from largeloss.shards.format import FormatError
+    from largeloss.shards.loader import SampleError
+    from largeloss.train.checkpoint import CheckpointError
+    from largeloss.train.model import WeightsError
+
+    return ConfigError, RunDirError, FormatError, SampleError, CheckpointError, WeightsError
+
+
 def main(argv=None) -> int:
     try:
         cfg = parse_args(argv)
-    except ConfigError as e:
+    except bad_input_errors() as e:  # resume reads the run directory: its errors are one line too
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from largeloss.shards.format import FormatError
-    from largeloss.shards.loader import SampleError
     from largeloss.train.images import ImageSource
     from largeloss.train.loop import run
-    from largeloss.train.model import WeightsError
 
     try:
         run(cfg, ImageSource)
-    except (ConfigError, WeightsError, FileExistsError, FormatError, SampleError) as e:  # bad input: one line
+    except bad_input_errors() as e:  # bad input: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

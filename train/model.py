@@ -131,7 +131,12 @@ def _torchvision_weights(arch: str, name: str):
 
 
 def _load_state_dict(path: Path) -> dict:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... on a damaged file
+        # the type only: torch's own text advises weights_only=False, which would run the file's code
+        raise WeightsError(f"{path}: not a PyTorch weights file that loads with weights_only=True "
+                           f"({type(e).__name__}); pass a state dict saved with torch.save, or weights=none") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -211,7 +216,11 @@ def _build_model(arch: str, num_classes: int, weights: str) -> MultiLabelNet:
     net = EfficientNet.from_name("efficientnet-lite0")
     if path is not None:
         state = _load_state_dict(path)
-        net.load_state_dict(state)
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as e:  # torch's message lists every key on many lines
+            detail = str(e).strip().splitlines()[-1].strip()[:200]
+            raise WeightsError(f"{path}: does not match {arch} ({detail})") from None
     feat_dim = net._fc.in_features
     backbone = _EffNetFeatures(net)
     return MultiLabelNet(backbone, feat_dim, num_classes, (127.0,) * 3, (128.0,) * 3)

@@ -34,7 +34,7 @@ class RunModel:
 
 
 def load_run_model(run_dir: str | os.PathLike) -> RunModel:
-    from .checkpoint import load_best_weights
+    from .checkpoint import CheckpointError, load_best_weights
 
     run = RunDir(run_dir)
     if not run.config.is_file():
@@ -44,8 +44,8 @@ def load_run_model(run_dir: str | os.PathLike) -> RunModel:
         raise PointingError(f"{run.config}: needs arch, weights, image_size and data")
     try:
         state = load_best_weights(run)
-    except FileNotFoundError as e:
-        raise PointingError(f"{run.path}: {e}; the run has not saved a best model yet") from None
+    except CheckpointError as e:
+        raise PointingError(str(e)) from None
     if "head.weight" not in state:
         raise PointingError(f"{run.path}: the best weights hold no head.weight; not a MultiLabelNet checkpoint")
     head_only = all(k.startswith("head.") for k in state)
