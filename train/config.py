@@ -118,6 +118,10 @@ class Config:
     analysis_entries: int = 0  # memorization tracker: number of training entries to follow (0 = off)
     log_every: int = 20
     debug_dump: bool = False  # tests: each rank writes its trained sample ids and a weight checksum per epoch
+    # ---- throughput (issue 13; none changes what is computed on CPU) ----
+    flush_every: int = 100  # LL-Cp: steps whose corrections wait on the device before they go to the label store
+    channels_last: bool = False  # the model and its 4-D inputs in channels-last memory format (tensor cores)
+    compile: bool = False  # torch.compile the model (inductor, through Accelerate); off: as `accelerate launch` says
 
 
 def _key_types() -> dict[str, Any]:
@@ -373,6 +377,9 @@ def _check_ranges(cfg: Config, where: Callable[[str], str]) -> None:
             raise ConfigError(f"{where(k)}: {k} must be positive, got {getattr(cfg, k)}")
     if not math.isfinite(cfg.lr) or cfg.lr <= 0:
         raise ConfigError(f"{where('lr')}: lr must be positive, got {cfg.lr}")
+    for k in ("log_every", "flush_every"):
+        if getattr(cfg, k) < 1:
+            raise ConfigError(f"{where(k)}: {k} must be >= 1 (steps), got {getattr(cfg, k)}")
     for k in ("boost_alpha", "role_lr_mult"):
         if not math.isfinite(getattr(cfg, k)) or getattr(cfg, k) <= 0:
             raise ConfigError(f"{where(k)}: {k} must be positive, got {getattr(cfg, k)}")

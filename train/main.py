@@ -46,7 +46,7 @@ def parse_args(argv=None) -> Config:
 
 
 # keys that may change when a run is resumed (they do not change what is computed)
-RESUMABLE_OVERRIDES = ("progress", "num_workers", "log_every")
+RESUMABLE_OVERRIDES = ("progress", "num_workers", "log_every", "flush_every")
 
 
 def _resume_config(run_dir: str, overrides: list[str], files: list[str]) -> Config:
