@@ -84,7 +84,7 @@ def run(cfg: Config, make_source: Callable[[Config, Dataset], Source]) -> dict[s
     # ---- model: same seed on every rank before building it, then per rank ----
     seed_everything(cfg.seed)
     model, groups = source.model(ds.num_classes)
-    if cfg.channels_last:  # its 4-D inputs follow in train_step
+    if cfg.channels_last:  # the images follow (MultiLabelNet.features)
         model = model.to(memory_format=torch.channels_last)
     # ROLE's estimates / EM+APL's pseudo-labels (train/methods.py): ROLE's are trained with the model
     extra = method_state(cfg, stores.train, train_ids)
@@ -294,11 +294,8 @@ def train_step(model, optimizer, inputs, ids, store: LabelStore, epoch: int, cfg
     tests/test_train_step.py checks it on the CPU and, on a GPU, under ``torch.cuda.set_sync_debug_mode``."""
     device = accelerator.device
     target, unknown = (t.to(device, non_blocking=True) for t in store.targets(ids.numpy()))
-    inputs = inputs.to(device, non_blocking=True)
-    if cfg.channels_last and inputs.dim() == 4:
-        inputs = inputs.contiguous(memory_format=torch.channels_last)
     with accelerator.autocast():
-        logits = model(inputs, frozen_backbone=frozen)
+        logits = model(inputs.to(device, non_blocking=True), frozen_backbone=frozen)
     extra_inputs = {} if extra is None else extra.loss_inputs(ids.numpy(), device)
     out = compute_loss(logits.float(), target, unknown, epoch, cfg.loss, gather_fn=gather_fn, check=False,
                        max_batch_size=cfg.batch_size, **extra_inputs)
