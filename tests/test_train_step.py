@@ -282,6 +282,23 @@ def test_compile_trains_the_compiled_model(demo, tmp_path):
     assert torch.allclose(steps["true"][2], steps["false"][2], rtol=1e-4, atol=1e-6)
 
 
+def test_compile_in_a_run_keeps_the_weights_files_plain(demo, tmp_path):
+    """A whole run with compile=true: trained, tested with its best weights, which are saved under the model's
+    own keys (the compiled wrapper would prefix them with ``_orig_mod.``), as the pointing game reads them."""
+    reason = _inductor_unavailable()
+    if reason:
+        pytest.skip(reason)
+    from safetensors.torch import load_file
+
+    base = ["--config", str(ROOT / "configs/demo.yaml"), "--config", str(ROOT / "configs/methods/an.yaml"),
+            f"data={demo}", f"out={tmp_path}", "epochs=1", "max_steps_per_epoch=2", "run_name=c", "compile=true",
+            *TINY]
+    assert train_main(base) == 0
+    assert json.loads((tmp_path / "c" / "result.json").read_text())["best_epoch"] == 1
+    keys = [k for f in (tmp_path / "c" / "checkpoints" / "best").glob("*.safetensors") for k in load_file(f)]
+    assert "head.weight" in keys and not any(k.startswith("_orig_mod.") for k in keys)
+
+
 def test_bf16_backbone_gives_float32_logits_in_the_step(demo, tmp_path):
     """mixed_precision=bf16 on the CPU: under the step's autocast the backbone computes in bf16 and the logits
     that reach the loss are float32 (train/model.py MultiLabelNet.classify)."""

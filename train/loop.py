@@ -148,7 +148,9 @@ def run(cfg: Config, make_source: Callable[[Config, Dataset], Source]) -> dict[s
         improved = best_epoch == 0 or val_map > best_map  # the first epoch is best even when its mAP is NaN
         if improved:
             best_map, best_epoch = val_map, epoch
-            ckpt.save_best(accelerator, model, rundir, {"epoch": epoch, "val_map": val_map})
+            # the module's own keys, also under compile (whose wrapper would prefix them with _orig_mod.)
+            ckpt.save_best(accelerator, accelerator.unwrap_model(model, keep_torch_compile=False), rundir,
+                           {"epoch": epoch, "val_map": val_map})
         stop = 100 * val_map < 100 * best_map - cfg.early_stop_drop
         # metrics first, then the checkpoint: a kill in between leaves a metrics line past the checkpoint,
         # which resume truncates and recomputes (the other order would lose the line)
