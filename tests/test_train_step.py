@@ -210,7 +210,7 @@ def test_flush_every_changes_nothing(demo, tmp_path):
     gens = sorted(p.name for p in (tmp_path / "once" / "labels").glob("gen-*"))
     assert gens == ["gen-0003"]  # only the newest checkpoint's generation is kept
     meta = json.loads((tmp_path / "once" / "labels" / "gen-0003" / "meta.json").read_text())
-    assert meta["count"] > 0
+    assert meta["num_corrections"] == m[-1]["num_modified_cum"] > 0  # each correction once, counted once
 
 
 # ---------------------------------------------------------------------------------------- item 3: switches
