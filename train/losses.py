@@ -644,7 +644,7 @@ def _global_topk(losses: torch.Tensor, unknown: torch.Tensor, width: int, k_tabl
             k = _count(width, device)
         else:
             global_rows = rows[:, 0].sum().to(torch.int64).clamp(0, k_table.numel() - 1)
-            k = k_table[global_rows]
+            k = k_table.gather(0, global_rows.reshape(1)).squeeze(0)  # a kernel, not an index read by the host
         if width == 0:
             return torch.zeros_like(unknown), torch.zeros_like(unknown), k, gather_order
         if selection == "official":
