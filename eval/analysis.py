@@ -416,8 +416,10 @@ class PrecisionTracker:
     """Precision of the large-loss modifications (Figure 4); see the module docstring.
 
     Call ``update`` for every training batch with the loss's ``modified`` mask, then ``end_epoch`` once per
-    epoch. Under several processes pass ``reduce`` to ``end_epoch``: a function summing an int64 numpy
-    array of counts over the processes (e.g. via ``accelerator.reduce``), so every process logs the same.
+    epoch. ``update`` counts on the mask's device and never waits for it (the truth of the batch goes to the
+    device, the counts stay there); ``end_epoch`` reads them, once. Under several processes pass ``reduce`` to
+    ``end_epoch``: a function summing an int64 tensor of counts over the processes (e.g. ``accelerator.reduce``),
+    so every process logs the same.
     """
 
     COUNT_KEYS = ("num_modified", "num_modified_true", "num_modified_truth_unknown")
@@ -425,7 +427,7 @@ class PrecisionTracker:
     def __init__(self, store):
         self.store = store
         self._epoch: int | None = None
-        self._counts = np.zeros(3, np.int64)  # this epoch: modified, truly positive, truth unknown
+        self._counts = None  # this epoch: int64 [3] (modified, truly positive, truth unknown) on the device
         self._cum = np.zeros(3, np.int64)
         self.history: list[dict] = []
 
@@ -437,29 +439,34 @@ class PrecisionTracker:
                              "call end_epoch first")
 
     def update(self, epoch: int, ids, modified) -> None:
-        """``ids`` int [B] sample ids, ``modified`` bool [B, K] (the loss's ``LossOutput.modified``)."""
-        self._start(int(epoch))
-        mask = np.asarray(_to_numpy(modified), dtype=bool)
-        ids = np.asarray(_to_numpy(ids), dtype=np.int64).reshape(-1)
-        if mask.shape != (len(ids), self.store.num_classes):
-            raise ValueError(
-                f"PrecisionTracker.update: mask shape {mask.shape}, expected ({len(ids)}, {self.store.num_classes})"
-            )
-        rows, cols = np.nonzero(mask)
-        if not len(rows):
-            return
-        truth = self.store.truth_for_analysis(ids)[rows, cols]
-        self._counts += (len(rows), int((truth == 1).sum()), int((truth == 0).sum()))
+        """``ids`` int [B] sample ids (host), ``modified`` bool [B, K] (the loss's ``LossOutput.modified``, a
+        tensor on any device, or a numpy array)."""
+        import torch
 
-    def end_epoch(self, epoch: int, reduce: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
+        self._start(int(epoch))
+        mask = modified.detach() if isinstance(modified, torch.Tensor) else torch.from_numpy(
+            np.asarray(modified, dtype=bool))
+        ids = (ids.numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)).astype(np.int64).reshape(-1)
+        if tuple(mask.shape) != (len(ids), self.store.num_classes):
+            raise ValueError(f"PrecisionTracker.update: mask shape {tuple(mask.shape)}, expected "
+                             f"({len(ids)}, {self.store.num_classes})")
+        mask = mask.to(torch.bool)
+        truth = torch.from_numpy(self.store.truth_for_analysis(ids)).to(mask.device, non_blocking=True)
+        counts = torch.stack([mask.sum(), (mask & (truth == 1)).sum(), (mask & (truth == 0)).sum()])
+        self._counts = counts if self._counts is None else self._counts + counts
+
+    def end_epoch(self, epoch: int, reduce: Callable | None = None) -> dict:
         """Close ``epoch`` and return its record (counts, ``precision_modified``, and the ``_cum`` ones).
         Precision is None when nothing with a known truth was modified (e.g. epoch 1)."""
+        import torch
+
         epoch = int(epoch)
         if self._epoch is not None and self._epoch != epoch:
             raise ValueError(f"PrecisionTracker.end_epoch({epoch}) but the open epoch is {self._epoch}")
-        counts = self._counts.copy()
+        counts = torch.zeros(3, dtype=torch.int64) if self._counts is None else self._counts
         if reduce is not None:
-            counts = np.asarray(_to_numpy(reduce(counts)), dtype=np.int64).reshape(3)
+            counts = reduce(counts)
+        counts = counts.cpu().numpy().astype(np.int64).reshape(3)
         self._cum += counts
         rec = {"epoch": epoch}
         for suffix, c in (("", counts), ("_cum", self._cum)):
@@ -468,7 +475,7 @@ class PrecisionTracker:
             known = int(c[0] - c[2])
             rec["precision_modified" + suffix] = float(c[1]) / known if known else None
         self.history.append(rec)
-        self._epoch, self._counts = None, np.zeros(3, np.int64)
+        self._epoch, self._counts = None, None
         return {k: v for k, v in rec.items() if k != "epoch"}
 
     def state(self) -> dict:

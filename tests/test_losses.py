@@ -29,6 +29,7 @@ from largeloss.train.losses import (
     compute_loss,
     modification_rate,
     num_to_modify,
+    raise_problems,
     select_global_topk,
     select_topk,
 )
@@ -629,18 +630,24 @@ def test_compute_loss_global_official_two_ranks():
     assert outs[1].loss.item() == pytest.approx((3 * A + 3 * C + 3 * B_ + math.log(1.25)) / 10, rel=1e-6)
 
 
+def random_ranks(rng, trial):
+    """(world, logits, targets, unknown) per rank: logits on a grid of 4 values (large tie groups at every
+    threshold), ranks of batch sizes [3, 2, 1] (odd trials) or [2, 2], K = 5."""
+    grid = [-L3, 0.0, L3, L9]
+    sizes = [3, 2, 1] if trial % 2 else [2, 2]
+    logits = [torch.tensor([[rng.choice(grid) for _ in range(5)] for _ in range(b)]) for b in sizes]
+    unknown = [torch.tensor([[rng.random() < 0.7 for _ in range(5)] for _ in range(b)]) for b in sizes]
+    targets = [torch.where(u, 0.0, torch.tensor(float(rng.random() < 0.5))) for u in unknown]
+    return len(sizes), logits, targets, unknown
+
+
 def test_global_official_equals_official_on_the_concatenated_batch():
     # Definition of official under global_topk: the official rule applied to the batch concatenated over ranks,
     # as if one process held it. Logits on a grid of 4 values -> large tie groups at every threshold; ranks
     # of different batch sizes; k from 1 up to beyond the number of unknown entries (threshold 0).
     rng = random.Random(11)
-    grid = [-L3, 0.0, L3, L9]
     for trial in range(12):
-        sizes = [3, 2, 1] if trial % 2 else [2, 2]
-        world = len(sizes)
-        logits = [torch.tensor([[rng.choice(grid) for _ in range(5)] for _ in range(b)]) for b in sizes]
-        unknown = [torch.tensor([[rng.random() < 0.7 for _ in range(5)] for _ in range(b)]) for b in sizes]
-        targets = [torch.where(u, 0.0, torch.tensor(float(rng.random() < 0.5))) for u in unknown]
+        world, logits, targets, unknown = random_ranks(rng, trial)
         for method, delta in (("ll_ct", 10), ("ll_r", 30), ("ll_cp", 10), ("ll_cp", 40), ("ll_ct", 45)):
             cfg = LossConfig(method, delta_rel=delta, global_topk=True)
             for epoch in (2, 3, 4):
@@ -654,6 +661,46 @@ def test_global_official_equals_official_on_the_concatenated_batch():
                 assert torch.equal(torch.cat([o.modified for o in outs]), single.modified), (trial, method, epoch)
                 assert torch.equal(torch.cat([o.corrections for o in outs]), single.corrections)
                 assert sum(o.num_modified for o in outs) == single.num_modified
+
+
+def test_global_topk_with_max_batch_size_finds_k_on_the_device():
+    # The trainer passes max_batch_size (its batch_size) so that no rank waits for the gathered batch sizes: the
+    # k of the global batch is then looked up on the device, and every rank sends the largest k's number of
+    # candidates. The selections, k and counts are those of the host path (max_batch_size None), for both rules,
+    # ranks of different sizes, k from 0 (epoch 1's batches, a short last batch) to beyond the unknown entries.
+    rng = random.Random(13)
+    for trial in range(8):
+        world, logits, targets, unknown = random_ranks(rng, trial)
+        for selection in ("official", "exact_k"):
+            for method, delta in (("ll_ct", 10), ("ll_r", 30), ("ll_cp", 10), ("ll_cp", 45)):
+                cfg = LossConfig(method, delta_rel=delta, global_topk=True, ll_selection=selection)
+                for epoch in (1, 2, 4):
+                    def rank_loss(r, g, data=(logits, targets, unknown), cfg=cfg, e=epoch, world=world, mb=None):
+                        return compute_loss(*(t[r] for t in data), e, cfg, gather_fn=g, rank=r,
+                                            world_size=world, max_batch_size=mb, check=mb is None)
+
+                    host = run_ranks(world, rank_loss)
+                    for mb in (max(len(x) for x in logits), 7):
+                        dev = run_ranks(world, lambda r, g, mb=mb: rank_loss(r, g, mb=mb))
+                        for h, d in zip(host, dev):
+                            assert int(h.k) == int(d.k) and int(h.num_modified) == int(d.num_modified)
+                            assert torch.equal(h.modified, d.modified) and torch.equal(h.corrections, d.corrections)
+                            assert torch.equal(h.loss, d.loss), (trial, selection, method, epoch, mb)
+
+
+def test_checks_can_wait_for_the_trainer():
+    # check=False: invalid inputs are counted on the device, and raise_problems raises what check=True would
+    logits, target, unknown = MAIN
+    bad = target.clone()
+    bad[0, 1] = 1.0  # an unknown entry with target 1
+    out = compute_loss(logits, bad, unknown, 2, LossConfig("ll_ct", delta_rel=10), check=False)
+    assert out.problems.tolist() == [0, 1, 0, 0]
+    with pytest.raises(ValueError, match="target != 0"):
+        raise_problems(out.problems + out.problems)
+    out = compute_loss(logits, target, unknown, 1, LossConfig("full"), check=False)
+    with pytest.raises(ValueError, match="complete labels"):
+        raise_problems(out.problems)
+    assert compute_loss(logits, target, unknown, 2, LossConfig("an"), check=False).problems is None
 
 
 def test_half_precision_logits_are_upcast():

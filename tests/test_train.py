@@ -106,15 +106,19 @@ def test_resume_after_kill_is_exact(demo, tmp_path, kill_at):
     _compare_runs(tmp_path / "straight", tmp_path / "killed")
 
 
-def _accelerate_cmd(nproc, args):
+def _accelerate_cmd(nproc, args, machines=None):
+    machines = machines or ("--num_machines", "1", "--main_process_port", str(29500 + os.getpid() % 1000))
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(29500 + os.getpid() % 1000), str(ROOT / "train" / "main.py"), *args]
+            *machines, "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train" / "main.py"), *args]
+
+
+def _env(env_extra=None):
+    return dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", **(env_extra or {}))
 
 
 def _run_accelerate(args, env_extra=None):
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", **(env_extra or {}))
-    return subprocess.run(_accelerate_cmd(2, args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(_accelerate_cmd(2, args), cwd=ROOT, env=_env(env_extra), capture_output=True, text=True,
+                          timeout=600)
 
 
 def test_two_processes_ll_cp(demo, tmp_path):
@@ -122,7 +126,11 @@ def test_two_processes_ll_cp(demo, tmp_path):
             f"data={demo}", f"out={tmp_path}", "epochs=2", "debug_dump=true", *TINY]
     p = _run_accelerate(base + ["run_name=two"])
     assert p.returncode == 0, p.stderr[-3000:]
-    run = tmp_path / "two"
+    _check_two_ranks_ll_cp(demo, tmp_path / "two")
+
+
+def _check_two_ranks_ll_cp(demo, run):
+    """The checks of a 2-rank LL-Cp run of 2 epochs with debug_dump=true."""
     res = json.loads((run / "result.json").read_text())
     assert res["world_size"] == 2  # `--cpu --num_processes 2` would silently run one process
     from largeloss.shards.protocols import train_val_split
@@ -144,9 +152,39 @@ def test_two_processes_ll_cp(demo, tmp_path):
     store = LabelStore(demo / "train" / "labels.arrow", 10, "single_positive", corrections_dir=run / "labels")
     store.use_generation(2)
     assert store.num_corrections == 8
+    # every correction a rank proposed (its debug dump) is in the merged generation, exactly once
+    proposed = np.concatenate([np.load(run / "debug" / f"e0002-r{r}.npz")["corrections"] for r in (0, 1)])
+    merged = np.stack(store.corrections_for_analysis(), axis=1)
+    assert sorted(map(tuple, proposed.tolist())) == sorted(map(tuple, merged.tolist()))
     # only rank 0 writes run files (besides the per-rank debug dumps asked for here)
     names = sorted(p.name for p in run.iterdir())
     assert names == [".lock", "checkpoints", "config.yaml", "debug", "labels", "metrics.jsonl", "result.json"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_machines_of_one_process_ll_cp(demo, tmp_path):
+    """Multi-node (README: Multi-node): two `accelerate launch --num_machines 2 --machine_rank R` on this host,
+    one process each, meet at 127.0.0.1; the same checks as the 2-process run on one machine."""
+    base = ["--config", str(ROOT / "configs/demo.yaml"), "--config", str(ROOT / "configs/methods/ll_cp.yaml"),
+            f"data={demo}", f"out={tmp_path}", "epochs=2", "debug_dump=true", "run_name=nodes", *TINY]
+    port = _free_port()
+    procs = [subprocess.Popen(_accelerate_cmd(2, base, ("--num_machines", "2", "--machine_rank", str(r),
+                                                        "--main_process_ip", "127.0.0.1",
+                                                        "--main_process_port", str(port))),
+                              cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "2 process(es)" in outs[0][0]  # machine 0 holds the main process, which logs
+    _check_two_ranks_ll_cp(demo, tmp_path / "nodes")
 
 
 def test_two_processes_resume_after_kill(demo, tmp_path):

@@ -17,7 +17,7 @@ from test_train import TINY
 from test_train import demo as _demo
 
 from conftest import ROOT
-from largeloss.eval.rundir import RunDir
+from largeloss.eval.rundir import RunDir, RunDirError
 from largeloss.shards.format import IngestError
 from largeloss.shards.ingest_state import STATE_DIR, OutputLock
 from largeloss.train import checkpoint as ckpt
@@ -115,6 +115,23 @@ def test_a_run_directory_in_use_is_refused_naming_the_holder(run_copy, demo, cap
         holder.wait(timeout=30)
     # the holder is gone: its lock went with it (the .lock file stays, and locks at once)
     assert train_main([f"resume={run_copy}"]) == 0
+
+
+def test_resume_lock_check_is_rank_0s(run_copy, monkeypatch):
+    # Every rank of a multi-process resume parses the run's config; rank 0 then locks the directory for the
+    # run. A slower rank that tested the lock after that was refused "in use" (seen as a flaky 2-process
+    # resume under load): only the launch's rank 0 (RANK) tests it
+    from largeloss.train.config import resume_config
+
+    lock = RunDir(run_copy).lock()  # rank 0, already running
+    try:
+        monkeypatch.setenv("RANK", "1")
+        assert resume_config(str(run_copy), []).resume == str(run_copy)
+        monkeypatch.setenv("RANK", "0")
+        with pytest.raises(RunDirError, match="in use by another training"):
+            resume_config(str(run_copy), [])
+    finally:
+        lock.close()
 
 
 def test_a_forked_child_does_not_keep_the_lock(tmp_path):

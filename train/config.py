@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -119,6 +120,10 @@ class Config:
     analysis_entries: int = 0  # memorization tracker: number of training entries to follow (0 = off)
     log_every: int = 20
     debug_dump: bool = False  # tests: each rank writes its trained sample ids and a weight checksum per epoch
+    # ---- throughput (issue 13; none changes what is computed on CPU) ----
+    flush_every: int = 100  # LL-Cp: steps whose corrections wait on the device before they go to the label store
+    channels_last: bool = False  # the model and its 4-D inputs in channels-last memory format (tensor cores)
+    compile: bool = False  # torch.compile the model (inductor, through Accelerate); off: as `accelerate launch` says
 
 
 def _key_types() -> dict[str, Any]:
@@ -332,7 +337,7 @@ KEYS_ADDED_LATER = {"ll_selection": "exact_k"}
 
 #: keys a resume may change on the command line (they do not change what is computed); every other key is
 #: the checkpoint's
-RESUMABLE_OVERRIDES = ("progress", "num_workers", "log_every")
+RESUMABLE_OVERRIDES = ("progress", "num_workers", "log_every", "flush_every")
 
 
 def resume_config(run_dir: str, overrides: Iterable[str]) -> Config:
@@ -346,7 +351,10 @@ def resume_config(run_dir: str, overrides: Iterable[str]) -> Config:
     rd = RunDir(run_dir)
     if not rd.config.is_file():
         raise ConfigError(f"resume={run_dir}: {rd.config} not found; is this a run directory?")
-    rd.lock().close()  # a run in use is refused here, before its files are read while they change
+    # A run in use is refused here, before its files are read while they change; by the launch's rank 0 only
+    # (RANK, set by accelerate/torchrun): the others would race rank 0, which takes the lock for the run
+    if os.environ.get("RANK", "0") == "0":
+        rd.lock().close()
     cfg = resolve(_saved_entries(load_yaml(rd.config), str(rd.config)) + [("resume", str(run_dir), "command line")]
                   + parse_overrides(overrides))
     latest = latest_checkpoint(rd)
@@ -400,7 +408,7 @@ def resolve(entries: Iterable[Entry]) -> Config:
 
 
 #: int keys that must be >= 1; every other int key must be >= 0 (counts, seeds, sizes: none is negative)
-POSITIVE_INTS = ("batch_size", "epochs", "image_size", "eval_batch_size", "log_every")
+POSITIVE_INTS = ("batch_size", "epochs", "image_size", "eval_batch_size", "log_every", "flush_every")
 #: float keys of Config with their allowed interval (as printed, and as a test); any other float key must
 #: be finite
 FLOAT_RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {

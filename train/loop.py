@@ -37,7 +37,7 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError, to_dict
 from .evaluate import evaluate, predict
 from .hooks import Hooks, fault_point
-from .losses import TOPK_METHODS, compute_loss
+from .losses import TOPK_METHODS, compute_loss, raise_problems
 from .methods import check_state_size, method_state
 
 
@@ -79,6 +79,8 @@ def _run(cfg: Config, make_source: Callable[[Config, Dataset], Source], cleanup:
     # ---- model: same seed on every rank before building it (a weights file that does not fit fails here) ----
     seed_everything(cfg.seed)
     model, groups = source.model(ds.num_classes)
+    if cfg.channels_last:  # the images follow (MultiLabelNet.features)
+        model = model.to(memory_format=torch.channels_last)
     rundir, latest = open_run_dir(cfg, dataset_name, accelerator, cleanup)
     resume_state = None if latest is None else ckpt.read_state(latest)
     if main:
@@ -152,11 +154,13 @@ def _run(cfg: Config, make_source: Callable[[Config, Dataset], Source], cleanup:
         record = epoch_record(epoch, stats, val_map, accelerator, stores.train.generation, frozen)
         if precision is not None:
             record.update(precision.end_epoch(epoch, reduce=lambda c: accelerator.reduce(
-                torch.as_tensor(c, device=accelerator.device), reduction="sum").cpu().numpy()))
+                c.to(accelerator.device), reduction="sum")))
         improved = best_epoch == 0 or val_map > best_map  # the first epoch is best even when its mAP is NaN
         if improved:
             best_map, best_epoch = val_map, epoch
-            ckpt.save_best(accelerator, model, rundir, {"epoch": epoch, "val_map": val_map})
+            # the module's own keys, also under compile (whose wrapper would prefix them with _orig_mod.)
+            ckpt.save_best(accelerator, accelerator.unwrap_model(model, keep_torch_compile=False), rundir,
+                           {"epoch": epoch, "val_map": val_map})
         stop = 100 * val_map < 100 * best_map - cfg.early_stop_drop
         # metrics first, then the checkpoint: a kill in between leaves a metrics line past the checkpoint,
         # which resume truncates and recomputes (the other order would lose the line)
@@ -186,7 +190,7 @@ def _run(cfg: Config, make_source: Callable[[Config, Dataset], Source], cleanup:
 
     # ---- test once with the best weights ----
     accelerator.wait_for_everyone()
-    accelerator.unwrap_model(model).load_state_dict(ckpt.load_best_weights(rundir))
+    accelerator.unwrap_model(model, keep_torch_compile=False).load_state_dict(ckpt.load_best_weights(rundir))
     test_res, _, _ = evaluate(model, test_loader, stores.test, accelerator, stores.test_ids, cfg.map_convention)
     result = result_record(cfg, dataset_name, ds.manifest, best_epoch, best_map, test_res, stopped_early,
                            accelerator.num_processes) | source.result_extra
@@ -206,60 +210,123 @@ def _run(cfg: Config, make_source: Callable[[Config, Dataset], Source], cleanup:
 
 @dataclass
 class EpochStats:
-    """One rank's sums over an epoch's steps."""
+    """One rank's sums over an epoch's steps. The sums of the steps' tensors stay on the device (``loss_sum``
+    float64, as a Python float would add them; ``modified`` int64; ``problems``, the loss's input checks,
+    train/losses.py ``raise_problems``) and are read every ``log_every`` steps and by ``epoch_record``."""
 
     steps: int = 0
     images: int = 0
-    loss_sum: float = 0.0
-    modified: int = 0
+    loss_sum: torch.Tensor | float = 0.0
+    modified: torch.Tensor | int = 0
+    problems: torch.Tensor | None = None
     seconds: float = 0.0
+
+
+class CorrectionBuffer:
+    """LL-Cp's corrections of the steps since the last flush, kept on the device: each step's bool [B, K] mask
+    (and its sample ids, on the host). ``flush`` moves them to the label store's log of the epoch with one host
+    sync: every ``flush_every`` steps, and at the end of the epoch, before the merge. In the order of the steps,
+    as step-by-step appends would have written them; a run killed between flushes loses nothing it needs, since
+    a resumed run repeats the whole epoch and truncates its log (shards/corrections.py)."""
+
+    def __init__(self, store: LabelStore, every: int, hooks: Hooks):
+        self.store, self.every, self.hooks = store, every, hooks
+        self._masks: list[torch.Tensor] = []
+        self._ids: list[np.ndarray] = []
+
+    def add(self, epoch: int, ids: np.ndarray, mask: torch.Tensor, problems: torch.Tensor | None) -> None:
+        """Buffer a step's corrections; when this fills the buffer, ``problems`` (the running sum of the loss's
+        input checks) is checked before the flush, so nothing made from invalid inputs reaches the store."""
+        self._masks.append(mask)
+        self._ids.append(ids)
+        if len(self._masks) >= self.every:
+            raise_problems(problems)
+            self.flush(epoch)
+
+    def flush(self, epoch: int) -> None:
+        if not self._masks:
+            return
+        rows, cols = torch.nonzero(torch.cat(self._masks), as_tuple=True)
+        ids = np.concatenate(self._ids)
+        self._masks, self._ids = [], []
+        if len(rows):
+            sample_ids, class_ids = ids[rows.cpu().numpy()], cols.cpu().numpy()
+            self.store.append_corrections(epoch, sample_ids, class_ids)
+            self.hooks.corrections(sample_ids, class_ids)
 
 
 def train_epoch(epoch: int, model, optimizer, loader, store: LabelStore, cfg: Config, accelerator, *,
                 frozen: bool, precision: PrecisionTracker | None, hooks: Hooks, extra=None) -> EpochStats:
     """One pass over ``loader``'s batches (at most ``max_steps_per_epoch``); LL-Cp corrections go to ``store``'s
     log of this epoch, to be merged by ``next_label_generation``. ``extra``: the method's state
-    (train/methods.py), which gives the loss its extra inputs."""
+    (train/methods.py), which gives the loss its extra inputs.
+
+    A step (``train_step``) never waits for the device. The host reads it every ``log_every`` steps (the
+    deferred input checks of the loss, and the progress bar's loss when it is shown), every ``flush_every``
+    steps (LL-Cp's corrections) and at the end of the epoch."""
     model.train()
     loader.set_epoch(epoch)
     n_steps = len(loader) if cfg.max_steps_per_epoch <= 0 else min(len(loader), cfg.max_steps_per_epoch)
     gather_fn = accelerator.gather if (cfg.loss.global_topk and accelerator.num_processes > 1) else None
     device = accelerator.device
     bar = _progress(cfg, accelerator, n_steps, epoch)
+    show_loss = cfg.progress and accelerator.is_main_process
+    buffer = CorrectionBuffer(store, cfg.flush_every, hooks) if cfg.loss.method == "ll_cp" else None
     stats, t0 = EpochStats(), time.time()
+    stats.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    stats.modified = torch.zeros((), dtype=torch.int64, device=device)
     for step, (inputs, ids) in enumerate(loader):
         if step >= n_steps:
             break
         hooks.step(epoch, step, ids)
-        target, unknown = (t.to(device) for t in store.targets(ids.numpy()))
-        with accelerator.autocast():
-            logits = model(inputs.to(device, non_blocking=True), frozen_backbone=frozen)
-        extra_inputs = {} if extra is None else extra.loss_inputs(ids.numpy(), device)
-        out = compute_loss(logits.float(), target, unknown, epoch, cfg.loss, gather_fn=gather_fn, **extra_inputs)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(out.loss)
-        optimizer.step()
-        if precision is not None:
-            # LL-Cp's precision is that of its permanent corrections (the paper's Figure 4, accumulated)
-            precision.update(epoch, ids, out.corrections if cfg.loss.method == "ll_cp" else out.modified)
-        if cfg.loss.method == "ll_cp" and out.num_modified > 0:
-            # the permanent set, not the in-step one: under ll_selection=official they differ (module
-            # docstring of train/losses.py)
-            rows, cols = torch.nonzero(out.corrections, as_tuple=True)
-            if len(rows):
-                sample_ids, class_ids = ids.numpy()[rows.cpu().numpy()], cols.cpu().numpy()
-                store.append_corrections(epoch, sample_ids, class_ids)
-                hooks.corrections(sample_ids, class_ids)
-        stats.steps, stats.images = stats.steps + 1, stats.images + len(ids)
-        stats.loss_sum += float(out.loss.detach())
-        stats.modified += out.num_modified
+        train_step(model, optimizer, inputs, ids, store, epoch, cfg, accelerator, stats, frozen=frozen,
+                   gather_fn=gather_fn, extra=extra, precision=precision, buffer=buffer)
         bar.update(1)
-        if step % 5 == 0:
-            rate = stats.images * accelerator.num_processes / max(time.time() - t0, 1e-9)
-            bar.set_postfix(loss=f"{stats.loss_sum / stats.steps:.4f}", img_s=f"{rate:.1f}")
+        if (step + 1) % cfg.log_every == 0:  # the host reads the device: the checks, and the bar's loss
+            raise_problems(stats.problems)
+            if show_loss:
+                rate = stats.images * accelerator.num_processes / max(time.time() - t0, 1e-9)
+                bar.set_postfix(loss=f"{float(stats.loss_sum) / stats.steps:.4f}", img_s=f"{rate:.1f}")
+    raise_problems(stats.problems)
+    if buffer is not None:
+        buffer.flush(epoch)
     bar.close()
     stats.seconds = time.time() - t0
     return stats
+
+
+def train_step(model, optimizer, inputs, ids, store: LabelStore, epoch: int, cfg: Config, accelerator,
+               stats: EpochStats, *, frozen: bool, gather_fn=None, extra=None, precision=None,
+               buffer: CorrectionBuffer | None = None):
+    """One optimisation step on the batch ``(inputs, ids)`` (``ids`` on the host), its sums added to ``stats``,
+    its analysis counts to ``precision`` and (LL-Cp) its corrections to ``buffer``; returns the loss's
+    ``LossOutput``. No host sync, unless ``buffer`` is full (every ``flush_every`` steps): the batch's labels go
+    to the device without waiting, the loss's counts and checks stay there. The optimiser of
+    ``mixed_precision=fp16`` (its gradient scaler) syncs on its own; bf16 and float32 do not.
+    tests/test_train_step.py checks it on the CPU and, on a GPU, under ``torch.cuda.set_sync_debug_mode``."""
+    device = accelerator.device
+    target, unknown = (t.to(device, non_blocking=True) for t in store.targets(ids.numpy()))
+    with accelerator.autocast():
+        logits = model(inputs.to(device, non_blocking=True), frozen_backbone=frozen)
+    extra_inputs = {} if extra is None else extra.loss_inputs(ids.numpy(), device)
+    out = compute_loss(logits.float(), target, unknown, epoch, cfg.loss, gather_fn=gather_fn, check=False,
+                       max_batch_size=cfg.batch_size, **extra_inputs)
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(out.loss)
+    optimizer.step()
+    if out.problems is not None:
+        stats.problems = out.problems if stats.problems is None else stats.problems + out.problems
+    if precision is not None:
+        # LL-Cp's precision is that of its permanent corrections (the paper's Figure 4, accumulated)
+        precision.update(epoch, ids, out.corrections if cfg.loss.method == "ll_cp" else out.modified)
+    if buffer is not None:
+        # the permanent set, not the in-step one: under ll_selection=official they differ (module
+        # docstring of train/losses.py)
+        buffer.add(epoch, ids.numpy(), out.corrections, stats.problems)
+    stats.steps, stats.images = stats.steps + 1, stats.images + len(ids)
+    stats.loss_sum += out.loss.detach().double()
+    stats.modified += out.num_modified
+    return out
 
 
 def next_label_generation(store: LabelStore, epoch: int, accelerator) -> None:
@@ -277,8 +344,12 @@ def next_label_generation(store: LabelStore, epoch: int, accelerator) -> None:
 def epoch_record(epoch: int, stats: EpochStats, val_map: float, accelerator, label_generation: int,
                  frozen: bool) -> dict[str, Any]:
     """The metrics.jsonl line of an epoch, summed over the ranks (collective: call on every rank)."""
-    totals = accelerator.gather(torch.tensor([stats.loss_sum, stats.steps, stats.modified, stats.images],
-                                             dtype=torch.float64, device=accelerator.device)).view(-1, 4).sum(0)
+    device = accelerator.device
+    totals = accelerator.gather(torch.stack([
+        torch.as_tensor(stats.loss_sum, dtype=torch.float64, device=device),
+        torch.as_tensor(stats.steps, dtype=torch.float64, device=device),
+        torch.as_tensor(stats.modified, device=device).to(torch.float64),
+        torch.as_tensor(stats.images, dtype=torch.float64, device=device)])).view(-1, 4).sum(0)
     return {
         "epoch": epoch,
         "train_loss": float(totals[0] / max(totals[1], 1)),
@@ -306,7 +377,9 @@ def make_accelerator(cfg: Config, *, find_unused_parameters: bool = False):
     if mixed_precision == "auto":
         mixed_precision = "bf16" if not use_cpu and torch.cuda.is_bf16_supported() else "no"
     kwargs = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)]
-    return Accelerator(cpu=use_cpu, mixed_precision=mixed_precision, kwargs_handlers=kwargs)
+    # compile: Accelerate compiles the prepared model (after DDP) and unwraps it for saving
+    return Accelerator(cpu=use_cpu, mixed_precision=mixed_precision, kwargs_handlers=kwargs,
+                       dynamo_backend="inductor" if cfg.compile else None)
 
 
 def seed_everything(seed: int) -> None:

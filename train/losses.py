@@ -113,10 +113,18 @@ Under the global top-k option (``global_topk``) either rule is applied to the ba
 in rank order, as if one process held it: the flat index of ``exact_k`` is ``rank*B*K + b*K + c``, and the
 ``official`` threshold is the k-th largest masked loss of the concatenated batch (0 when it holds fewer than
 k unknown entries). Each rank sends only its own top-k candidates, among which that k-th value always is.
+
+No host sync: ``compute_loss`` never waits for the device unless asked to (``check``, the default for callers
+other than the trainer, raises on invalid inputs at once). Every k that decides a selection is either a host
+int computed from the batch shape or a 0-d tensor on the device (``exact_k``'s cap at the number of unknown
+entries, the global batch's k looked up in a table by its gathered number of rows): each ``torch.topk`` has a
+static k, and the boundary is resolved by comparisons on the device. The counts of ``LossOutput`` are 0-d
+tensors and the input checks are counts on the device (``LossOutput.problems``, raised by ``raise_problems``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -141,6 +149,8 @@ __all__ = [
     "select_topk",
     "select_official",
     "select_global_topk",
+    "PROBLEMS",
+    "raise_problems",
     "gr_schedule",
     "pbce_normalisation",
 ]
@@ -324,21 +334,72 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class LossOutput:
+    """What ``compute_loss`` returns. Every field is a tensor on the logits' device, so that a training step
+    never waits for the device (the counts are 0-d int64 tensors: ``int(out.k)`` reads one, at the price of a
+    host sync)."""
+
     #: scalar loss (differentiable)
     loss: torch.Tensor
     #: bool [B, K]: entries whose loss was rejected or corrected in this step (this rank's entries)
     modified: torch.Tensor
     #: number of True entries in ``modified``
-    num_modified: int
+    num_modified: torch.Tensor
     #: the k of the selection (global k under global_topk): under ``exact_k`` capped at the number of unknown
     #: entries, and the number modified over the whole selection; under ``official`` the official k capped at
     #: B*K (ties can make more entries modified, fewer unknown entries fewer). The number above the threshold
     #: for the absolute variants, 0 for the other methods
-    k: int
+    k: torch.Tensor
     #: bool [B, K]: LL-Cp's permanent corrections, what the trainer writes to the LabelStore (this rank's
     #: entries): ``modified`` under ``exact_k``, the entries strictly above the k-th loss under ``official``.
     #: All False for every other method
     corrections: torch.Tensor
+    #: int64 [len(PROBLEMS)]: the counts of invalid inputs found on the device (``raise_problems``), None for
+    #: the methods that check nothing beyond shapes
+    problems: torch.Tensor | None = None
+
+
+#: what compute_loss checks on the device, in the order of ``LossOutput.problems``: unknown entries with a NaN
+#: loss, unknown entries with a target != 0, unknown entries under method ``full``, and (global top-k) gathered
+#: rows that disagree on K or do not follow rank order
+PROBLEMS = ("nan_unknown", "target_unknown", "unknown_full", "gather_order")
+
+
+def raise_problems(problems: torch.Tensor | None) -> None:
+    """One host sync: raise the error of the first non-zero count of ``problems`` (``LossOutput.problems``, or a
+    sum of them over steps: the trainer checks its running sum every ``log_every`` steps and at the end of an
+    epoch), do nothing when all are 0 or ``problems`` is None."""
+    if problems is None:
+        return
+    nan_unknown, target_unknown, unknown_full, gather_order = (int(v) for v in problems.tolist())
+    if nan_unknown:
+        raise ValueError(f"{nan_unknown} unknown entries have a NaN loss (non-finite logits); the large-loss "
+                         "selection is undefined. Check the learning rate / mixed precision settings")
+    if target_unknown:
+        raise ValueError(f"{target_unknown} unknown entries have a target != 0; the AN target of an unknown label "
+                         "is 0 (LL-Cp corrections must be applied by the LabelStore as observed positives)")
+    if unknown_full:
+        raise ValueError("method 'full' needs complete labels (protocol 'full'), but unknown has True "
+                         "entries; use 'iu' to train on the observed labels only")
+    if gather_order:
+        raise RuntimeError("select_global_topk: ranks disagree or gather_fn does not concatenate in rank order: "
+                           "every rank needs the same K and the concatenation must follow rank order")
+
+
+def _problems(per_entry: torch.Tensor | None, target: torch.Tensor | None, unknown: torch.Tensor, *,
+              unknown_full: bool = False, gather_order: torch.Tensor | None = None) -> torch.Tensor:
+    """``LossOutput.problems`` of a batch, computed on the device (no host sync)."""
+    zero = torch.zeros((), dtype=torch.int64, device=unknown.device)
+    counts = [zero, zero, unknown.sum() if unknown_full else zero,
+              zero if gather_order is None else gather_order.to(torch.int64)]
+    if per_entry is not None:
+        counts[0] = (unknown & torch.isnan(per_entry)).sum()
+        counts[1] = (unknown & (target != 0)).sum()
+    return torch.stack(counts)
+
+
+def _count(value: int, device: torch.device) -> torch.Tensor:
+    """A host int as a 0-d int64 tensor on ``device``, made there (a fill, not a copy from the host)."""
+    return torch.full((), value, dtype=torch.int64, device=device)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -436,23 +497,31 @@ def pbce_normalisation(known_fraction: torch.Tensor, cfg: LossConfig) -> torch.T
 # selection of the entries to modify: exact top-k (``exact_k``) and the official threshold (``official``)
 
 
-def _topk_positional(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of the k largest entries of 1-D ``values``; ties at the boundary go to lower positions.
+def _topk_positional(values: torch.Tensor, k: int, count: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool mask of the ``count`` largest entries of 1-D ``values`` (``count``: a 0-d integer tensor <= ``k``, on
+    any device; None: ``k``); ties at the boundary go to lower positions. Entries equal to -inf never win
+    (callers mask the ineligible ones with -inf): asking for more than the eligible entries gives all of them.
 
-    ``k`` must not exceed the number of entries that can win (callers mask the ineligible ones with -inf
-    and cap k at the eligible count). Cost: one ``torch.topk`` for the k-th largest value (no full sort),
-    then elementwise comparisons and one integer prefix sum to resolve the boundary ties exactly.
+    Without a host sync: one ``torch.topk`` of the static ``k`` gives the ``count``-th largest value (no full
+    sort; sorted only when ``count`` is given), then elementwise comparisons and one integer prefix sum resolve
+    the boundary ties exactly.
     """
     selected = torch.zeros_like(values, dtype=torch.bool)
+    k = min(k, values.numel())
     if k == 0:
         return selected
-    assert 0 < k <= values.numel(), (k, values.numel())
-    # The k-th largest value is unique whatever order topk uses among equal values.
-    kth = torch.topk(values, k, sorted=False).values.amin()
+    if count is None:
+        # The k-th largest value is unique whatever order topk uses among equal values.
+        kth, count = torch.topk(values, k, sorted=False).values.amin(), k
+    else:
+        top = torch.topk(values, k, sorted=True).values
+        kth = top.gather(0, (count.to(torch.int64) - 1).clamp(0, k - 1).reshape(1)).squeeze(0)
     above = values > kth
-    at = values == kth
-    # Entries equal to the k-th value are admitted by position: the first (k - #above) of them.
-    need = k - above.sum()
+    # A k-th value of -inf: fewer than count entries are eligible, and all of them are above it.
+    at = (values == kth) & (kth > -math.inf)
+    # Entries equal to the k-th value are admitted by position: the first (count - #above) of them
+    # (count 0: the k-th value is the largest, nothing is above it and no tie is admitted).
+    need = count - above.sum()
     prefix_dtype = torch.int32 if values.numel() < 2**31 else torch.int64
     order_among_ties = torch.cumsum(at.to(prefix_dtype), dim=0)
     return above | (at & (order_among_ties <= need))
@@ -470,7 +539,6 @@ def select_topk(losses: torch.Tensor, unknown: torch.Tensor, k: int) -> torch.Te
     _check_pair(losses, unknown, "losses")
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError(f"k must be an int >= 0, got {k!r}")
-    k = min(k, int(unknown.sum()))
     with torch.no_grad():
         return _topk_positional(_masked_flat(losses.detach(), unknown), k).view(unknown.shape)
 
@@ -512,41 +580,54 @@ def select_global_topk(losses: torch.Tensor, unknown: torch.Tensor, k: int, gath
     Returns the bool ``[B, K]`` mask of the winners this rank owns. The result equals ``select_topk`` on
     the concatenated batch, tie rule included (global flat index ``rank*B*K + b*K + c``).
     """
-    return _global_topk(losses, unknown, k, gather_fn, rank)[0]
+    modified, _, _, gather_order = _global_topk(losses, unknown, k, None, gather_fn, rank)
+    raise_problems(_problems(None, None, unknown, gather_order=gather_order))
+    return modified
 
 
-def _global_topk(losses: torch.Tensor, unknown: torch.Tensor, k: int, gather_fn: GatherFn, rank: int,
-                 world_size: int | None = None,
-                 selection: Selection = "exact_k") -> tuple[torch.Tensor, torch.Tensor, int]:
+@functools.lru_cache(maxsize=16)
+def _k_table(cfg: LossConfig, epoch: int, classes: int, max_rows: int, device: torch.device) -> torch.Tensor:
+    """int64 [max_rows + 1] on ``device``: entry r is the capped k of a global batch of r rows,
+    ``min(num_to_modify(r*K), r*K)``: the k of any batch up to ``max_rows`` rows, found on the device without a
+    host sync (made once per epoch and process, with ``num_to_modify``'s own arithmetic)."""
+    table = [min(num_to_modify(r * classes, epoch, cfg), r * classes) for r in range(max_rows + 1)]
+    return torch.tensor(table, dtype=torch.int64).to(device, non_blocking=True)
+
+
+def _global_topk(losses: torch.Tensor, unknown: torch.Tensor, width: int, k_table: torch.Tensor | None,
+                 gather_fn: GatherFn, rank: int, world_size: int | None = None,
+                 selection: Selection = "exact_k") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """This rank's ``(modified, corrections)`` under ``selection`` over the batch concatenated from all ranks,
-    and the k of the selection: ``min(k, global #unknown)`` under ``exact_k`` (then corrections = modified),
-    ``k`` under ``official`` (the caller caps it at the global B*K).
+    the k of the selection (0-d int64: ``min(k, global #unknown)`` under ``exact_k``, then corrections =
+    modified; ``k`` under ``official``) and the number of gathered rows out of rank order (0-d; ``raise_problems``'s
+    ``gather_order``), all without a host sync.
 
-    Each rank contributes only its local top-k candidates: under one total order a global winner is always
-    among its own rank's top-k, and so is the global k-th largest value, so the gather moves 2k + 3 numbers
-    per rank instead of B*K.
+    ``k``: ``width`` when ``k_table`` is None, else ``k_table[global number of rows]`` (``_k_table``; every
+    entry <= ``width``). ``width`` is the same host int on every rank.
+
+    Each rank contributes only its local top-``width`` candidates: under one total order a global winner is
+    always among its own rank's top-k, and so is the global k-th largest value, so the gather moves
+    2 * width + 3 numbers per rank instead of B*K.
     """
     _check_pair(losses, unknown, "losses")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise ValueError(f"k must be an int >= 0, got {k!r}")
+    if isinstance(width, bool) or not isinstance(width, int) or width < 0:
+        raise ValueError(f"k must be an int >= 0, got {width!r}")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
         raise ValueError(f"rank must be an int >= 0, got {rank!r}")
     batch, classes = unknown.shape
     n = batch * classes
-    # Candidates per rank: k on every rank (ranks' batches may differ in size, e.g. by one sample at the
-    # end of an epoch, so min(k, B*K) would differ); slots beyond the local candidates are padding.
-    width = k
+    device = unknown.device
     with torch.no_grad():
         flat = _masked_flat(losses.detach(), unknown)
-        local = _topk_positional(flat, min(width, int(unknown.sum())))
-        index = local.nonzero().squeeze(1)  # ascending local flat index
-        cand_val = torch.full((width,), -math.inf, dtype=torch.float64, device=flat.device)
-        cand_idx = torch.full((width,), -1.0, dtype=torch.float64, device=flat.device)  # -1: padding
-        cand_val[: index.numel()] = flat[index].to(torch.float64)
-        cand_idx[: index.numel()] = index.to(torch.float64)
+        # Candidates per rank: `width` slots on every rank (ranks' batches may differ in size, e.g. by one
+        # sample at the end of an epoch, so min(k, B*K) would differ); slots beyond the local candidates are
+        # padding (index -1, value -inf). The local candidates in ascending local flat index.
+        local = _topk_positional(flat, width)
+        index = torch.nonzero_static(local, size=width, fill_value=-1).squeeze(1)
+        cand_val = torch.where(index >= 0, flat[index.clamp(min=0)], -math.inf).to(torch.float64)
         # One packed float64 row per rank: float32 losses and indices below 2**53 are exact in float64.
-        header = torch.tensor([batch, classes, rank], dtype=torch.float64, device=flat.device)
-        rows = gather_fn(torch.cat([header, cand_val, cand_idx]))
+        header = torch.tensor([batch, classes, rank], dtype=torch.float64).to(device, non_blocking=True)
+        rows = gather_fn(torch.cat([header, cand_val, index.to(torch.float64)]))
         row_len = 3 + 2 * width
         if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.numel() % row_len != 0:
             raise RuntimeError(f"select_global_topk: gather_fn returned {tuple(getattr(rows, 'shape', ()))}; "
@@ -556,38 +637,36 @@ def _global_topk(losses: torch.Tensor, unknown: torch.Tensor, k: int, gather_fn:
         if world_size is not None and world != world_size:
             raise RuntimeError(f"select_global_topk: gather_fn returned {world} rows but world_size is "
                                f"{world_size}; k was computed for {world_size} ranks")
+        ranks = torch.arange(world, dtype=torch.float64, device=device)
+        gather_order = ((rows[:, 1] != classes) | (rows[:, 2] != ranks)).sum()
         all_val = rows[:, 3:3 + width].reshape(-1)
-        all_idx = rows[:, 3 + width:].reshape(-1)
-        valid = all_idx >= 0
-        # One host sync for the consistency check and the number of valid candidates.
-        check = torch.cat([rows[:, :3].reshape(-1), valid.sum().reshape(1).to(torch.float64)]).tolist()
-        headers = [check[3 * r:3 * r + 3] for r in range(world)]
-        if [h[1:] for h in headers] != [[float(classes), float(r)] for r in range(world)]:
-            raise RuntimeError(
-                "select_global_topk: ranks disagree or gather_fn does not concatenate in rank order: "
-                f"per-rank (B, K, rank) = {headers}; every rank needs the same K and the concatenation "
-                "must follow rank order")
-        # Capping at the number of valid candidates is capping at the global number of unknowns: a rank
-        # with fewer unknowns than `width` contributes all of them.
-        n_valid = int(check[-1])
+        if k_table is None:
+            k = _count(width, device)
+        else:
+            global_rows = rows[:, 0].sum().to(torch.int64).clamp(0, k_table.numel() - 1)
+            k = k_table.gather(0, global_rows.reshape(1)).squeeze(0)  # a kernel, not an index read by the host
+        if width == 0:
+            return torch.zeros_like(unknown), torch.zeros_like(unknown), k, gather_order
         if selection == "official":
             # The k-th largest masked loss of the concatenated batch: among the candidates, or, when the
-            # batch holds fewer than k unknown entries, one of the zeros of its other entries.
-            if k == 0:
-                return torch.zeros_like(unknown), torch.zeros_like(unknown), 0
-            kth = (torch.topk(all_val, k, sorted=False).values.amin() if k <= n_valid
-                   else torch.zeros((), dtype=torch.float64, device=flat.device))
-            return (*_above_threshold(losses.detach(), unknown, kth), k)
-        k_eff = min(k, n_valid)
-        # Global flat index = local index + the B*K of the ranks before (the batch concatenated in rank
-        # order). Valid candidates are laid out rank by rank in ascending local index, i.e. in ascending
-        # global index, so "lower position first" in _topk_positional is "lower global flat index first".
-        winners = _topk_positional(all_val, k_eff).nonzero().squeeze(1)
-        mine = winners[winners // width == rank]
-        mask = torch.zeros(n, dtype=torch.bool, device=flat.device)
-        mask[all_idx[mine].to(torch.int64)] = True
-        mask = mask.view(batch, classes)
-    return mask, mask, k_eff
+            # batch holds fewer than k unknown entries (the k-th candidate is padding), one of the zeros of
+            # its other entries. k = 0 modifies nothing.
+            top = torch.topk(all_val, width, sorted=True).values
+            kth = top.gather(0, (k - 1).clamp(0, width - 1).reshape(1)).squeeze(0)
+            kth = torch.where(kth == -math.inf, 0.0, kth)
+            modified, corrections = _above_threshold(losses.detach(), unknown, kth)
+            return modified & (k > 0), corrections & (k > 0), k, gather_order
+        # Capping at the number of valid candidates is capping at the global number of unknowns: a rank
+        # with fewer unknowns than `width` contributes all of them.
+        k_eff = torch.minimum(k, (rows[:, 3 + width:] >= 0).sum())
+        # Candidates are laid out rank by rank in ascending local index, i.e. in ascending global index, so
+        # "lower position first" in _topk_positional is "lower global flat index first"; padding never wins.
+        winners = _topk_positional(all_val, width, k_eff).view(world, width)[rank]
+        # this rank's winners back to its [B, K] mask; the others write to a spare last slot
+        mask = torch.zeros(n + 1, dtype=torch.bool, device=device)
+        mask[torch.where(winners, index, n)] = True
+        mask = mask[:n].view(batch, classes)
+    return mask, mask, k_eff, gather_order
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -620,27 +699,6 @@ def _check_inputs(logits: torch.Tensor, target: torch.Tensor, unknown: torch.Ten
 
 def _bce(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(x, y, reduction="none")
-
-
-def _check_unknown_losses(per_entry: torch.Tensor, target: torch.Tensor, unknown: torch.Tensor,
-                          extra: torch.Tensor | None = None) -> list[int]:
-    """One host sync: returns [#unknown, #extra]; raises if an unknown entry has a NaN loss or target != 0.
-
-    Both conditions are tested in one pass; the separate counts are computed only to word the error.
-    """
-    invalid = unknown & (torch.isnan(per_entry) | (target != 0))
-    stats = [unknown.sum(), invalid.sum()]
-    if extra is not None:
-        stats.append(extra.sum())
-    n_unknown, n_invalid, *rest = torch.stack(stats).tolist()
-    if n_invalid:
-        n_nan = int((unknown & torch.isnan(per_entry)).sum())
-        if n_nan:
-            raise ValueError(f"{n_nan} unknown entries have a NaN loss (non-finite logits); the large-loss "
-                             "selection is undefined. Check the learning rate / mixed precision settings")
-        raise ValueError(f"{n_invalid} unknown entries have a target != 0; the AN target of an unknown label "
-                         "is 0 (LL-Cp corrections must be applied by the LabelStore as observed positives)")
-    return [int(n_unknown), *map(int, rest)]
 
 
 def _process_group(gather_fn: GatherFn | None, rank: int | None,
@@ -727,7 +785,8 @@ def _follow_up_loss(x: torch.Tensor, y: torch.Tensor, unknown: torch.Tensor, epo
         labelled = unknown & ~torch.isnan(pseudo)
     neg_entropy = -(p * log_p + (1 - p) * log_q)
     per_entry = observed + torch.where(unknown & ~labelled, cfg.em_alpha * neg_entropy, 0.0)
-    if labelled.any():
+    if method == "em_apl" and pseudo is not None:
+        # added whether or not an entry is labelled (no host sync to ask): + 0.0 leaves every sum unchanged
         assert cfg.apl_beta is not None
         soft = torch.nan_to_num(pseudo, nan=0.0)
         per_entry = per_entry + torch.where(labelled, cfg.apl_beta * (soft * log_p + (1 - soft) * log_q), 0.0)
@@ -737,36 +796,51 @@ def _follow_up_loss(x: torch.Tensor, y: torch.Tensor, unknown: torch.Tensor, epo
 def compute_loss(logits: torch.Tensor, target: torch.Tensor, unknown: torch.Tensor, epoch: int,
                  cfg: LossConfig, *, gather_fn: GatherFn | None = None, rank: int | None = None,
                  world_size: int | None = None, estimates: torch.Tensor | None = None,
-                 pseudo: torch.Tensor | None = None) -> LossOutput:
+                 pseudo: torch.Tensor | None = None, check: bool = True,
+                 max_batch_size: int | None = None) -> LossOutput:
     """Loss of one mini-batch under ``cfg.method``; see the module docstring for each method.
 
     ``epoch`` is 1-based. Inputs are never modified. ``gather_fn``, ``rank`` and ``world_size`` are used only
-    with ``cfg.global_topk``: then the call is collective (every rank makes it with the same B, K and epoch);
+    with ``cfg.global_topk``: then the call is collective (every rank makes it with the same K and epoch);
     ``rank``/``world_size`` default to torch.distributed's (0 and 1 when it is not initialised), and a
     single process needs no ``gather_fn`` (the global top-k is the per-batch one). The state of the
     follow-up methods comes in explicitly: ``estimates`` (``role``: the label estimator's probabilities for
     the batch, float [B, K] with gradient) and ``pseudo`` (``em_apl``: soft pseudo-labels, float [B, K],
     NaN where an entry has none; None: none yet).
+
+    Host syncs: none, unless asked for. ``check`` (the default) raises at once on invalid inputs
+    (``raise_problems``: one host sync); the trainer passes False and checks the running sum of
+    ``LossOutput.problems`` every ``log_every`` steps instead. Under the global top-k with several ranks,
+    ``max_batch_size`` (the most rows any rank's batch can have; the trainer's ``batch_size``) lets the k of the
+    global batch be found on the device; without it the ranks' batch sizes are gathered to the host (one sync).
     """
     if not isinstance(cfg, LossConfig):
         raise TypeError(f"cfg must be a LossConfig, got {type(cfg).__name__}")
     epoch = _check_epoch(epoch)
     _check_inputs(logits, target, unknown)
+    out = _loss(logits, target, unknown, epoch, cfg, gather_fn, rank, world_size, estimates, pseudo, max_batch_size)
+    if check:
+        raise_problems(out.problems)
+    return out
+
+
+def _loss(logits: torch.Tensor, target: torch.Tensor, unknown: torch.Tensor, epoch: int, cfg: LossConfig,
+          gather_fn: GatherFn | None, rank: int | None, world_size: int | None, estimates: torch.Tensor | None,
+          pseudo: torch.Tensor | None, max_batch_size: int | None) -> LossOutput:
+    """``compute_loss`` after its argument checks, without a host sync (see there)."""
     x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     y = target.to(x.dtype)
     batch, classes = x.shape
     n = batch * classes
     method = cfg.method
     none_modified = torch.zeros_like(unknown)
+    zero = _count(0, x.device)
 
-    def unmodified(loss: torch.Tensor) -> LossOutput:
-        return LossOutput(loss, none_modified, 0, 0, none_modified)
+    def unmodified(loss: torch.Tensor, problems: torch.Tensor | None = None) -> LossOutput:
+        return LossOutput(loss, none_modified, zero, zero, none_modified, problems)
 
     if method == "full":
-        if bool(unknown.any()):
-            raise ValueError("method 'full' needs complete labels (protocol 'full'), but unknown has True "
-                             "entries; use 'iu' to train on the observed labels only")
-        return unmodified(_bce(x, y).mean())
+        return unmodified(_bce(x, y).mean(), _problems(None, None, unknown, unknown_full=True))
     if method == "an":
         return unmodified(_bce(x, y).mean())
     if method == "iu":
@@ -794,34 +868,37 @@ def compute_loss(logits: torch.Tensor, target: torch.Tensor, unknown: torch.Tens
     # Large-loss methods. The selection uses the loss against the AN target, without gradient.
     per_entry = _bce(x, y)
     corrections = none_modified
+    gather_order = None
     if method in TOPK_METHODS:
         gather, rank, world_size = (_process_group(gather_fn, rank, world_size) if cfg.global_topk
                                     else (None, 0, 1))
-        if gather is not None:
-            # the global batch: ranks may hold batches that differ in size (one sample at an epoch's end)
-            total = int(gather(torch.tensor([float(n)], dtype=torch.float64, device=x.device)).sum())
-        else:
-            total = n
-        k_raw = min(num_to_modify(total, epoch, cfg), total)
-        if k_raw == 0:  # epoch 1, delta_rel == 0, or (official) a float rate_left of exactly 0
-            return unmodified(per_entry.mean())
         detached = per_entry.detach()
         if gather is not None:
-            _check_unknown_losses(detached, y, unknown)
-            modified, corrections, k = _global_topk(detached, unknown, k_raw, gather, rank, world_size,
-                                                    cfg.ll_selection)
-            num_modified = int(modified.sum())
-        elif cfg.ll_selection == "official":
-            k = k_raw
-            modified, corrections = select_official(detached, unknown, k)
-            # one host sync for the check and the count; the masks are not used when the check fails
-            _, num_modified = _check_unknown_losses(detached, y, unknown, extra=modified)
+            # the global batch: ranks may hold batches that differ in size (one sample at an epoch's end)
+            if max_batch_size is None:  # its size through the host
+                total = int(gather(torch.tensor([float(n)], dtype=torch.float64, device=x.device)).sum())
+                width, k_table = min(num_to_modify(total, epoch, cfg), total), None
+            else:  # its k looked up on the device; every rank takes the largest k as its number of candidates
+                k_table = _k_table(cfg, epoch, classes, world_size * max_batch_size, x.device)
+                width = min(num_to_modify(world_size * max_batch_size * classes, epoch, cfg),
+                            world_size * max_batch_size * classes)
+            if width == 0:  # epoch 1, delta_rel == 0, or (official) a float rate_left of exactly 0
+                return unmodified(per_entry.mean())
+            modified, corrections, k, gather_order = _global_topk(detached, unknown, width, k_table, gather, rank,
+                                                                  world_size, cfg.ll_selection)
+            num_modified = modified.sum()
         else:
-            (n_unknown,) = _check_unknown_losses(detached, y, unknown)
-            k = min(k_raw, n_unknown)
-            with torch.no_grad():
-                modified = _topk_positional(_masked_flat(detached, unknown), k).view(unknown.shape)
-            corrections, num_modified = modified, k
+            k_raw = min(num_to_modify(n, epoch, cfg), n)
+            if k_raw == 0:
+                return unmodified(per_entry.mean())
+            if cfg.ll_selection == "official":
+                modified, corrections = select_official(detached, unknown, k_raw)
+                k, num_modified = _count(k_raw, x.device), modified.sum()
+            else:
+                with torch.no_grad():
+                    modified = _topk_positional(_masked_flat(detached, unknown), k_raw).view(unknown.shape)
+                corrections = modified
+                k = num_modified = unknown.sum().clamp(max=k_raw)
         if method != "ll_cp":
             corrections = none_modified
     else:  # absolute variants
@@ -830,12 +907,12 @@ def compute_loss(logits: torch.Tensor, target: torch.Tensor, unknown: torch.Tens
         threshold = abs_threshold(epoch, cfg)
         detached = per_entry.detach()
         modified = unknown & (detached > threshold)  # strict, as in the paper's "l_i > R(t)"
-        _, num_modified = _check_unknown_losses(detached, y, unknown, extra=modified)
-        k = num_modified
+        k = num_modified = modified.sum()
 
     if method in _REJECT_METHODS:
         loss = per_entry.masked_fill(modified, 0.0).mean()
     else:
         # Temporary correction: the selected (unknown, target 0) entries are scored against target 1.
         loss = _bce(x, torch.where(modified, torch.ones_like(y), y)).mean()
-    return LossOutput(loss, modified, num_modified, k, corrections)
+    return LossOutput(loss, modified, num_modified, k, corrections,
+                      _problems(detached, y, unknown, gather_order=gather_order))

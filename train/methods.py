@@ -110,7 +110,8 @@ class RoleState:
         return [{"params": [self.module.logits], "lr": self.lr, "weight_decay": 0.0, "name": "role_estimates"}]
 
     def loss_inputs(self, sample_ids: np.ndarray, device) -> dict:
-        rows = torch.as_tensor(training_rows(self.train_ids, sample_ids), device=device)
+        # non_blocking: the step does not wait for the device (train/loop.py train_step)
+        rows = torch.from_numpy(training_rows(self.train_ids, sample_ids)).to(device, non_blocking=True)
         return {"estimates": self.module(rows)}
 
     def end_epoch(self, epoch: int, predict: Callable) -> str | None:
@@ -151,7 +152,7 @@ class AplState:
         return []
 
     def loss_inputs(self, sample_ids: np.ndarray, device) -> dict:
-        return {"pseudo": self.table[training_rows(self.train_ids, sample_ids)].to(device)}
+        return {"pseudo": self.table[training_rows(self.train_ids, sample_ids)].to(device, non_blocking=True)}
 
     def end_epoch(self, epoch: int, predict: Callable) -> str | None:
         """After ``epoch``'s training: pseudo-label with ``predict()`` -> (sample ids, scores [N, K]) of the

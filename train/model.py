@@ -95,7 +95,13 @@ class MultiLabelNet(nn.Module):
         return (images.float() - self.mean) / self.std
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """The last convolutional feature map [B, D, h, w] of uint8 input images."""
+        """The last convolutional feature map [B, D, h, w] of uint8 input images. The images take the memory
+        format of the backbone's first convolution: channels-last after ``model.to(memory_format=
+        torch.channels_last)`` (config key ``channels_last``), wherever the images come from."""
+        first = next((p for p in self.backbone.parameters() if p.dim() == 4), None)
+        if first is not None and first.is_contiguous(memory_format=torch.channels_last) \
+                and not first.is_contiguous():
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.backbone(self.normalize(images))
 
     def classify(self, feature_map: torch.Tensor) -> torch.Tensor:

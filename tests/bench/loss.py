@@ -1,7 +1,7 @@
 """Benchmark: cost of the large-loss schemes against Naive AN.
 
-Measures (median wall time over interleaved repeats, so that drift in a shared machine hits every method
-alike):
+Measures (median wall time and median CPU time of the process over interleaved repeats, so that drift in a
+shared machine hits every method alike; on a shared CPU the CPU time is the steadier figure):
 
 1. the loss alone (compute_loss forward + backward to the logits) at B x K = 72 x 5000 and 288 x 5000
    (OpenImages per-GPU batch sizes) for AN, LL-Ct (epoch 2 and epoch 10, i.e. k = 0.2 % and 1.8 % of B*K),
@@ -9,7 +9,9 @@ alike):
 2. one training step (forward, loss, backward, SGD step) of torchvision's ResNet-18 with 20 outputs on
    16 x 3 x 128 x 128 random images, with AN and with LL-Ct.
 
-The ratios against AN are printed last. Targets are single-positive (one observed positive per image,
+The loss is called as the trainer calls it (``check=False``: no host sync; checkouts before that keyword
+existed are called without it, so the same script measures them). The ratios against AN are printed last.
+Targets are single-positive (one observed positive per image,
 everything else unknown), the setting of the paper's artificial datasets.
 
     python tests/bench/loss.py                      # CPU or the first GPU if there is one
@@ -19,6 +21,8 @@ everything else unknown), the setting of the paper's artificial datasets.
 from __future__ import annotations
 
 import argparse
+import inspect
+import os
 import statistics
 import sys
 import time
@@ -35,6 +39,9 @@ if "largeloss" not in sys.modules:  # run as a file from a checkout: its folders
     sys.modules["largeloss"] = _pkg
 
 from largeloss.train.losses import LossConfig, compute_loss  # noqa: E402
+
+#: the trainer's call (train/loop.py train_step): no host sync in the loss
+TRAINER_KWARGS = {"check": False} if "check" in inspect.signature(compute_loss).parameters else {}
 
 #: (label, method, epoch) of the loss variants timed against AN; delta_rel = 0.2 % throughout
 VARIANTS = (
@@ -82,20 +89,21 @@ def single_positive(batch: int, classes: int, device: torch.device, gen: torch.G
 
 
 def time_interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int,
-                     device: torch.device) -> dict[str, float]:
-    """Median seconds per call of each fn; one call of every fn per round, so drift is shared."""
+                     device: torch.device) -> dict[str, tuple[float, float]]:
+    """Median (wall, CPU) seconds per call of each fn; one call of every fn per round, so drift is shared."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+            times[name].append((time.perf_counter() - t0, time.process_time() - c0))
+    return {name: (statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts))
+            for name, ts in times.items()}
 
 
 def loss_fns(batch: int, classes: int, delta_rel: float, device: torch.device):
@@ -108,7 +116,7 @@ def loss_fns(batch: int, classes: int, delta_rel: float, device: torch.device):
 
         def fn():
             logits.grad = None
-            compute_loss(logits, target, unknown, epoch, cfg).loss.backward()
+            compute_loss(logits, target, unknown, epoch, cfg, **TRAINER_KWARGS).loss.backward()
         return fn
 
     return {label: make(method, epoch) for label, method, epoch in VARIANTS}
@@ -129,7 +137,7 @@ def step_fns(batch: int, size: int, delta_rel: float, device: torch.device):
 
         def fn():
             opt.zero_grad(set_to_none=True)
-            out = compute_loss(model(images), target, unknown, epoch, cfg)
+            out = compute_loss(model(images), target, unknown, epoch, cfg, **TRAINER_KWARGS)
             out.loss.backward()
             opt.step()
         return fn
@@ -144,9 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"# device: {name}; torch {torch.__version__}; delta_rel {args.delta_rel} %")
+    print(f"# device: {name}; torch {torch.__version__}; delta_rel {args.delta_rel} %; "
+          f"load average {os.getloadavg()[0]:.2f}")
 
-    rows: list[tuple[str, str, float]] = []  # (what, variant, seconds)
+    rows: list[tuple[str, str, tuple[float, float]]] = []  # (what, variant, (wall, CPU) seconds)
     for batch, classes in args.sizes:
         med = time_interleaved(loss_fns(batch, classes, args.delta_rel, device), args.repeats, args.warmup, device)
         rows += [(f"loss {batch}x{classes}", label, sec) for label, sec in med.items()]
@@ -160,17 +169,19 @@ def main(argv: list[str] | None = None) -> int:
         small = time_interleaved({k: small_losses[k] for k in ("an", "ll_ct t=2", "ll_ct t=10")},
                                  args.repeats, args.warmup, device)
         rows += [(f"loss {args.step_batch}x20", label, sec) for label, sec in small.items()]
-        step_overhead = {label: (small[label] - small["an"]) / med["an"] for label in ("ll_ct t=2", "ll_ct t=10")}
+        step_overhead = {label: (small[label][0] - small["an"][0]) / med["an"][0]
+                         for label in ("ll_ct t=2", "ll_ct t=10")}
 
-    print(f"\n{'what':<28} {'variant':<12} {'median ms':>10}")
-    for what, label, sec in rows:
-        print(f"{what:<28} {label:<12} {sec * 1e3:>10.3f}")
+    print(f"\n{'what':<28} {'variant':<12} {'median ms':>10} {'CPU ms':>10}")
+    for what, label, (sec, cpu) in rows:
+        print(f"{what:<28} {label:<12} {sec * 1e3:>10.3f} {cpu * 1e3:>10.3f}")
+    print(f"# load average at the end {os.getloadavg()[0]:.2f}")
 
-    print("\nratios against AN (same measurement group):")
-    base = {what: sec for what, label, sec in rows if label == "an"}
-    for what, label, sec in rows:
+    print("\nratios against AN (same measurement group), wall and CPU:")
+    base = {what: times for what, label, times in rows if label == "an"}
+    for what, label, (sec, cpu) in rows:
         if label != "an":
-            print(f"  {what:<28} {label:<12} x{sec / base[what]:.3f}")
+            print(f"  {what:<28} {label:<12} x{sec / base[what][0]:.3f}  x{cpu / base[what][1]:.3f}")
     if step_overhead is not None:
         for label, frac in step_overhead.items():
             print(f"  step overhead of {label} from loss-alone times (LL - AN) / step: {frac * 100:+.3f} %")
