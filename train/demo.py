@@ -1,6 +1,6 @@
 """The README's main job: the paper's experiment, small enough for a laptop CPU, on real handwritten digits.
 
-    largeloss-demo                      # data/demo + runs/demo, about 3 minutes on 2 CPU cores
+    largeloss-demo                      # data/demo + runs/demo, 1-3 minutes on 2 CPU cores
     largeloss-demo --seeds 0 1 2 3 4    # more seeds
     largeloss-demo --finetune           # also fine-tune the backbone end to end (about an hour on 2 cores)
 
