@@ -199,6 +199,28 @@ def test_two_processes_resume_after_kill(demo, tmp_path):
     _compare_runs(tmp_path / "straight", tmp_path / "killed")
 
 
+def test_a_write_failing_on_rank_0_alone_stops_every_rank(demo, tmp_path):
+    # A full disk while rank 0 alone writes the checkpoint's trainer_state.json (LARGELOSS_FAIL_AT raises ENOSPC
+    # there): rank 1 then failed in the next collective (gloo: a "Connection closed by peer" traceback; NCCL: a wait
+    # for its timeout). Now every rank stops with one line, the previous
+    # checkpoint stays, and the run resumes from it
+    base = ["--config", str(ROOT / "configs/demo.yaml"), "--config", str(ROOT / "configs/methods/ll_cp.yaml"),
+            f"data={demo}", f"out={tmp_path}", "epochs=2", "run_name=full", *TINY]
+    failed = subprocess.run(_accelerate_cmd(2, base), cwd=ROOT, env=_env({"LARGELOSS_FAIL_AT": "checkpoint:2"}),
+                            capture_output=True, text=True, timeout=300)  # a hang fails here, as TimeoutExpired
+    assert failed.returncode != 0
+    state = tmp_path / "full" / "checkpoints" / ".tmp-epoch-0002" / "trainer_state.json"
+    for rank_line in (f"error: {state}: writing the checkpoint failed: No space left on device",
+                      "(reported by another process)"):  # rank 0's own line, and rank 1's naming it
+        assert rank_line in failed.stderr, failed.stderr[-3000:]
+    run = tmp_path / "full"
+    assert (run / "checkpoints" / "LATEST").read_text().strip().strip('"') == "epoch-0001"
+    assert not (run / "checkpoints" / ".tmp-epoch-0002").exists()
+    resumed = _run_accelerate([f"resume={run}"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["epoch"] for r in read_metrics(run)] == [1, 2]
+
+
 def test_two_processes_global_topk(demo, tmp_path):
     base = ["--config", str(ROOT / "configs/demo.yaml"), "--config", str(ROOT / "configs/methods/ll_cp.yaml"),
             f"data={demo}", f"out={tmp_path}", "epochs=2", "global_topk=true", *TINY]

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..eval.rundir import TRAINER_STATE, RunDir
 from ..shards.format import file_sha256, fsync_dir, write_json_atomic
-from .hooks import fault_point
+from .hooks import fault_error, fault_point
 
 
 class CheckpointError(RuntimeError):
@@ -98,6 +98,22 @@ def _fsync_tree(path: Path) -> None:
     fsync_dir(path)
 
 
+def _all_or_none(accelerator, error: CheckpointError | None) -> None:
+    """Collective, in place of a barrier: every rank learns whether any rank failed its part of a write, and
+    every rank raises (its own error, or one naming the first failure). A rank that raised alone would leave
+    the others waiting at the next barrier for ever (rank 0 alone writes most checkpoint files)."""
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        failed = [m for m in gather_object([None if error is None else str(error)]) if m is not None]
+    else:
+        failed = [] if error is None else [str(error)]
+    if error is not None:
+        raise error
+    if failed:
+        raise CheckpointError(f"{failed[0]} (reported by another process)")
+
+
 def save_checkpoint(accelerator, run: RunDir, epoch: int, state: dict[str, Any]) -> Path:
     """Save the Accelerate state plus ``state`` as checkpoints/epoch-NNNN (collective: call on every rank)."""
     cdir = run.checkpoints
@@ -108,28 +124,31 @@ def save_checkpoint(accelerator, run: RunDir, epoch: int, state: dict[str, Any])
         if tmp.exists():
             shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
+    error = None
     try:
         accelerator.save_state(str(tmp))
     except (OSError, RuntimeError) as e:
-        raise _write_failed(tmp, e) from e
-    accelerator.wait_for_everyone()
+        error = _write_failed(tmp, e)
+    _all_or_none(accelerator, error)
     if accelerator.is_main_process:
         try:
             (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1), encoding="utf-8")
             fault_point(f"checkpoint:{epoch}")  # crash test: die mid-write
+            fault_error(f"checkpoint:{epoch}", tmp / TRAINER_STATE)  # a full disk, on rank 0 only
             _write_checksums(tmp)
             _fsync_tree(tmp)
         except OSError as e:
-            raise _write_failed(tmp, e) from e
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(cdir)
-        write_json_atomic(run.latest, final.name)
-        for old in cdir.glob("epoch-*"):
-            if old.name != final.name:
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
+            error = _write_failed(tmp, e)
+        if error is None:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_dir(cdir)
+            write_json_atomic(run.latest, final.name)
+            for old in cdir.glob("epoch-*"):
+                if old.name != final.name:
+                    shutil.rmtree(old)
+    _all_or_none(accelerator, error)
     return final
 
 
@@ -170,6 +189,7 @@ def save_best(accelerator, model, run: RunDir, info: dict[str, Any]) -> None:
     cdir = run.checkpoints
     tmp = cdir / ".tmp-best"
     accelerator.wait_for_everyone()
+    error = None
     if accelerator.is_main_process:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -180,18 +200,19 @@ def save_best(accelerator, model, run: RunDir, info: dict[str, Any]) -> None:
             _write_checksums(tmp)
             _fsync_tree(tmp)
         except (OSError, RuntimeError) as e:
-            raise _write_failed(tmp, e) from e
-        if run.best.exists():
-            trash = cdir / ".old-best"
-            if trash.exists():
+            error = _write_failed(tmp, e)
+        if error is None:
+            if run.best.exists():
+                trash = cdir / ".old-best"
+                if trash.exists():
+                    shutil.rmtree(trash)
+                os.replace(run.best, trash)
+                os.replace(tmp, run.best)
                 shutil.rmtree(trash)
-            os.replace(run.best, trash)
-            os.replace(tmp, run.best)
-            shutil.rmtree(trash)
-        else:
-            os.replace(tmp, run.best)
-        fsync_dir(cdir)
-    accelerator.wait_for_everyone()
+            else:
+                os.replace(tmp, run.best)
+            fsync_dir(cdir)
+    _all_or_none(accelerator, error)
 
 
 def load_best_weights(run: RunDir) -> dict:

@@ -3,12 +3,15 @@
 - ``fault_point(where)``: ``LARGELOSS_KILL_AT=<where>`` kills this process with SIGKILL when it reaches that
   point ("step:2:3" = epoch 2 before step 3, "merge:2" = before the LL-Cp merge of epoch 2,
   "checkpoint:2" = inside the checkpoint write of epoch 2). Unset in normal use.
+- ``fault_error(where, path)``: ``LARGELOSS_FAIL_AT=<where>`` raises a full disk's OSError (ENOSPC) naming
+  ``path`` there instead: the error path of a write, where a kill tests the crash path.
 - ``Hooks`` with ``debug_dump=true``: every rank writes, per epoch, the sample ids it trained on, the LL-Cp
   corrections it proposed and its weights to ``<run>/debug/eNNNN-rR.npz``, so a test can check exact-once
   coverage, that the merge lost no correction, and identical replicas across ranks.
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from pathlib import Path
@@ -20,6 +23,11 @@ import torch
 def fault_point(where: str) -> None:
     if os.environ.get("LARGELOSS_KILL_AT") == where:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fault_error(where: str, path: Path) -> None:
+    if os.environ.get("LARGELOSS_FAIL_AT") == where:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
 class Hooks:
