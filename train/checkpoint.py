@@ -40,10 +40,25 @@ def _write_checksums(folder: Path) -> None:
     (folder / CHECKSUMS).write_text(json.dumps(sums, indent=1), encoding="utf-8")
 
 
+#: checkpoint folders this process has verified, with the (name, size, mtime) of each of their files then: a
+#: resume reads the newest checkpoint twice (``config.resume_config``, then the loop), and hashing it again
+#: costs its whole size in reads on every rank; a file changed since (its size or mtime) is hashed again
+_verified: dict[str, tuple] = {}
+
+
+def _stat_key(folder: Path) -> tuple:
+    return tuple(sorted((p.relative_to(folder).as_posix(), st.st_size, st.st_mtime_ns)
+                        for p in folder.rglob("*") if p.is_file() for st in [p.stat()]))
+
+
 def verify_folder(folder: Path) -> None:
-    """Check a checkpoint folder against its checksums.json (see the module docstring)."""
+    """Check a checkpoint folder against its checksums.json (see the module docstring); a folder this process
+    verified before is hashed again only if one of its files changed size or mtime since."""
     damaged = "the checkpoint is damaged: restore the file, or start the run again"
     sums_path = folder / CHECKSUMS
+    seen = _stat_key(folder)
+    if _verified.get(str(folder.resolve())) == seen:
+        return
     try:
         sums = json.loads(sums_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -64,6 +79,7 @@ def verify_folder(folder: Path) -> None:
             raise CheckpointError(f"{path}: not listed in {sums_path}; {damaged}")
         if file_sha256(path) != sums[name]:
             raise CheckpointError(f"{path}: sha256 differs from {sums_path}; {damaged}")
+    _verified[str(folder.resolve())] = seen
 
 
 def _free_bytes(path: Path) -> int:

@@ -41,6 +41,7 @@ from .. import configs
 from ..eval.plots import plot_sweep, plot_val_map
 from ..eval.rundir import Run, RunDir, load_run
 from ..eval.tables import Table, datasets_table, format_cell, memorization_table, method_name, render_markdown
+from ..ingest.argtypes import positive_int  # train/ -> ingest/ is the demo's alone (it builds its data)
 from .sweep import Job, plan_jobs, run_jobs
 
 LL_METHODS = ("ll_r", "ll_ct", "ll_cp")
@@ -48,23 +49,17 @@ LL_METHODS = ("ll_r", "ll_ct", "ll_cp")
 ANALYSIS_ENTRIES = 2000
 
 
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="largeloss-demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/demo", help="demo dataset folder (written by `ingest demo` when missing)")
     p.add_argument("--runs", default="runs/demo", help="where features, runs, tables and figures go")
-    p.add_argument("--n-train", type=_positive, default=2000, help="training images of a new demo dataset")
-    p.add_argument("--n-test", type=_positive, default=500, help="test images of a new demo dataset")
+    p.add_argument("--n-train", type=positive_int, default=2000, help="training images of a new demo dataset")
+    p.add_argument("--n-test", type=positive_int, default=500, help="test images of a new demo dataset")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default 0 1 2)")
     p.add_argument("--deltas", nargs="+", type=float, default=[0.2, 0.5, 1.0, 2.0],
                    help="delta_rel values (percent per epoch) tried for each LL method (default 0.2 0.5 1 2)")
-    p.add_argument("--jobs", type=_positive, default=2, help="worker processes training heads (default 2)")
+    p.add_argument("--jobs", type=positive_int, default=2, help="worker processes training heads (default 2)")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="the heads' config (default: the shipped configs/demo.yaml)")
     p.add_argument("--finetune", action="store_true",
@@ -103,7 +98,7 @@ class _Stop(Exception):
 
 def _ensure_data(data: Path, n_train: int, n_test: int) -> None:
     """``ingest demo`` into ``data``: writes it, or (same arguments, complete) finds it done in a second."""
-    from ..ingest.cli import main as ingest_main  # the one arrow from train/ to ingest/: the demo builds its data
+    from ..ingest.cli import main as ingest_main  # here, not at the top: the CLI imports every adapter
 
     print(f"[demo] the demo dataset in {data}", flush=True)
     argv = ["demo", "--out", str(data), "--n-train", str(n_train), "--n-test", str(n_test), "--no-progress"]
